@@ -1,0 +1,61 @@
+"""Lightning linear attention: the module that replaces the teacher's attention in a linear layer.
+
+Differs from the teacher's attention because there is no softmax: each head keeps a d×d state
+S_t = γ_h S_{t−1} + k_tᵀ v_t and reads it with o_t = (q_t/√d) S_t (SPEC §2). The math lives in
+`salaconvert.kernels.lightning`; this module does the projections, norms, RoPE, gate and cache.
+
+Shape legend: B batch, T tokens, D hidden size, H heads of this layer, d head dim.
+"""
+import torch
+from torch import nn
+
+from salaconvert.kernels.lightning import lightning_attn, lightning_attn_step
+from salaconvert.layers.common import RMSNorm, apply_rope
+
+
+class LightningAttention(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = d = config.head_dim
+        self.num_heads = H = config.num_attention_heads  # GQA→MHA: K/V rows repeated per query head
+        D = config.hidden_size
+        bias = bool(config.teacher.get("attention_bias", False))
+        self.q_proj = nn.Linear(D, H * d, bias=bias)
+        self.k_proj = nn.Linear(D, H * d, bias=bias)
+        self.v_proj = nn.Linear(D, H * d, bias=bias)
+        self.o_proj = nn.Linear(H * d, D, bias=bias)
+        eps = config.rms_norm_eps or 1e-6
+        self.q_norm = RMSNorm(d, eps) if config.lightning["qk_norm"] else nn.Identity()
+        self.k_norm = RMSNorm(d, eps) if config.lightning["qk_norm"] else nn.Identity()
+        self.o_norm = RMSNorm(H * d, eps)
+        self.z_proj = nn.Linear(D, H * d, bias=False)  # output gate; init in SalaHybridForCausalLM._init_weights
+        self.register_buffer("log_decay", torch.tensor(config.layer_log_decay(layer_idx), dtype=torch.float32))
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        x_BTD = hidden_states
+        B, T, _ = x_BTD.shape
+        d = self.head_dim
+        q = self.q_norm(self.q_proj(x_BTD).view(B, T, -1, d))
+        k = self.k_norm(self.k_proj(x_BTD).view(B, T, -1, d))
+        v = self.v_proj(x_BTD).view(B, T, -1, d)
+        cos, sin = position_embeddings
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        state = self._cached_state(past_key_values)
+        if state is not None and T == 1:
+            o = lightning_attn_step(q, k, v, self.log_decay, state)  # updates the cached state in place
+        else:
+            o, final = lightning_attn(q, k, v, self.log_decay, initial_state=state,
+                                      output_final_state=past_key_values is not None)
+            if past_key_values is not None:
+                past_key_values.update_recurrent_state(final, self.layer_idx)
+
+        o_BTD = self.o_norm(o.reshape(B, T, -1)) * torch.sigmoid(self.z_proj(x_BTD))
+        return self.o_proj(o_BTD), None
+
+    def _cached_state(self, cache):
+        if cache is None:
+            return None
+        layer = cache.layers[self.layer_idx]
+        return layer.recurrent_states[0] if layer.is_recurrent_states_initialized[0] else None

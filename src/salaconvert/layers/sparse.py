@@ -1,0 +1,69 @@
+"""InfLLM-V2 sparse attention: the module that keeps softmax attention in a sparse layer.
+
+Differs from the teacher's attention in three ways (SPEC §2): no rotary embedding by default
+(NoPE), an output gate o_proj(attn ⊙ sigmoid(x W_og)), and attention that turns block-sparse
+once the keys outgrow `dense_len`. The weights Wq, Wk, Wv, Wo (and any QK-norm) are the teacher's.
+
+Shape legend: B batch, T query tokens, S key tokens, D hidden size, Hq query heads, Hkv KV heads, d head dim.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from salaconvert.kernels.infllmv2 import infllmv2_attn
+from salaconvert.layers.common import RMSNorm, apply_rope
+
+_KERNEL_KEYS = ("block_size", "topk", "init_blocks", "local_blocks", "kernel_size", "stride", "dense_len")
+
+
+class SparseAttention(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = d = config.head_dim
+        Hq, Hkv, D = config.num_attention_heads, config.num_key_value_heads, config.hidden_size
+        bias = bool(config.teacher.get("attention_bias", False))
+        self.q_proj = nn.Linear(D, Hq * d, bias=bias)
+        self.k_proj = nn.Linear(D, Hkv * d, bias=bias)
+        self.v_proj = nn.Linear(D, Hkv * d, bias=bias)
+        self.o_proj = nn.Linear(Hq * d, D, bias=bias)
+        eps = config.rms_norm_eps or 1e-6
+        self.q_norm = RMSNorm(d, eps) if config.sparse["qk_norm"] else nn.Identity()
+        self.k_norm = RMSNorm(d, eps) if config.sparse["qk_norm"] else nn.Identity()
+        self.og_proj = nn.Linear(D, Hq * d, bias=False) if config.sparse["output_gate"] else None
+        self.rope = config.sparse["rope"]
+        self.kernel_kwargs = {key: config.sparse[key] for key in _KERNEL_KEYS}
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        x_BTD = hidden_states
+        B, T, _ = x_BTD.shape
+        d = self.head_dim
+        q = self.q_norm(self.q_proj(x_BTD).view(B, T, -1, d))
+        k = self.k_norm(self.k_proj(x_BTD).view(B, T, -1, d))
+        v = self.v_proj(x_BTD).view(B, T, -1, d)
+        if self.rope:
+            cos, sin = position_embeddings
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past_key_values is not None:
+            # The cache keeps transformers' [B, Hkv, S, d] layout; the kernels take [B, S, Hkv, d] views.
+            k_BHSD, v_BHSD = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+            k, v = k_BHSD.transpose(1, 2), v_BHSD.transpose(1, 2)
+
+        if isinstance(attention_mask, torch.Tensor) and k.shape[1] <= self.kernel_kwargs["dense_len"]:
+            o = _masked_dense(q, k, v, attention_mask)  # padded batch: honour the padding mask
+        else:
+            o = infllmv2_attn(q, k, v, **self.kernel_kwargs)
+
+        o_BTD = o.reshape(B, T, -1)
+        if self.og_proj is not None:
+            o_BTD = o_BTD * torch.sigmoid(self.og_proj(x_BTD))
+        return self.o_proj(o_BTD), None
+
+
+def _masked_dense(q_BTHD, k_BSHD, v_BSHD, mask) -> torch.Tensor:
+    """Softmax attention with the 4-D mask transformers built (causal + padding)."""
+    group = q_BTHD.shape[2] // k_BSHD.shape[2]
+    q, k, v = (t.transpose(1, 2) for t in (q_BTHD, k_BSHD, v_BSHD))
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[..., : k.shape[2]])
+    return o.transpose(1, 2)
