@@ -21,6 +21,12 @@ patch_interpreter()
 __all__ = ["chunk_lightning_attn"]
 
 BT_DEFAULT = 64
+
+
+def _empty(*shape, dtype, device):
+    """Every output buffer comes from here, so that tests can poison them (fill with NaN)."""
+    return torch.empty(*shape, dtype=dtype, device=device)
+
 # Benchmarks override launch parameters here ({"BV": 32, "num_warps": 4, "num_stages": 2}).
 TUNE: dict = {}
 
@@ -134,8 +140,8 @@ def lightning_chunk_launch(q, k, v, decay, scale, h0, cu_seqlens, *, reverse=Fal
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else len(cu_seqlens) - 1
-    o = torch.empty(B, T, H, V, dtype=v.dtype, device=v.device) if out is None else out
-    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if store_ht else None
+    o = _empty(B, T, H, V, dtype=v.dtype, device=v.device) if out is None else out
+    ht = _empty(N, H, K, V, dtype=torch.float32, device=q.device) if store_ht else None
     BK = max(16, triton.next_power_of_2(K))
     BV = TUNE.get("BV") or _block_v(V, N * H, q.device)
     grid = (triton.cdiv(V, BV), N * H)
@@ -172,17 +178,17 @@ class LightningAttnFunction(torch.autograd.Function):
         do = do.to(q.dtype).contiguous()
         # dq_t = scale · dO_t S_tᵀ: the forward recurrence with (q, k, v, S0) → (dO, v, k, S0ᵀ).
         h0_t = None if h0 is None else h0.transpose(-1, -2).contiguous()
-        dq, _ = lightning_chunk_launch(do, v, k, decay, scale, h0_t, cu_seqlens, out=torch.empty_like(q))
+        dq, _ = lightning_chunk_launch(do, v, k, decay, scale, h0_t, cu_seqlens, out=_empty(*q.shape, dtype=q.dtype, device=q.device))
         # G_t = ∂L/∂S_t runs backward in time: G_t = γ G_{t+1} + scale · q_tᵀ dO_t, G_{T-1} ∋ dS_final.
         # dk_t = G_t v_t and dv_t = G_tᵀ k_t are that recurrence read by v and by k. The kernel
         # scales its whole output, so the final-state gradient goes in divided by scale.
         g0 = None if dht is None else (dht.float() / scale)
         g0_t = None if g0 is None else g0.transpose(-1, -2).contiguous()
-        dk, _ = lightning_chunk_launch(v, do, q, decay, scale, g0_t, cu_seqlens, reverse=True, out=torch.empty_like(k))
+        dk, _ = lightning_chunk_launch(v, do, q, decay, scale, g0_t, cu_seqlens, reverse=True, out=_empty(*k.shape, dtype=k.dtype, device=k.device))
         need_dh0 = ctx.needs_input_grad[5]
         dv, dh0 = lightning_chunk_launch(
             k, q, do, decay, scale, None if g0 is None else g0.contiguous(), cu_seqlens,
-            reverse=True, store_ht=need_dh0, out=torch.empty_like(v),
+            reverse=True, store_ht=need_dh0, out=_empty(*v.shape, dtype=v.dtype, device=v.device),
         )
         if dh0 is not None and ctx.initial_state_dtype is not None:
             dh0 = dh0.to(ctx.initial_state_dtype)
