@@ -1,0 +1,409 @@
+"""InfLLM-V2 stage 2 in Triton: exact softmax attention over each query's selected blocks, fwd + bwd.
+
+Legend: Nq/Nk flattened query/key rows, Hq/Hkv heads, G = Hq // Hkv, GP = next_pow2(G), D head
+dim, BS block size, BT tokens per tile, BM = BT·GP rows per tile, K selected blocks per token.
+
+Forward / dq: one program = BT consecutive query tokens × the G heads of one KV head. Every token
+has its own ascending block list; the program walks the UNION of its tokens' lists with a k-way
+merge (one cursor per token, next block = min over cursors) and masks the rows of tokens that
+did not pick the current block, so K/V are loaded once per tile and the dots are BM rows tall
+(tokens of one 64-token block share their 33 forced blocks, so the union stays close to K).
+Sequences at or under dense_len walk every causal block instead.
+dk/dv: one program = one key block × a segment of ≤ SEG query tokens that selected it (a CSR built
+on the host by sorting (head, block, token) triples); no row is wasted, partial sums of a block
+split over several segments meet through fp32 atomic adds.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from salaconvert.kernels.infllmv2._interp import fix_interpreter_index
+
+from salaconvert.kernels.infllmv2.layout import Seqs, compress_k_flat, make_seqs, make_tiles, next_pow2
+from salaconvert.kernels.infllmv2.select import select_blocks
+
+fix_interpreter_index()
+LOG2E = 1.4426950408889634
+BIG = 1 << 30
+
+
+@triton.jit
+def _attend_fwd(b_q, b_m, b_l, b_acc, k, v, i_h, ks, Tk, blk, pos, rowsel, stride_kt, scale_log2,
+                BS: tl.constexpr, D: tl.constexpr):
+    o_k = blk * BS + tl.arange(0, BS)
+    o_d = tl.arange(0, D)
+    p_k = k + (ks + o_k).to(tl.int64)[:, None] * stride_kt + i_h * D + o_d[None, :]
+    p_v = v + (ks + o_k).to(tl.int64)[:, None] * stride_kt + i_h * D + o_d[None, :]
+    m_k = (o_k < Tk)[:, None]
+    b_k = tl.load(p_k, mask=m_k, other=0.)
+    b_v = tl.load(p_v, mask=m_k, other=0.)
+    b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
+    ok = rowsel[:, None] & (o_k[None, :] <= pos[:, None])
+    b_s = tl.where(ok, b_s, float("-inf"))
+    m_new = tl.maximum(b_m, tl.max(b_s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0., m_new)
+    alpha = tl.exp2(b_m - m_safe)
+    b_p = tl.exp2(b_s - m_safe[:, None])
+    b_l = b_l * alpha + tl.sum(b_p, 1)
+    b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+    return m_new, b_l, b_acc
+
+
+@triton.jit
+def _attend_dq(b_q, b_do, b_lse, b_delta, b_dq, k, v, i_h, ks, Tk, blk, pos, rowsel, stride_kt, scale_log2,
+               BS: tl.constexpr, D: tl.constexpr):
+    o_k = blk * BS + tl.arange(0, BS)
+    o_d = tl.arange(0, D)
+    p_k = k + (ks + o_k).to(tl.int64)[:, None] * stride_kt + i_h * D + o_d[None, :]
+    p_v = v + (ks + o_k).to(tl.int64)[:, None] * stride_kt + i_h * D + o_d[None, :]
+    m_k = (o_k < Tk)[:, None]
+    b_k = tl.load(p_k, mask=m_k, other=0.)
+    b_v = tl.load(p_v, mask=m_k, other=0.)
+    b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
+    ok = rowsel[:, None] & (o_k[None, :] <= pos[:, None])
+    b_p = tl.where(ok, tl.exp2(b_s - b_lse[:, None]), 0.)
+    b_dp = tl.dot(b_do, tl.trans(b_v))
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
+    return b_dq
+
+
+@triton.jit
+def _next_block(idx, rows_t, m_t, cur, i_h, stride_it, K: tl.constexpr):
+    """Smallest block id still ahead of any token's cursor, and each token's candidate."""
+    p = idx + rows_t.to(tl.int64) * stride_it + i_h * K + cur
+    vals = tl.load(p, mask=m_t & (cur < K), other=-1)
+    vals = tl.where(vals < 0, 1073741824, vals)
+    return vals, tl.min(vals, 0)
+
+
+@triton.jit
+def _fwd_kernel(q, k, v, o, lse, idx, tile_n, tile_i, q_start, k_start, seq_Tq, seq_Tk,
+                scale_log2, dense_len, stride_qt, stride_kt, stride_it, Hq,
+                G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                K: tl.constexpr):
+    i_tile, i_h = tl.program_id(0), tl.program_id(1)
+    BM: tl.constexpr = BT * GP
+    n = tl.load(tile_n + i_tile)
+    i0 = tl.load(tile_i + i_tile)
+    qs = tl.load(q_start + n)
+    ks = tl.load(k_start + n)
+    Tq = tl.load(seq_Tq + n)
+    Tk = tl.load(seq_Tk + n)
+
+    o_r = tl.arange(0, BM)
+    r_t, r_g = o_r // GP, o_r % GP
+    tok = i0 + r_t
+    m_row = (tok < Tq) & (r_g < G)
+    pos = Tk - Tq + tok
+    o_d = tl.arange(0, D)
+    p_q = q + (qs + tok).to(tl.int64)[:, None] * stride_qt + (i_h * G + r_g)[:, None] * D + o_d[None, :]
+    b_q = tl.load(p_q, mask=m_row[:, None], other=0.)
+
+    b_m = tl.full([BM], float("-inf"), tl.float32)
+    b_l = tl.zeros([BM], tl.float32)
+    b_acc = tl.zeros([BM, D], tl.float32)
+    if Tk <= dense_len:
+        qb_hi = (Tk - Tq + tl.minimum(i0 + BT, Tq) - 1) // BS
+        for blk in range(0, qb_hi + 1):
+            b_m, b_l, b_acc = _attend_fwd(b_q, b_m, b_l, b_acc, k, v, i_h, ks, Tk, blk, pos, m_row,
+                                          stride_kt, scale_log2, BS, D)
+    else:
+        o_t = tl.arange(0, BT)
+        m_t = (i0 + o_t) < Tq
+        rows_t = qs + i0 + o_t
+        cur = tl.zeros([BT], tl.int32)
+        vals, blk = _next_block(idx, rows_t, m_t, cur, i_h, stride_it, K)
+        while blk < 1073741824:
+            hit = vals == blk
+            rowsel = tl.reshape(tl.broadcast_to(hit[:, None], [BT, GP]), [BM]) & m_row
+            b_m, b_l, b_acc = _attend_fwd(b_q, b_m, b_l, b_acc, k, v, i_h, ks, Tk, blk, pos, rowsel,
+                                          stride_kt, scale_log2, BS, D)
+            cur += hit.to(tl.int32)
+            vals, blk = _next_block(idx, rows_t, m_t, cur, i_h, stride_it, K)
+
+    ok = b_l > 0
+    b_o = b_acc / tl.where(ok, b_l, 1.)[:, None]
+    p_o = o + (qs + tok).to(tl.int64)[:, None] * stride_qt + (i_h * G + r_g)[:, None] * D + o_d[None, :]
+    tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_row[:, None])
+    b_lse = tl.where(ok, b_m + tl.log2(tl.where(ok, b_l, 1.)), 0.)
+    tl.store(lse + (qs + tok).to(tl.int64) * Hq + i_h * G + r_g, b_lse, mask=m_row)
+
+
+@triton.jit
+def _dq_kernel(q, k, v, do, dq, lse, delta, idx, tile_n, tile_i, q_start, k_start, seq_Tq, seq_Tk,
+               scale, scale_log2, dense_len, stride_qt, stride_kt, stride_it, Hq,
+               G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+               K: tl.constexpr):
+    i_tile, i_h = tl.program_id(0), tl.program_id(1)
+    BM: tl.constexpr = BT * GP
+    n = tl.load(tile_n + i_tile)
+    i0 = tl.load(tile_i + i_tile)
+    qs = tl.load(q_start + n)
+    ks = tl.load(k_start + n)
+    Tq = tl.load(seq_Tq + n)
+    Tk = tl.load(seq_Tk + n)
+
+    o_r = tl.arange(0, BM)
+    r_t, r_g = o_r // GP, o_r % GP
+    tok = i0 + r_t
+    m_row = (tok < Tq) & (r_g < G)
+    pos = Tk - Tq + tok
+    o_d = tl.arange(0, D)
+    o_qd = (qs + tok).to(tl.int64)[:, None] * stride_qt + (i_h * G + r_g)[:, None] * D + o_d[None, :]
+    b_q = tl.load(q + o_qd, mask=m_row[:, None], other=0.)
+    b_do = tl.load(do + o_qd, mask=m_row[:, None], other=0.)
+    o_l = (qs + tok).to(tl.int64) * Hq + i_h * G + r_g
+    b_lse = tl.load(lse + o_l, mask=m_row, other=0.)
+    b_delta = tl.load(delta + o_l, mask=m_row, other=0.)
+    b_dq = tl.zeros([BM, D], tl.float32)
+    if Tk <= dense_len:
+        qb_hi = (Tk - Tq + tl.minimum(i0 + BT, Tq) - 1) // BS
+        for blk in range(0, qb_hi + 1):
+            b_dq = _attend_dq(b_q, b_do, b_lse, b_delta, b_dq, k, v, i_h, ks, Tk, blk, pos, m_row,
+                              stride_kt, scale_log2, BS, D)
+    else:
+        o_t = tl.arange(0, BT)
+        m_t = (i0 + o_t) < Tq
+        rows_t = qs + i0 + o_t
+        cur = tl.zeros([BT], tl.int32)
+        vals, blk = _next_block(idx, rows_t, m_t, cur, i_h, stride_it, K)
+        while blk < 1073741824:
+            hit = vals == blk
+            rowsel = tl.reshape(tl.broadcast_to(hit[:, None], [BT, GP]), [BM]) & m_row
+            b_dq = _attend_dq(b_q, b_do, b_lse, b_delta, b_dq, k, v, i_h, ks, Tk, blk, pos, rowsel,
+                              stride_kt, scale_log2, BS, D)
+            cur += hit.to(tl.int32)
+            vals, blk = _next_block(idx, rows_t, m_t, cur, i_h, stride_it, K)
+    tl.store(dq + o_qd, (b_dq * scale).to(dq.dtype.element_ty), mask=m_row[:, None])
+
+
+@triton.jit
+def _dkv_kernel(q, k, v, do, dk, dv, lse, delta, tok_list, seg_h, seg_n, seg_b, seg_lo, seg_hi,
+                q_start, k_start, seq_Tq, seq_Tk, scale, scale_log2, stride_qt, stride_kt, Hq,
+                G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BS: tl.constexpr):
+    i_s = tl.program_id(0)
+    BM: tl.constexpr = BT * GP
+    i_h = tl.load(seg_h + i_s)
+    n = tl.load(seg_n + i_s)
+    blk = tl.load(seg_b + i_s)
+    lo = tl.load(seg_lo + i_s)
+    hi = tl.load(seg_hi + i_s)
+    qs = tl.load(q_start + n)
+    ks = tl.load(k_start + n)
+    Tq = tl.load(seq_Tq + n)
+    Tk = tl.load(seq_Tk + n)
+
+    o_k = blk * BS + tl.arange(0, BS)
+    o_d = tl.arange(0, D)
+    o_kd = (ks + o_k).to(tl.int64)[:, None] * stride_kt + i_h * D + o_d[None, :]
+    m_k = o_k < Tk
+    b_k = tl.load(k + o_kd, mask=m_k[:, None], other=0.)
+    b_v = tl.load(v + o_kd, mask=m_k[:, None], other=0.)
+    b_dk = tl.zeros([BS, D], tl.float32)
+    b_dv = tl.zeros([BS, D], tl.float32)
+    o_r = tl.arange(0, BM)
+    r_t, r_g = o_r // GP, o_r % GP
+    for t0 in range(lo, hi, BT):
+        m_r = ((t0 + r_t) < hi) & (r_g < G)
+        row = tl.load(tok_list + t0 + r_t, mask=m_r, other=0).to(tl.int64)
+        pos = Tk - Tq + (row - qs)
+        o_qd = row[:, None] * stride_qt + (i_h * G + r_g)[:, None] * D + o_d[None, :]
+        b_q = tl.load(q + o_qd, mask=m_r[:, None], other=0.)
+        b_do = tl.load(do + o_qd, mask=m_r[:, None], other=0.)
+        o_l = row * Hq + i_h * G + r_g
+        b_lse = tl.load(lse + o_l, mask=m_r, other=0.)
+        b_delta = tl.load(delta + o_l, mask=m_r, other=0.)
+        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
+        ok = m_r[:, None] & (o_k[None, :] <= pos[:, None])
+        b_p = tl.where(ok, tl.exp2(b_s - b_lse[:, None]), 0.)
+        b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do)
+        b_dp = tl.dot(b_do, tl.trans(b_v))
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q)
+    tl.atomic_add(dk + o_kd, b_dk * scale, mask=m_k[:, None])
+    tl.atomic_add(dv + o_kd, b_dv, mask=m_k[:, None])
+
+
+def _tile_tokens(G: int, Tq_max: int) -> tuple[int, int]:
+    GP = next_pow2(G)
+    BT = max(1, 64 // GP)
+    BT = min(BT, max(next_pow2(Tq_max), 1))
+    BT = max(BT, (16 + GP - 1) // GP)  # tl.dot needs ≥ 16 rows
+    return GP, BT
+
+
+def _dkv_segments(idx: torch.Tensor, seqs: Seqs, Hkv: int, block_size: int, dense_len: int, seg: int):
+    """CSR of (head, sequence, block) -> query rows that attend to it, cut into segments of ≤ seg rows.
+
+    Returns tok_list int32 [L] and per-segment (h, n, b, lo, hi) tensors.
+    """
+    dev = idx.device
+    Nq = idx.shape[0]
+    N = seqs.n
+    NBMAX = max((t + block_size - 1) // block_size for t in seqs.Tk_list)
+    seq_of_row = torch.repeat_interleave(torch.arange(N, device=dev), seqs.Tq.long().to(dev))
+    dense_seq = seqs.Tk.to(dev) <= dense_len
+    groups = []  # (h, n, b, lo, hi) tensors, lo/hi into tok_list
+    tok_parts = []
+    base = 0
+    # sparse sequences: sort (h, n, b, row) keys of every valid selection entry
+    K = idx.shape[2]
+    valid = (idx >= 0) & ~dense_seq[seq_of_row][:, None, None]
+    if valid.any():
+        r = torch.arange(Nq, device=dev, dtype=torch.int64)[:, None, None].expand(Nq, Hkv, K)
+        h = torch.arange(Hkv, device=dev, dtype=torch.int64)[None, :, None].expand(Nq, Hkv, K)
+        g = (h * N + seq_of_row[:, None, None]) * NBMAX + idx.long()
+        key = torch.where(valid, g * Nq + r, torch.full_like(r, torch.iinfo(torch.int64).max))
+        key = torch.sort(key.flatten()).values
+        nvalid = int(valid.sum())
+        key = key[:nvalid]
+        grp = key // Nq
+        tok_parts.append((key % Nq).to(torch.int32))
+        counts = torch.bincount(grp, minlength=Hkv * N * NBMAX)
+        starts = torch.cumsum(counts, 0) - counts
+        gid = torch.nonzero(counts).flatten()
+        groups.append((gid // (N * NBMAX), (gid // NBMAX) % N, gid % NBMAX, starts[gid], starts[gid] + counts[gid]))
+        base = nvalid
+    # dense sequences: every causal (row, block) pair; rows of one block form a contiguous range
+    dense_ids = torch.nonzero(dense_seq).flatten().tolist()
+    if dense_ids:
+        tok_parts.append(torch.arange(Nq, device=dev, dtype=torch.int32))
+        for n in dense_ids:
+            qs, tq, tk = int(seqs.q_start[n]), seqs.Tq_list[n], seqs.Tk_list[n]
+            nb = (tk + block_size - 1) // block_size
+            b = torch.arange(nb, device=dev, dtype=torch.int64)
+            lo = base + qs + torch.clamp(b * block_size - (tk - tq), min=0)
+            hi = torch.full_like(lo, base + qs + tq)
+            keep = lo < hi
+            b, lo, hi = b[keep], lo[keep], hi[keep]
+            for hh in range(Hkv):
+                groups.append((torch.full_like(b, hh), torch.full_like(b, n), b, lo, hi))
+    if not groups:
+        z = torch.zeros(0, dtype=torch.int64, device=dev)
+        return torch.zeros(1, dtype=torch.int32, device=dev), z, z, z, z, z
+    gh, gn, gb, glo, ghi = (torch.cat(x) for x in zip(*groups))
+    nseg = (ghi - glo + seg - 1) // seg
+    rep = torch.repeat_interleave(torch.arange(gh.numel(), device=dev), nseg)
+    first = torch.cumsum(nseg, 0) - nseg
+    j = torch.arange(rep.numel(), device=dev) - first[rep]
+    lo = glo[rep] + j * seg
+    hi = torch.minimum(lo + seg, ghi[rep])
+    return torch.cat(tok_parts), gh[rep].int(), gn[rep].int(), gb[rep].int(), lo, hi
+
+
+class InfLLMv2Function(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cfg, seqs, scale, idx):
+        Nq, Hq, D = q.shape
+        Hkv = k.shape[1]
+        G = Hq // Hkv
+        GP, BT = _tile_tokens(G, max(seqs.Tq_list))
+        tile_n, tile_i = make_tiles(seqs, BT, q.device)
+        o = torch.empty_like(q)
+        lse = torch.empty(Nq, Hq, dtype=torch.float32, device=q.device)
+        _fwd_kernel[(tile_n.numel(), Hkv)](
+            q, k, v, o, lse, idx, tile_n, tile_i, seqs.q_start, seqs.k_start, seqs.Tq, seqs.Tk,
+            scale * LOG2E, cfg["dense_len"], q.stride(0), k.stride(0), idx.stride(0), Hq,
+            G=G, GP=GP, BT=BT, D=D, BS=cfg["block_size"], K=idx.shape[2])
+        ctx.save_for_backward(q, k, v, o, lse, idx, tile_n, tile_i)
+        ctx.cfg, ctx.seqs, ctx.scale = cfg, seqs, scale
+        ctx.meta = (G, GP, BT)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, idx, tile_n, tile_i = ctx.saved_tensors
+        cfg, seqs, scale = ctx.cfg, ctx.seqs, ctx.scale
+        G, GP, BT = ctx.meta
+        Nq, Hq, D = q.shape
+        Hkv = k.shape[1]
+        do = do.contiguous()
+        delta = (o.float() * do.float()).sum(-1)
+        dq = torch.empty_like(q)
+        _dq_kernel[(tile_n.numel(), Hkv)](
+            q, k, v, do, dq, lse, delta, idx, tile_n, tile_i, seqs.q_start, seqs.k_start, seqs.Tq, seqs.Tk,
+            scale, scale * LOG2E, cfg["dense_len"], q.stride(0), k.stride(0), idx.stride(0), Hq,
+            G=G, GP=GP, BT=BT, D=D, BS=cfg["block_size"], K=idx.shape[2])
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        tok_list, sh, sn, sb, slo, shi = _dkv_segments(idx, seqs, Hkv, cfg["block_size"], cfg["dense_len"], seg=256)
+        if sh.numel():
+            _dkv_kernel[(sh.numel(),)](
+                q, k, v, do, dk, dv, lse, delta, tok_list, sh, sn, sb, slo, shi,
+                seqs.q_start, seqs.k_start, seqs.Tq, seqs.Tk, scale, scale * LOG2E, q.stride(0), k.stride(0), Hq,
+                G=G, GP=GP, BT=BT, D=D, BS=cfg["block_size"])
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def _prepare(q, k, cu_seqlens, cfg):
+    from salaconvert.kernels.infllmv2.naive import _check, _check_varlen
+    _check(q, k, None, cfg)
+    if cu_seqlens is not None:
+        _check_varlen(q, k, cu_seqlens)
+    B, Tq, Hq, D = q.shape
+    if D not in (16, 32, 64, 128, 256):
+        raise ValueError(f"head dim {D}: the Triton path takes 16, 32, 64, 128 or 256")
+    if cfg["block_size"] < 16 or cfg["block_size"] & (cfg["block_size"] - 1):
+        raise ValueError(f"block_size {cfg['block_size']}: the Triton path needs a power of two >= 16")
+    seqs = make_seqs(B, Tq, k.shape[1], cu_seqlens, cfg["kernel_size"], cfg["stride"], q.device)
+    return seqs
+
+
+def _cfg(block_size, topk, init_blocks, local_blocks, kernel_size, stride, dense_len):
+    return dict(block_size=block_size, topk=topk, init_blocks=init_blocks, local_blocks=local_blocks,
+                kernel_size=kernel_size, stride=stride, dense_len=dense_len)
+
+
+def _select_flat(qf, kf, seqs, cfg, scale, kc=None):
+    if kc is None:
+        kc = compress_k_flat(kf, seqs, cfg["kernel_size"], cfg["stride"])
+    return select_blocks(qf, kc.to(qf.dtype), seqs, block_size=cfg["block_size"], topk=cfg["topk"],
+                         init_blocks=cfg["init_blocks"], local_blocks=cfg["local_blocks"],
+                         kernel_size=cfg["kernel_size"], stride=cfg["stride"], scale=scale)
+
+
+def parallel_infllmv2_select(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 64, topk: int = 96,
+                             init_blocks: int = 1, local_blocks: int = 32, kernel_size: int = 32, stride: int = 16,
+                             dense_len: int = 8192, scale: float | None = None,
+                             cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton stage 1. q [B, Tq, Hq, d], k [B, Tk, Hkv, d] -> int32 [B, Tq, Hkv, topk] (see naive_infllmv2_select)."""
+    cfg = _cfg(block_size, topk, init_blocks, local_blocks, kernel_size, stride, dense_len)
+    seqs = _prepare(q, k, cu_seqlens, cfg)
+    B, Tq, Hq, D = q.shape
+    scale = D ** -0.5 if scale is None else scale
+    with torch.no_grad():
+        idx = _select_flat(q.reshape(B * Tq, Hq, D).contiguous(), k.reshape(-1, k.shape[2], D).contiguous(),
+                           seqs, cfg, scale)
+    return idx.view(B, Tq, k.shape[2], topk)
+
+
+def parallel_infllmv2_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 64,
+                           topk: int = 96, init_blocks: int = 1, local_blocks: int = 32, kernel_size: int = 32,
+                           stride: int = 16, dense_len: int = 8192, scale: float | None = None,
+                           cu_seqlens: torch.Tensor | None = None,
+                           block_indices: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton InfLLM-V2 attention. q [B, Tq, Hq, d], k/v [B, Tk, Hkv, d] -> o [B, Tq, Hq, d].
+
+    Same math and keywords as naive_infllmv2_attn; differentiable in q, k, v. `block_indices`
+    ([B, Tq, Hkv, K] from infllmv2_select) skips stage 1 when given.
+    """
+    cfg = _cfg(block_size, topk, init_blocks, local_blocks, kernel_size, stride, dense_len)
+    seqs = _prepare(q, k, cu_seqlens, cfg)
+    B, Tq, Hq, D = q.shape
+    Hkv = k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    qf = q.reshape(B * Tq, Hq, D).contiguous()
+    kf = k.reshape(-1, Hkv, D).contiguous()
+    vf = v.reshape(-1, Hkv, D).contiguous()
+    if block_indices is not None:
+        idx = block_indices.reshape(B * Tq, Hkv, -1).to(torch.int32).contiguous()
+    elif any(t > dense_len for t in seqs.Tk_list):
+        with torch.no_grad():
+            idx = _select_flat(qf, kf, seqs, cfg, scale)
+    else:
+        idx = torch.full((B * Tq, Hkv, 1), -1, dtype=torch.int32, device=q.device)
+    o = InfLLMv2Function.apply(qf, kf, vf, cfg, seqs, scale, idx)
+    return o.view(B, Tq, Hq, D)

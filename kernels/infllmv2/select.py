@@ -1,0 +1,168 @@
+"""InfLLM-V2 stage 1 in Triton: compressed-key scores, group sum, max-pool into blocks, forced blocks.
+
+One program scores a tile of BT query tokens × the G query heads of one KV head (BT·GP rows, GP =
+next power of two ≥ G; padded head rows are masked). Pass 1 runs an online softmax over the
+causally visible compressed keys to get each row's exact normaliser (m, l); pass 2 walks the key
+blocks in chunks of BNB and, for each of the P compressed keys overlapping a block, recomputes the
+row scores, normalises them, sums the G heads of each token in registers (per-head scores never
+reach memory) and keeps the running max: the max-pool. The forced/causal rules are applied in
+the same pass and each (token, block) score is written as one int64 sort key
+
+    key = orderable_int32(score) << 32 | (2^32 − 1 − block)
+
+so that torch.topk over keys is exactly "score descending, block id ascending" (README, ties).
+Blocks after the query's own get the smallest int64, which marks them as never selectable.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from salaconvert.kernels.infllmv2._interp import fix_interpreter_index
+
+from salaconvert.kernels.infllmv2.layout import Seqs, make_tiles, next_pow2
+
+fix_interpreter_index()
+NEVER = -(2 ** 63)  # key of a block after the query's own
+
+
+@triton.jit
+def _select_kernel(q, kc, keys, tile_n, tile_i, q_start, kc_start, seq_Tq, seq_Tk, seq_Tc,
+                   scale_log2, stride_qt, stride_kct, stride_keyt, NBMAX, key_row0,
+                   G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BC: tl.constexpr,
+                   BNB: tl.constexpr, P: tl.constexpr, BS: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr,
+                   INIT: tl.constexpr, LOCAL: tl.constexpr):
+    i_tile, i_h = tl.program_id(0), tl.program_id(1)
+    BM: tl.constexpr = BT * GP
+    n = tl.load(tile_n + i_tile)
+    i0 = tl.load(tile_i + i_tile)
+    qs = tl.load(q_start + n)
+    kcs = tl.load(kc_start + n)
+    Tq = tl.load(seq_Tq + n)
+    Tk = tl.load(seq_Tk + n)
+    Tc = tl.load(seq_Tc + n)
+
+    o_r = tl.arange(0, BM)
+    r_t, r_g = o_r // GP, o_r % GP
+    tok = i0 + r_t
+    m_row = (tok < Tq) & (r_g < G)
+    pos = Tk - Tq + tok
+    o_d = tl.arange(0, D)
+    p_q = q + (qs + tok).to(tl.int64)[:, None] * stride_qt + (i_h * G + r_g)[:, None] * D + o_d[None, :]
+    b_q = tl.load(p_q, mask=m_row[:, None], other=0.)
+
+    # last position in this tile, and the compressed keys it can see
+    pos_hi = Tk - Tq + tl.minimum(i0 + BT, Tq) - 1
+    n_vis = tl.minimum(Tc, tl.maximum((pos_hi - KS) // ST + 1, 0))
+
+    # pass 1: exact softmax normaliser of every row over its visible compressed keys
+    b_m = tl.full([BM], float("-inf"), tl.float32)
+    b_l = tl.zeros([BM], tl.float32)
+    for j0 in range(0, n_vis, BC):
+        o_j = j0 + tl.arange(0, BC)
+        p_k = kc + (kcs + o_j).to(tl.int64)[:, None] * stride_kct + i_h * D + o_d[None, :]
+        b_k = tl.load(p_k, mask=(o_j < Tc)[:, None], other=0.)
+        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
+        vis = (o_j[None, :] < Tc) & (o_j[None, :] * ST + KS - 1 <= pos[:, None])
+        b_s = tl.where(vis, b_s, float("-inf"))
+        m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0., m_new)
+        b_l = b_l * tl.exp2(b_m - m_safe) + tl.sum(tl.exp2(b_s - m_safe[:, None]), 1)
+        b_m = m_new
+    m_safe = tl.where(b_m == float("-inf"), 0., b_m)
+    inv_l = tl.where(b_l > 0, 1. / tl.where(b_l > 0, b_l, 1.), 0.)
+
+    # pass 2: group-summed probabilities, max-pooled into blocks, forced/causal rules, sort keys
+    o_tt = tl.arange(0, BT)
+    tok_t = i0 + o_tt
+    pos_t = Tk - Tq + tok_t
+    qb_t = pos_t // BS
+    qb_hi = pos_hi // BS
+    for b0 in range(0, NBMAX, BNB):
+        o_b = b0 + tl.arange(0, BNB)
+        best = tl.full([BT, BNB], float("-inf"), tl.float32)
+        if b0 <= qb_hi:
+            num = o_b * BS - KS
+            lo = tl.where(num < 0, 0, num // ST + 1)
+            hi = (o_b * BS + BS + ST - 1) // ST - 1
+            for p in tl.static_range(P):
+                o_j = lo + p
+                ok_j = (o_j <= hi) & (o_j < Tc)
+                p_k = kc + (kcs + o_j).to(tl.int64)[:, None] * stride_kct + i_h * D + o_d[None, :]
+                b_k = tl.load(p_k, mask=ok_j[:, None], other=0.)
+                b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
+                vis = ok_j[None, :] & (o_j[None, :] * ST + KS - 1 <= pos[:, None]) & m_row[:, None]
+                b_p = tl.where(vis, tl.exp2(b_s - m_safe[:, None]) * inv_l[:, None], 0.)
+                b_sum = tl.sum(tl.reshape(b_p, [BT, GP, BNB]), 1)
+                vis_t = ok_j[None, :] & (o_j[None, :] * ST + KS - 1 <= pos_t[:, None])
+                best = tl.where(vis_t, tl.maximum(best, b_sum), best)
+        causal = o_b[None, :] <= qb_t[:, None]
+        forced = (o_b[None, :] < INIT) | (o_b[None, :] > qb_t[:, None] - LOCAL)
+        score = tl.where(forced, float("inf"), best)
+        bits = score.to(tl.int32, bitcast=True)
+        key32 = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        key = (key32.to(tl.int64) << 32) | (4294967295 - o_b[None, :].to(tl.int64))
+        key = tl.where(causal, key, -9223372036854775807 - 1)
+        p_o = keys + (qs + tok_t - key_row0).to(tl.int64)[:, None] * stride_keyt + i_h * NBMAX + o_b[None, :]
+        tl.store(p_o, key, mask=(tok_t < Tq)[:, None] & (o_b[None, :] < NBMAX))
+
+
+def _pool_width(block_size: int, kernel_size: int, stride: int) -> int:
+    """Largest number of compressed windows that overlap one block (5 for 64/32/16)."""
+    best = 1
+    for b in range(0, 64):
+        num = b * block_size - kernel_size
+        lo = 0 if num < 0 else num // stride + 1
+        hi = (b * block_size + block_size + stride - 1) // stride - 1
+        best = max(best, hi - lo + 1)
+    return best
+
+
+def select_blocks(q: torch.Tensor, kc: torch.Tensor, seqs: Seqs, *, block_size: int, topk: int,
+                  init_blocks: int, local_blocks: int, kernel_size: int, stride: int, scale: float,
+                  chunk_elems: int = 1 << 28) -> torch.Tensor:
+    """Selected blocks of every query row. q [Nq, Hq, d], kc [sum Tc, Hkv, d] -> int32 [Nq, Hkv, topk].
+
+    Rows ascending, −1 padded; block ids relative to each sequence's first key. The int64 score
+    keys are materialised for at most `chunk_elems` (row, head, block) triples at a time.
+    """
+    Nq, Hq, D = q.shape
+    Hkv = kc.shape[1]
+    G = Hq // Hkv
+    GP = next_pow2(G)
+    NBMAX = max((t + block_size - 1) // block_size for t in seqs.Tk_list)
+    BT = max(1, min(64 // GP if GP <= 64 else 1, next_pow2(max(seqs.Tq_list))))
+    BT = max(BT, 16 // GP if GP < 16 else 1)  # keep BT·GP ≥ 16 for tl.dot
+    tile_n, tile_i = make_tiles(seqs, BT, q.device)
+    K = min(topk, NBMAX)
+    out = torch.full((Nq, Hkv, topk), -1, dtype=torch.int32, device=q.device)
+    if kc.shape[0] == 0:
+        kc = kc.new_zeros(1, Hkv, D)
+    # process whole tiles in groups so the key buffer stays bounded
+    tiles_per_chunk = max(1, chunk_elems // max(1, BT * Hkv * NBMAX))
+    P = _pool_width(block_size, kernel_size, stride)
+    BNB = 64 if NBMAX >= 64 else max(16, next_pow2(NBMAX))
+    tile_row = (seqs.q_start.to(tile_n.device)[tile_n.long()] + tile_i).tolist()
+    n_tiles = tile_n.numel()
+    for c0 in range(0, n_tiles, tiles_per_chunk):
+        c1 = min(n_tiles, c0 + tiles_per_chunk)
+        r0 = tile_row[c0]
+        r1 = tile_row[c1] if c1 < n_tiles else Nq
+        keys = torch.empty((r1 - r0, Hkv, NBMAX), dtype=torch.int64, device=q.device)
+        _select_kernel[(c1 - c0, Hkv)](
+            q, kc, keys, tile_n[c0:c1], tile_i[c0:c1], seqs.q_start, seqs.kc_start, seqs.Tq, seqs.Tk, seqs.Tc,
+            scale * 1.4426950408889634, q.stride(0), kc.stride(0), keys.stride(0), NBMAX, r0,
+            G=G, GP=GP, BT=BT, D=D, BC=64, BNB=BNB, P=P, BS=block_size, KS=kernel_size, ST=stride,
+            INIT=init_blocks, LOCAL=local_blocks)
+        out[r0:r1, :, :K] = keys_to_blocks(keys, K)
+    return out
+
+
+def keys_to_blocks(keys: torch.Tensor, K: int) -> torch.Tensor:
+    """Top-K of int64 sort keys [..., NB] -> int32 block ids [..., K], ascending, −1 where unselectable."""
+    vals = torch.topk(keys, K, dim=-1, sorted=False).values
+    ids = (4294967295 - (vals & 4294967295)).to(torch.int32)
+    ids = torch.where(vals == NEVER, torch.full_like(ids, 2 ** 30), ids)
+    ids = torch.sort(ids, dim=-1).values
+    return torch.where(ids == 2 ** 30, torch.full_like(ids, -1), ids)
