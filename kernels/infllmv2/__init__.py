@@ -1,27 +1,31 @@
 """InfLLM-V2 block-sparse attention (SPEC §2, §6): public entry points and dispatch.
 
-`infllmv2_attn` / `infllmv2_select` run the Triton kernels when `dispatch.use_triton(q)` says so
-(CUDA tensors, or SALACONVERT_KERNELS=triton), otherwise the pure-PyTorch reference in naive.py.
-Conventions (causality, ties, padding, dense switch) are in README.md.
+`infllmv2_attn`, `infllmv2_select` and `infllmv2_decode` run the Triton kernels when
+`dispatch.use_triton(q)` says so (CUDA tensors, or SALACONVERT_KERNELS=triton, which on CPU tensors
+needs TRITON_INTERPRET=1), otherwise the pure-PyTorch reference in naive.py. Conventions
+(causality, ties, padding, the dense switch) and the kernel design are in README.md.
 """
 from __future__ import annotations
 
 import torch
 
 from salaconvert.kernels.dispatch import use_triton
-from salaconvert.kernels.infllmv2.naive import compress_k, naive_infllmv2_attn, naive_infllmv2_select
+from salaconvert.kernels.infllmv2.naive import (compress_k, naive_infllmv2_attn, naive_infllmv2_decode,
+                                                naive_infllmv2_select)
 
-try:  # the Triton path is optional: absent triton (or a broken install) falls back to the reference
+try:  # the Triton path is optional: without triton every call takes the reference
+    from salaconvert.kernels.infllmv2.decode import triton_infllmv2_decode, update_compressed_cache
     from salaconvert.kernels.infllmv2.parallel import parallel_infllmv2_attn, parallel_infllmv2_select
 except ImportError:  # pragma: no cover
-    parallel_infllmv2_attn = parallel_infllmv2_select = None
+    parallel_infllmv2_attn = parallel_infllmv2_select = triton_infllmv2_decode = update_compressed_cache = None
 
 
 def infllmv2_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
     """InfLLM-V2 attention. q [B, Tq, Hq, d], k/v [B, Tk, Hkv, d] (Tq ≤ Tk, queries end-aligned) -> o [B, Tq, Hq, d].
 
     Keywords (SPEC §6): block_size=64, topk=96, init_blocks=1, local_blocks=32, kernel_size=32,
-    stride=16, dense_len=8192, scale=None, cu_seqlens=None. See naive_infllmv2_attn for the math.
+    stride=16, dense_len=8192, scale=None, cu_seqlens=None. Differentiable in q, k, v.
+    See naive_infllmv2_attn for the math.
     """
     if parallel_infllmv2_attn is not None and use_triton(q):
         return parallel_infllmv2_attn(q, k, v, **kw)
@@ -35,4 +39,18 @@ def infllmv2_select(q: torch.Tensor, k: torch.Tensor, **kw) -> torch.Tensor:
     return naive_infllmv2_select(q, k, **kw)
 
 
-__all__ = ["infllmv2_attn", "infllmv2_select", "naive_infllmv2_attn", "naive_infllmv2_select", "compress_k"]
+def infllmv2_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                    kc_cache: torch.Tensor | None = None, **kw) -> torch.Tensor:
+    """One decode step: q [B, 1, Hq, d] against caches [B, Tmax, Hkv, d] holding cache_seqlens[b] tokens
+    (the new token's k/v included) -> o [B, 1, Hq, d]. Equals the last row of infllmv2_attn over
+    those tokens. kc_cache [B, Tcmax, Hkv, d] (compressed keys, see update_compressed_cache) makes
+    the Triton step cost O(selected tokens + compressed keys); the Triton path is graph-capturable.
+    Same keywords as infllmv2_attn except cu_seqlens.
+    """
+    if triton_infllmv2_decode is not None and use_triton(q):
+        return triton_infllmv2_decode(q, k_cache, v_cache, cache_seqlens, kc_cache, **kw)
+    return naive_infllmv2_decode(q, k_cache, v_cache, cache_seqlens, kc_cache, **kw)
+
+
+__all__ = ["infllmv2_attn", "infllmv2_select", "infllmv2_decode", "update_compressed_cache",
+           "naive_infllmv2_attn", "naive_infllmv2_select", "naive_infllmv2_decode", "compress_k"]

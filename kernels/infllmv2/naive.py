@@ -252,4 +252,16 @@ def dense_causal_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return o.transpose(1, 2).to(q.dtype)
 
 
-__all__ = ["naive_infllmv2_attn", "naive_infllmv2_select", "compress_k", "dense_causal_attn"]
+
+def naive_infllmv2_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                          kc_cache: torch.Tensor | None = None, **kw) -> torch.Tensor:
+    """One decode step, reference: row b is naive_infllmv2_attn of q[b] against the first
+    cache_seqlens[b] cached tokens. q [B, 1, Hq, d], caches [B, Tmax, Hkv, d] -> [B, 1, Hq, d].
+    `kc_cache` is accepted for signature symmetry and ignored (recomputed from k)."""
+    outs = []
+    for b, L in enumerate(cache_seqlens.tolist()):
+        outs.append(naive_infllmv2_attn(q[b:b + 1], k_cache[b:b + 1, :L], v_cache[b:b + 1, :L], **kw))
+    return torch.cat(outs, 0)
+
+
+__all__ = ["naive_infllmv2_attn", "naive_infllmv2_select", "naive_infllmv2_decode", "compress_k", "dense_causal_attn"]

@@ -1,0 +1,267 @@
+"""InfLLM-V2 decode in Triton: one query token per sequence against a preallocated K/V cache.
+
+Legend: B batch, Hq/Hkv heads, G = Hq // Hkv, D head dim, Tmax cache capacity, L = cache_seqlens[b]
+(tokens in the cache, the new one included: the query sits at position L − 1), Tc = compressed
+keys of L tokens, NB = blocks of Tmax tokens.
+
+Every launch has a grid fixed by the cache's capacity, and the current length is read on the
+device, so the whole step (select + attend) can be captured in a CUDA graph and replayed while L
+grows. Work is split so that a 1M-token cache still fills the GPU:
+  1. stats:  (B·Hkv, splits of CH compressed keys) -> partial softmax max/sum per head row;
+  2. scores: (B·Hkv, chunks of BNB blocks) -> merges the partials, group-summed max-pooled block
+             scores, forced/causal rules, int64 sort keys (select.py explains the key);
+  3. torch.topk over the keys (fixed shape);
+  4. attend: (B·Hkv, splits of SPP block slots) -> partial flash-decoding states;
+  5. merge:  (B·Hkv) -> the output.
+`update_compressed_cache` appends the compressed key that the newest token completes.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from salaconvert.kernels.infllmv2._interp import fix_interpreter_index
+from salaconvert.kernels.infllmv2.layout import next_pow2
+from salaconvert.kernels.infllmv2.select import _pool_width, keys_to_blocks
+
+fix_interpreter_index()
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _n_comp(L, KS: tl.constexpr, ST: tl.constexpr):
+    return tl.where(L >= KS, (tl.maximum(L, KS) - KS) // ST + 1, 0)
+
+
+@triton.jit
+def _load_q(q, b, h, stride_qb, G: tl.constexpr, BM: tl.constexpr, D: tl.constexpr):
+    o_r = tl.arange(0, BM)
+    o_d = tl.arange(0, D)
+    m_r = o_r < G
+    b_q = tl.load(q + b.to(tl.int64) * stride_qb + (h * G + o_r)[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
+    return b_q, m_r
+
+
+@triton.jit
+def _dec_stats_kernel(q, kc, lens, m_buf, l_buf, scale_log2, dense_len, Hkv, stride_qb, stride_kcb, stride_kct,
+                      G: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, CH: tl.constexpr, BC: tl.constexpr,
+                      KS: tl.constexpr, ST: tl.constexpr, NSP: tl.constexpr):
+    i_bh, i_s = tl.program_id(0), tl.program_id(1)
+    b, h = i_bh // Hkv, i_bh % Hkv
+    L = tl.load(lens + b)
+    Tc = _n_comp(L, KS, ST)
+    b_q, m_r = _load_q(q, b, h, stride_qb, G, BM, D)
+    o_d = tl.arange(0, D)
+    b_m = tl.full([BM], float("-inf"), tl.float32)
+    b_l = tl.zeros([BM], tl.float32)
+    if (L > dense_len) & (i_s * CH < Tc):
+        for j0 in range(0, CH, BC):
+            o_j = i_s * CH + j0 + tl.arange(0, BC)
+            m_j = o_j < Tc
+            p_k = kc + b.to(tl.int64) * stride_kcb + o_j.to(tl.int64)[:, None] * stride_kct + h * D + o_d[None, :]
+            b_k = tl.load(p_k, mask=m_j[:, None], other=0.)
+            b_s = tl.where(m_j[None, :], tl.dot(b_q, tl.trans(b_k)) * scale_log2, float("-inf"))
+            m_new = tl.maximum(b_m, tl.max(b_s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0., m_new)
+            b_l = b_l * tl.exp2(b_m - m_safe) + tl.sum(tl.exp2(b_s - m_safe[:, None]), 1)
+            b_m = m_new
+    o_r = tl.arange(0, BM)
+    o_buf = (i_bh * NSP + i_s) * BM + o_r
+    tl.store(m_buf + o_buf, b_m)
+    tl.store(l_buf + o_buf, b_l)
+
+
+@triton.jit
+def _dec_score_kernel(q, kc, lens, m_buf, l_buf, keys, scale_log2, dense_len, Hkv, NBMAX, stride_qb, stride_kcb,
+                      stride_kct, G: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, BNB: tl.constexpr,
+                      P: tl.constexpr, BS: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr, INIT: tl.constexpr,
+                      LOCAL: tl.constexpr, NSP: tl.constexpr, NSPP: tl.constexpr):
+    i_bh, i_c = tl.program_id(0), tl.program_id(1)
+    b, h = i_bh // Hkv, i_bh % Hkv
+    L = tl.load(lens + b)
+    Tc = _n_comp(L, KS, ST)
+    qb = (L - 1) // BS
+    o_b = i_c * BNB + tl.arange(0, BNB)
+    best = tl.full([BNB], float("-inf"), tl.float32)
+    if (L > dense_len) & (i_c * BNB <= qb):
+        b_q, m_r = _load_q(q, b, h, stride_qb, G, BM, D)
+        o_d = tl.arange(0, D)
+        # merge the split softmax statistics of each head row
+        o_s = tl.arange(0, NSPP)
+        o_r = tl.arange(0, BM)
+        p_s = (i_bh * NSP + o_s)[:, None] * BM + o_r[None, :]
+        m_s = (o_s < NSP)[:, None]
+        sm = tl.load(m_buf + p_s, mask=m_s, other=float("-inf"))
+        sl = tl.load(l_buf + p_s, mask=m_s, other=0.)
+        b_m = tl.max(sm, 0)
+        m_safe = tl.where(b_m == float("-inf"), 0., b_m)
+        b_l = tl.sum(sl * tl.exp2(sm - m_safe[None, :]), 0)
+        inv_l = tl.where(b_l > 0, 1. / tl.where(b_l > 0, b_l, 1.), 0.)
+        num = o_b * BS - KS
+        lo = tl.where(num < 0, 0, tl.maximum(num, 0) // ST + 1)
+        hi = (o_b * BS + BS + ST - 1) // ST - 1
+        for p in tl.static_range(P):
+            o_j = lo + p
+            ok_j = (o_j <= hi) & (o_j < Tc)
+            p_k = kc + b.to(tl.int64) * stride_kcb + o_j.to(tl.int64)[:, None] * stride_kct + h * D + o_d[None, :]
+            b_k = tl.load(p_k, mask=ok_j[:, None], other=0.)
+            b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
+            b_p = tl.where(ok_j[None, :] & m_r[:, None], tl.exp2(b_s - m_safe[:, None]) * inv_l[:, None], 0.)
+            best = tl.where(ok_j, tl.maximum(best, tl.sum(b_p, 0)), best)
+    causal = o_b <= qb
+    forced = (o_b < INIT) | (o_b > qb - LOCAL)
+    score = tl.where(forced, float("inf"), best)
+    bits = score.to(tl.int32, bitcast=True)
+    key32 = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    key = (key32.to(tl.int64) << 32) | (4294967295 - o_b.to(tl.int64))
+    key = tl.where(causal, key, -9223372036854775807 - 1)
+    tl.store(keys + i_bh.to(tl.int64) * NBMAX + o_b, key, mask=o_b < NBMAX)
+
+
+@triton.jit
+def _dec_attn_kernel(q, k, v, lens, idx, m_buf, l_buf, acc_buf, scale_log2, dense_len, Hkv, stride_qb, stride_kb,
+                     stride_kt, K, G: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                     SPP: tl.constexpr, NSP: tl.constexpr):
+    i_bh, i_s = tl.program_id(0), tl.program_id(1)
+    b, h = i_bh // Hkv, i_bh % Hkv
+    L = tl.load(lens + b)
+    qb = (L - 1) // BS
+    dense = L <= dense_len
+    b_q, m_r = _load_q(q, b, h, stride_qb, G, BM, D)
+    o_d = tl.arange(0, D)
+    b_m = tl.full([BM], float("-inf"), tl.float32)
+    b_l = tl.zeros([BM], tl.float32)
+    b_acc = tl.zeros([BM, D], tl.float32)
+    for i in range(0, SPP):
+        slot = i_s * SPP + i
+        blk = tl.load(idx + i_bh.to(tl.int64) * K + slot, mask=(slot < K) & (~dense), other=-1)
+        blk = tl.where(dense, tl.where(slot <= qb, slot, -1), blk)
+        if blk >= 0:
+            o_k = blk * BS + tl.arange(0, BS)
+            m_k = o_k < L
+            p_k = k + b.to(tl.int64) * stride_kb + o_k.to(tl.int64)[:, None] * stride_kt + h * D + o_d[None, :]
+            p_v = v + b.to(tl.int64) * stride_kb + o_k.to(tl.int64)[:, None] * stride_kt + h * D + o_d[None, :]
+            b_k = tl.load(p_k, mask=m_k[:, None], other=0.)
+            b_v = tl.load(p_v, mask=m_k[:, None], other=0.)
+            b_s = tl.where(m_k[None, :], tl.dot(b_q, tl.trans(b_k)) * scale_log2, float("-inf"))
+            m_new = tl.maximum(b_m, tl.max(b_s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0., m_new)
+            alpha = tl.exp2(b_m - m_safe)
+            b_p = tl.exp2(b_s - m_safe[:, None])
+            b_l = b_l * alpha + tl.sum(b_p, 1)
+            b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+            b_m = m_new
+    o_r = tl.arange(0, BM)
+    o_buf = (i_bh * NSP + i_s) * BM + o_r
+    tl.store(m_buf + o_buf, b_m)
+    tl.store(l_buf + o_buf, b_l)
+    tl.store(acc_buf + o_buf.to(tl.int64)[:, None] * D + o_d[None, :], b_acc)
+
+
+@triton.jit
+def _dec_merge_kernel(o, m_buf, l_buf, acc_buf, Hkv, stride_ob, G: tl.constexpr, BM: tl.constexpr,
+                      D: tl.constexpr, NSP: tl.constexpr):
+    i_bh = tl.program_id(0)
+    b, h = i_bh // Hkv, i_bh % Hkv
+    o_r = tl.arange(0, BM)
+    o_d = tl.arange(0, D)
+    b_m = tl.full([BM], float("-inf"), tl.float32)
+    for s in range(0, NSP):
+        b_m = tl.maximum(b_m, tl.load(m_buf + (i_bh * NSP + s) * BM + o_r))
+    m_safe = tl.where(b_m == float("-inf"), 0., b_m)
+    b_l = tl.zeros([BM], tl.float32)
+    b_acc = tl.zeros([BM, D], tl.float32)
+    for s in range(0, NSP):
+        o_buf = (i_bh * NSP + s) * BM + o_r
+        w = tl.exp2(tl.load(m_buf + o_buf) - m_safe)
+        b_l += tl.load(l_buf + o_buf) * w
+        b_acc += tl.load(acc_buf + o_buf.to(tl.int64)[:, None] * D + o_d[None, :]) * w[:, None]
+    b_o = b_acc / tl.where(b_l > 0, b_l, 1.)[:, None]
+    m_r = o_r < G
+    tl.store(o + b.to(tl.int64) * stride_ob + (h * G + o_r)[:, None] * D + o_d[None, :], b_o.to(o.dtype.element_ty),
+             mask=m_r[:, None])
+
+
+@triton.jit
+def _update_kc_kernel(k, kc, lens, Hkv, stride_kb, stride_kt, stride_kcb, stride_kct, D: tl.constexpr,
+                      KS: tl.constexpr, ST: tl.constexpr):
+    i_bh = tl.program_id(0)
+    b, h = i_bh // Hkv, i_bh % Hkv
+    L = tl.load(lens + b)
+    if (L >= KS) & ((tl.maximum(L, KS) - KS) % ST == 0):
+        j = (L - KS) // ST
+        o_t = j * ST + tl.arange(0, KS)
+        o_d = tl.arange(0, D)
+        b_k = tl.load(k + b.to(tl.int64) * stride_kb + o_t.to(tl.int64)[:, None] * stride_kt + h * D + o_d[None, :])
+        b_c = tl.sum(b_k.to(tl.float32), 0) / KS
+        tl.store(kc + b.to(tl.int64) * stride_kcb + j.to(tl.int64) * stride_kct + h * D + o_d, b_c.to(kc.dtype.element_ty))
+
+
+def update_compressed_cache(k_cache: torch.Tensor, kc_cache: torch.Tensor, cache_seqlens: torch.Tensor, *,
+                            kernel_size: int = 32, stride: int = 16) -> None:
+    """Write, in place, the compressed key completed by the newest token of each sequence.
+
+    k_cache [B, Tmax, Hkv, d] already holds the token at position L − 1 (L = cache_seqlens[b]);
+    kc_cache [B, Tcmax, Hkv, d]. Window j = (L − kernel_size) / stride is written when that is a
+    whole number ≥ 0, else nothing happens. Graph-capturable (the condition is tested on the device).
+    """
+    B, _, Hkv, D = k_cache.shape
+    _update_kc_kernel[(B * Hkv,)](k_cache, kc_cache, cache_seqlens, Hkv, k_cache.stride(0), k_cache.stride(1),
+                                  kc_cache.stride(0), kc_cache.stride(1), D=D, KS=kernel_size, ST=stride)
+
+
+def triton_infllmv2_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                           kc_cache: torch.Tensor | None = None, *, block_size: int = 64, topk: int = 96,
+                           init_blocks: int = 1, local_blocks: int = 32, kernel_size: int = 32, stride: int = 16,
+                           dense_len: int = 8192, scale: float | None = None) -> torch.Tensor:
+    """One decode step. q [B, 1, Hq, d]; k/v_cache [B, Tmax, Hkv, d]; cache_seqlens int32 [B] -> o [B, 1, Hq, d].
+
+    kc_cache [B, ≥Tc(Tmax), Hkv, d]: compressed keys kept up to date with update_compressed_cache
+    (computed from k_cache here when None, which costs a pass over the whole cache).
+    """
+    B, one, Hq, D = q.shape
+    assert one == 1, "decode takes one query token per sequence"
+    _, Tmax, Hkv, _ = k_cache.shape
+    G = Hq // Hkv
+    BM = max(16, next_pow2(G))
+    scale = D ** -0.5 if scale is None else scale
+    if k_cache.stride(-1) != 1 or k_cache.stride(-2) != D or v_cache.stride() != k_cache.stride():
+        raise ValueError("k_cache and v_cache must share strides with contiguous [Hkv, d] rows")
+    if kc_cache is None:
+        Tc = max(0, (Tmax - kernel_size) // stride + 1)
+        kc_cache = k_cache.unfold(1, kernel_size, stride)[:, :Tc].float().mean(-1).to(k_cache.dtype) if Tc else \
+            k_cache.new_zeros(B, 1, Hkv, D)
+    q = q.reshape(B, Hq, D).contiguous()
+    lens = cache_seqlens.to(torch.int32)
+    NBMAX = (Tmax + block_size - 1) // block_size
+    TcMAX = max(1, kc_cache.shape[1])
+    CH = 1024 if TcMAX > 1024 else max(16, next_pow2(TcMAX))
+    NSP = (TcMAX + CH - 1) // CH
+    sl2 = scale * LOG2E
+    dev = q.device
+    m_buf = torch.empty(B * Hkv * NSP * BM, dtype=torch.float32, device=dev)
+    l_buf = torch.empty_like(m_buf)
+    _dec_stats_kernel[(B * Hkv, NSP)](q, kc_cache, lens, m_buf, l_buf, sl2, dense_len, Hkv, q.stride(0),
+                                      kc_cache.stride(0), kc_cache.stride(1), G=G, BM=BM, D=D, CH=CH,
+                                      BC=min(CH, 64), KS=kernel_size, ST=stride, NSP=NSP)
+    BNB = 64 if NBMAX >= 64 else max(16, next_pow2(NBMAX))
+    keys = torch.empty(B * Hkv, NBMAX, dtype=torch.int64, device=dev)
+    _dec_score_kernel[(B * Hkv, triton.cdiv(NBMAX, BNB))](
+        q, kc_cache, lens, m_buf, l_buf, keys, sl2, dense_len, Hkv, NBMAX, q.stride(0), kc_cache.stride(0),
+        kc_cache.stride(1), G=G, BM=BM, D=D, BNB=BNB, P=_pool_width(block_size, kernel_size, stride), BS=block_size,
+        KS=kernel_size, ST=stride, INIT=init_blocks, LOCAL=local_blocks, NSP=NSP, NSPP=next_pow2(NSP))
+    K = min(topk, NBMAX)
+    idx = keys_to_blocks(keys, K).contiguous()
+    n_slots = max(K, min(NBMAX, (dense_len + block_size - 1) // block_size + 1))
+    SPP = 8
+    NSP2 = triton.cdiv(n_slots, SPP)
+    m2 = torch.empty(B * Hkv * NSP2 * BM, dtype=torch.float32, device=dev)
+    l2 = torch.empty_like(m2)
+    acc2 = torch.empty(B * Hkv * NSP2 * BM, D, dtype=torch.float32, device=dev)
+    _dec_attn_kernel[(B * Hkv, NSP2)](q, k_cache, v_cache, lens, idx, m2, l2, acc2, sl2, dense_len, Hkv, q.stride(0),
+                                      k_cache.stride(0), k_cache.stride(1), K, G=G, BM=BM, D=D, BS=block_size,
+                                      SPP=SPP, NSP=NSP2)
+    o = torch.empty_like(q)
+    _dec_merge_kernel[(B * Hkv,)](o, m2, l2, acc2, Hkv, o.stride(0), G=G, BM=BM, D=D, NSP=NSP2)
+    return o.view(B, 1, Hq, D)
