@@ -8,7 +8,7 @@ import torch
 
 from salaconvert.kernels.infllmv2 import infllmv2_attn, infllmv2_select
 from salaconvert.kernels.infllmv2.naive import compress_k, dense_causal_attn, naive_infllmv2_attn, naive_infllmv2_select
-from tests.helpers import assert_close
+from helpers import assert_close
 
 SMALL = dict(block_size=8, kernel_size=4, stride=2, init_blocks=1, local_blocks=2)
 

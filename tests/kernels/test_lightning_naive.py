@@ -4,7 +4,7 @@ import torch
 
 from salaconvert.kernels.lightning import lightning_attn, lightning_attn_step
 from salaconvert.kernels.lightning.naive import chunk_lightning_attn_torch, naive_lightning_attn, naive_lightning_attn_step
-from tests.helpers import assert_close
+from helpers import assert_close
 
 # fp32 throughout: the chunked form reorders sums, so agreement is at fp32 rounding, well below 1e-5.
 RTOL = 1e-5

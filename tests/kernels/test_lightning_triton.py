@@ -16,7 +16,7 @@ from salaconvert.kernels.lightning import step as step_mod
 from salaconvert.kernels.lightning.chunk import chunk_lightning_attn
 from salaconvert.kernels.lightning.naive import chunk_lightning_attn_torch, naive_lightning_attn
 from salaconvert.kernels.lightning.step import lightning_step
-from tests.helpers import assert_close
+from helpers import assert_close
 
 # fp32 inputs: the kernel sums in another order than the recurrence (and the interpreter's dots
 # are fp32), so agreement is at fp32 rounding, far below 1e-5. bf16 on the GPU: q, k, v, A and
@@ -114,12 +114,13 @@ def test_split_with_carried_state_equals_whole():
     assert_close(S2, S_all, rtol=RTOL_FP32, what="final_state")
 
 
-def test_half_precision_inputs_on_interpreter():
-    q, k, v, S0 = make(1, 100, 2, 32, 32, dtype=torch.float16, seed=7)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs(dtype):
+    q, k, v, S0 = make(1, 100, 2, 32, 32, dtype=dtype, seed=7)
     ref = [x.detach().float().requires_grad_() if x is not None else None for x in (q, k, v, S0)]
     o, S, grads = run_with_grads(chunk_lightning_attn, q, k, v, sala_decay(2), S0)
     o_r, S_r, grads_r = run_with_grads(naive_lightning_attn, *ref[:3], sala_decay(2), ref[3])
-    assert o.dtype == torch.float16 and S.dtype == torch.float32
+    assert o.dtype == dtype and S.dtype == torch.float32
     assert_close(o, o_r, rtol=RTOL_BF16, what="o")
     assert_close(S, S_r, rtol=RTOL_BF16, what="final_state")
     for name, a, e in zip(("dq", "dk", "dv", "d_initial_state"), grads, grads_r):
@@ -156,7 +157,16 @@ def test_dispatch_runs_triton_when_asked(monkeypatch):
 
 # ---- GPU: compiled kernels at real sizes, bf16 against the fp32 reference ----
 
-gpu = pytest.mark.gpu
+@pytest.fixture
+def cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.fail("GPU tests compile the kernels: run them as TRITON_INTERPRET=0 pytest -m gpu")
+
+
+def gpu(fn):
+    return pytest.mark.gpu(pytest.mark.usefixtures("cuda")(fn))
 
 
 @gpu

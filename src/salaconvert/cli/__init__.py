@@ -1,0 +1,20 @@
+"""The `salaconvert` command. Each verb is a thin wrapper over a library function; heavy imports
+happen inside the verbs so that `--help` answers at once."""
+import typer
+
+from salaconvert.cli import convert, generate, info
+
+app = typer.Typer(
+    name="salaconvert",
+    help="Turn a pretrained Hugging Face decoder LM into a long-context sparse+linear hybrid (MiniCPM-SALA style).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("convert")(convert.convert)
+app.command("generate")(generate.generate)
+app.command("info")(info.info)
+
+
+def main() -> None:
+    app()

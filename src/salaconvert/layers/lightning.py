@@ -20,11 +20,11 @@ class LightningAttention(nn.Module):
         self.head_dim = d = config.head_dim
         self.num_heads = H = config.num_attention_heads  # GQA→MHA: K/V rows repeated per query head
         D = config.hidden_size
-        bias = bool(config.teacher.get("attention_bias", False))
-        self.q_proj = nn.Linear(D, H * d, bias=bias)
-        self.k_proj = nn.Linear(D, H * d, bias=bias)
-        self.v_proj = nn.Linear(D, H * d, bias=bias)
-        self.o_proj = nn.Linear(H * d, D, bias=bias)
+        bq, bk, bv, bo = config.qkvo_bias
+        self.q_proj = nn.Linear(D, H * d, bias=bq)
+        self.k_proj = nn.Linear(D, H * d, bias=bk)
+        self.v_proj = nn.Linear(D, H * d, bias=bv)
+        self.o_proj = nn.Linear(H * d, D, bias=bo)
         eps = config.rms_norm_eps or 1e-6
         self.q_norm = RMSNorm(d, eps) if config.lightning["qk_norm"] else nn.Identity()
         self.k_norm = RMSNorm(d, eps) if config.lightning["qk_norm"] else nn.Identity()

@@ -22,11 +22,11 @@ class SparseAttention(nn.Module):
         self.layer_idx = layer_idx
         self.head_dim = d = config.head_dim
         Hq, Hkv, D = config.num_attention_heads, config.num_key_value_heads, config.hidden_size
-        bias = bool(config.teacher.get("attention_bias", False))
-        self.q_proj = nn.Linear(D, Hq * d, bias=bias)
-        self.k_proj = nn.Linear(D, Hkv * d, bias=bias)
-        self.v_proj = nn.Linear(D, Hkv * d, bias=bias)
-        self.o_proj = nn.Linear(Hq * d, D, bias=bias)
+        bq, bk, bv, bo = config.qkvo_bias
+        self.q_proj = nn.Linear(D, Hq * d, bias=bq)
+        self.k_proj = nn.Linear(D, Hkv * d, bias=bk)
+        self.v_proj = nn.Linear(D, Hkv * d, bias=bv)
+        self.o_proj = nn.Linear(Hq * d, D, bias=bo)
         eps = config.rms_norm_eps or 1e-6
         self.q_norm = RMSNorm(d, eps) if config.sparse["qk_norm"] else nn.Identity()
         self.k_norm = RMSNorm(d, eps) if config.sparse["qk_norm"] else nn.Identity()

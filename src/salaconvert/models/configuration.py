@@ -46,6 +46,7 @@ class SalaHybridConfig(PreTrainedConfig):
     layer_types: list[str] | None = None
     lightning: dict | None = None
     sparse: dict | None = None
+    qkvo_bias: list[bool] | None = None  # whether the teacher's q/k/v/o projections have biases
     vocab_size: int | None = None
     hidden_size: int | None = None
     num_hidden_layers: int | None = None
@@ -73,6 +74,7 @@ class SalaHybridConfig(PreTrainedConfig):
         self.tie_word_embeddings = bool(self.tie_word_embeddings)
         if self.layer_types is None:
             self.layer_types = ["full_attention"] * (self.num_hidden_layers or 0)
+        self.qkvo_bias = list(self.qkvo_bias or [bool(self.teacher.get("attention_bias", False))] * 4)
         self.lightning = {**LIGHTNING_DEFAULTS, **(self.lightning or {})}
         self.sparse = {**SPARSE_DEFAULTS, **(self.sparse or {})}
         super().__post_init__(**kwargs)

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from salaconvert.errors import InputError
 
-class ConversionError(ValueError):
+
+class ConversionError(InputError):
     """The teacher or the plan cannot be converted; the message names the problem in one line."""
 
 

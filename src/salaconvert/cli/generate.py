@@ -1,0 +1,36 @@
+"""`salaconvert generate DIR PROMPT`"""
+from typing import Annotated
+
+import typer
+from rich.panel import Panel
+
+from salaconvert.cli.common import MODEL_HELP, err, out, steps, user_errors
+
+
+def generate(
+    model: Annotated[str, typer.Argument(help=f"A hybrid checkpoint directory, or any {MODEL_HELP}.", show_default=False)],
+    prompt: Annotated[str, typer.Argument(help="The text to continue.", show_default=False)],
+    teacher: Annotated[str | None, typer.Option(help="Also continue the prompt with this teacher model, for comparison.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 48,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 means greedy decoding.")] = 0.0,
+    chat: Annotated[bool, typer.Option(help="Wrap the prompt in the tokenizer's chat template.")] = False,
+    seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
+):
+    """Continue PROMPT with a checkpoint (and optionally its teacher, side by side)."""
+    from salaconvert.generate import generate_text, load_for_generation
+
+    runs = [("teacher", teacher), ("model", model)] if teacher else [("model", model)]
+    with user_errors():
+        for label, spec in runs:
+            with steps(f"generate with {spec}") as step:
+                step("loading")
+                m, tok = load_for_generation(spec)
+                step("generating")
+                result = generate_text(m, tok, prompt, max_new_tokens, temperature, chat, seed)
+            rate = result["new_tokens"] / max(result["seconds"], 1e-9)
+            if len(runs) == 1:
+                out.print(result["text"], highlight=False, markup=False)
+            else:
+                err.print(Panel(result["text"], title=f"{label}: {spec}", subtitle=f"{rate:.1f} tokens/s", title_align="left"),
+                          highlight=False, markup=False)
+            err.print(f"[dim]{result['new_tokens']} tokens in {result['seconds']:.1f}s ({rate:.1f} tokens/s)[/]")

@@ -1,0 +1,108 @@
+"""Prefill + decode == one forward; save → load == same logits; atomic writes; remote-code loading."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from salaconvert.io.checkpoint import INDEX, SIDECAR, save_checkpoint
+from salaconvert.layer_selection import LayerPlan, uniform_layer_types
+from salaconvert.surgery.convert import convert
+from tiny import SMALL_SPARSE, tiny_teacher
+
+
+def _hybrid(arch="llama", layer_types=None):
+    teacher = tiny_teacher(arch)
+    plan = LayerPlan(layer_types or uniform_layer_types(4, "1:3"))
+    hybrid = convert(teacher, plan, sparse=SMALL_SPARSE)
+    with torch.no_grad():  # trained-looking gates and norms, so that a wrong cache path shows
+        for name, p in hybrid.named_parameters():
+            if any(k in name for k in ("z_proj", "og_proj", "o_norm")):
+                p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "norm" in name else 0.0))
+    return hybrid
+
+
+@pytest.mark.parametrize("prefill", [1, 17, 40])
+def test_prefill_then_token_by_token_decode_equals_full_forward(arch, prefill):
+    hybrid = _hybrid(arch)
+    x = torch.randint(0, 128, (2, 52))  # crosses dense_len=24: dense and sparse regimes both decode
+    with torch.no_grad():
+        full = hybrid(x, use_cache=False).logits
+        out = hybrid(x[:, :prefill], use_cache=True)
+        cache, steps = out.past_key_values, [out.logits]
+        for t in range(prefill, x.shape[1]):
+            out = hybrid(x[:, t:t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+    # fp32; the recurrent and chunked Lightning forms sum in different orders: 1e-4 (acceptance bound).
+    assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-4
+
+
+def test_generate_with_cache_equals_rerunning_the_whole_sequence():
+    hybrid = _hybrid()
+    x = torch.randint(0, 128, (1, 10))
+    with torch.no_grad():
+        ids = hybrid.generate(x, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+        seq = x
+        for _ in range(20):
+            nxt = hybrid(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(ids, seq)
+
+
+def test_save_then_load_gives_identical_logits_and_the_spec_files(tmp_path):
+    hybrid = _hybrid("qwen3")
+    out = save_checkpoint(hybrid, None, tmp_path / "ckpt", {"plan": {"layer_types": hybrid.config.layer_types}})
+    names = set(os.listdir(out))
+    assert {"config.json", INDEX, "generation_config.json", SIDECAR}.issubset(names)
+    assert any(n.startswith("model-") and n.endswith(".safetensors") for n in names)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "sala_hybrid" and config["layer_types"] == hybrid.config.layer_types
+    assert config["teacher"]["model_type"] == "qwen3" and "lightning" in config and "sparse" in config
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    x = torch.randint(0, 128, (2, 45))
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, hybrid(x).logits)
+
+
+def test_tied_embeddings_stay_tied_after_loading(tmp_path):
+    teacher = tiny_teacher("llama", tie_word_embeddings=True)
+    hybrid = convert(teacher, LayerPlan(uniform_layer_types(4)))
+    loaded = AutoModelForCausalLM.from_pretrained(save_checkpoint(hybrid, None, tmp_path / "c", {}))
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+
+
+def test_interrupted_save_leaves_nothing_at_the_target(tmp_path, monkeypatch):
+    hybrid = _hybrid()
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt  # as if the user pressed Ctrl-C while the weights were being written
+
+    monkeypatch.setattr(type(hybrid), "save_pretrained", boom)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(hybrid, None, tmp_path / "ckpt", {})
+    assert os.listdir(tmp_path) == []
+
+
+def test_trust_remote_code_loads_without_importing_salaconvert(tmp_path):
+    hybrid = _hybrid()
+    out = save_checkpoint(hybrid, None, tmp_path / "ckpt", {})
+    x = torch.randint(0, 128, (1, 30))
+    with torch.no_grad():
+        expected = hybrid(x).logits
+    torch.save(x, tmp_path / "x.pt")
+    code = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()\n"
+        f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
+        f"torch.save(m(x).logits.detach(), {str(tmp_path / 'y.pt')!r})\n"
+        "print(type(m).__name__)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONSAFEPATH": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "SalaHybridForCausalLM" in done.stdout
+    assert torch.equal(torch.load(tmp_path / "y.pt"), expected)

@@ -1,0 +1,35 @@
+"""Tiny teachers built from configs in code (never from the hub), one per registered architecture."""
+import torch
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=128, max_position_embeddings=512)
+
+ARCHS = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),  # q/k/v biases
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),  # per-head q/k norms
+}
+
+
+def tiny_teacher(arch: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
+    config_cls, model_cls, extra = ARCHS[arch]
+    torch.manual_seed(seed)
+    config = config_cls(**{**TINY, **extra, **overrides})
+    config._attn_implementation = "sdpa"
+    model = model_cls(config).eval()
+    if arch in ("qwen2", "qwen3"):
+        # Random (non-zero) biases and norm weights, so that reusing them is actually tested.
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias") or "q_norm" in name or "k_norm" in name:
+                    p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+# Small InfLLM-V2 geometry so that short test sequences reach the sparse path.
+SMALL_SPARSE = {"dense_len": 24, "block_size": 8, "kernel_size": 8, "stride": 4, "topk": 3,
+                "init_blocks": 1, "local_blocks": 1}
+
