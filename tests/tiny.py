@@ -33,3 +33,23 @@ def tiny_teacher(arch: str = "llama", seed: int = 0, **overrides) -> torch.nn.Mo
 SMALL_SPARSE = {"dense_len": 24, "block_size": 8, "kernel_size": 8, "stride": 4, "topk": 3,
                 "init_blocks": 1, "local_blocks": 1}
 
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer with ids below the tiny models' vocabulary of 128."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny_teacher(folder, arch: str = "llama", tokenizer: bool = True):
+    """A tiny teacher written as a Hugging Face directory, as a user's local model would be."""
+    model = tiny_teacher(arch)
+    model.save_pretrained(folder)
+    if tokenizer:
+        tiny_tokenizer().save_pretrained(folder)
+    return folder

@@ -10,7 +10,7 @@ from salaconvert import __version__
 from salaconvert.errors import InputError
 from salaconvert.io.checkpoint import check_output_dir, save_checkpoint
 from salaconvert.io.load import ModelSource, load_config, load_model, load_tokenizer, resolve_source
-from salaconvert.layer_selection.plan import LayerPlan, uniform_layer_types
+from salaconvert.layer_selection.plan import LayerPlan, parse_ratio, uniform_layer_types
 from salaconvert.surgery.convert import convert, teacher_arch
 
 REPORT = "conversion_report.json"
@@ -47,13 +47,15 @@ def convert_model(model: str, out: str | Path, ratio: str = "1:3", plan: str | N
     """
     t0 = time.perf_counter()
     step("checking input")
+    if plan is None:
+        parse_ratio(ratio)
     out = check_output_dir(out, overwrite)
     source = resolve_source(model)
     config, arch = check_teacher(source)
     layer_plan = make_plan(config.num_hidden_layers, ratio, plan, first_last)
     step("loading teacher")
     teacher = load_model(source, dtype)
-    tokenizer = load_tokenizer(source)
+    tokenizer = load_tokenizer(source, required=False)
     t_load = time.perf_counter()
     step("building hybrid")
     hybrid = convert(teacher, layer_plan, lightning=lightning, sparse=sparse)

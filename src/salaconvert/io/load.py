@@ -94,12 +94,15 @@ def load_model(source: ModelSource, dtype: str = "auto", device: str | None = No
     return model.eval()
 
 
-def load_tokenizer(source: ModelSource):
+def load_tokenizer(source: ModelSource, required: bool = True):
+    """The tokenizer at `source`; with `required=False`, None when there is none (weights-only dirs)."""
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(source.path, **source.kwargs())
     except (OSError, ValueError, KeyError, TypeError) as e:
+        if not required:
+            return None
         raise InputError(f"{source.spec}: cannot load its tokenizer ({_first_line(e)})") from None
 
 
