@@ -1,5 +1,9 @@
 """Lightning attention in Triton: one fused chunked kernel for the forward and all three gradients.
 
+The kernels use only builtins of triton.language (no tl.cdiv / tl.zeros / tl.sum, which are
+themselves @triton.jit functions): under TRITON_INTERPRET=1 those break when triton was imported
+before the variable was set, as happens when transformers is imported first.
+
 Math and design: README.md beside this file. In short, one program owns one (sequence, head,
 value block) and walks the sequence chunk by chunk, keeping the running state [K, BV] in fp32
 registers the whole way: no chunk state ever goes to memory. The same kernel, run forward or
@@ -37,7 +41,7 @@ def lightning_chunk_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     REVERSE: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
-    IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """o_t = scale · q_t S_t with S_t = γ S_{t-1} + k_tᵀ v_t, taken in time order, or against it if REVERSE.
 
@@ -55,7 +59,7 @@ def lightning_chunk_kernel(
         bos = i_n.to(tl.int64) * T
         eos = bos + T
     seq_len = (eos - bos).to(tl.int32)
-    NT = tl.cdiv(seq_len, BT)
+    NT = (seq_len + BT - 1) // BT
     b_g = tl.load(decay + i_h).to(tl.float32)
 
     o_i = tl.arange(0, BT)
@@ -68,7 +72,7 @@ def lightning_chunk_kernel(
     o_h = i_nh.to(tl.int64) * K * V
     o_hkv = o_k[:, None] * V + o_v[None, :]
 
-    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    b_h = tl.full([BK, BV], 0.0, dtype=tl.float32)
     if USE_H0:
         b_h += tl.load(h0 + o_h + o_hkv, mask=m_kv, other=0.0).to(tl.float32)
 
@@ -100,6 +104,8 @@ def lightning_chunk_kernel(
         b_q = tl.load(p_q, mask=m_tk, other=0.0)
         b_k = tl.load(p_k, mask=m_tk, other=0.0)
         b_v = tl.load(p_v, mask=m_tv, other=0.0)
+        if UPCAST:  # the interpreter's dot mishandles bf16: compute in fp32 there
+            b_q, b_k, b_v = b_q.to(tl.float32), b_k.to(tl.float32), b_v.to(tl.float32)
 
         pf = p.to(tl.float32)
         b_dq = tl.exp(b_g * (pf + 1.0 - sh))                     # state → row i: γ^(p+1)
@@ -155,6 +161,7 @@ def lightning_chunk_launch(q, k, v, decay, scale, h0, cu_seqlens, *, reverse=Fal
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
         REVERSE=reverse, USE_H0=h0 is not None, STORE_HT=store_ht, IS_VARLEN=cu_seqlens is not None,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16,
         num_warps=TUNE.get("num_warps", 4), num_stages=TUNE.get("num_stages", 2),
     )
     return o, ht

@@ -24,6 +24,11 @@ def _empty(*shape, dtype, device):
     return torch.empty(*shape, dtype=dtype, device=device)
 
 
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
 @triton.jit(do_not_specialize=["scale"])
 def lightning_step_kernel(
     q, k, v, o, state, decay, scale,
@@ -44,7 +49,8 @@ def lightning_step_kernel(
     m_s = m_k[:, None] & m_v[None, :]
     b_s = tl.load(p_s, mask=m_s, other=0.0) * tl.exp(b_g) + b_k[:, None] * b_v[None, :]
     tl.store(p_s, b_s, mask=m_s)
-    b_o = tl.sum(b_q[:, None] * b_s, axis=0) * scale
+    # tl.reduce with our own combine, not tl.sum: see chunk.py's docstring on the interpreter
+    b_o = tl.reduce(b_q[:, None] * b_s, 0, _add) * scale
     p_o = o + o_bh * V + o_v
     tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_v)
 
