@@ -5,6 +5,8 @@ first and last layers are always sparse and count toward that number, so at leas
 """
 import json
 import math
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -46,6 +48,33 @@ def uniform_layer_types(num_layers: int, ratio: str = "1:3", first_last: bool = 
     return [SPARSE if i in picks else LINEAR for i in range(num_layers)]
 
 
+def select_layer_types(scores: list[float], ratio: str = "1:3", first_last: bool = True) -> list[str]:
+    """The highest-scoring layers stay sparse, the rest become linear.
+
+    With `first_last` the first and last layers are sparse whatever their scores and count toward
+    the ratio; the remaining sparse slots go to the best-scoring middle layers. Ties go to the lower
+    index, so the choice is deterministic.
+    """
+    n_layers = len(scores)
+    n = num_sparse(n_layers, ratio, first_last)
+    forced = {0, n_layers - 1} if first_last else set()
+    rest = sorted((i for i in range(n_layers) if i not in forced), key=lambda i: (-scores[i], i))
+    picks = forced | set(rest[: max(0, n - len(forced))])
+    return [SPARSE if i in picks else LINEAR for i in range(n_layers)]
+
+
+def score_ranks(scores: list[float]) -> list[int]:
+    """Rank of each layer by score, 1 = highest (ties: lower index first)."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    ranks = [0] * len(scores)
+    for rank, i in enumerate(order, 1):
+        ranks[i] = rank
+    return ranks
+
+
+_OPTIONAL_STR = ("method", "model_fingerprint", "data_fingerprint")
+
+
 @dataclass
 class LayerPlan:
     layer_types: list[str]
@@ -60,7 +89,8 @@ class LayerPlan:
     def validate(self, num_layers: int | None = None) -> "LayerPlan":
         if not isinstance(self.layer_types, list) or not self.layer_types:
             raise PlanError("layer_types: must be a non-empty list")
-        bad = sorted({t for t in self.layer_types if t not in LAYER_TYPES}, key=str)
+        bad = sorted({repr(t) if not isinstance(t, str) else t for t in self.layer_types
+                      if not isinstance(t, str) or t not in LAYER_TYPES})
         if bad:
             raise PlanError(f"layer_types: unknown type(s) {bad}; expected one of {list(LAYER_TYPES)}")
         if num_layers is not None and len(self.layer_types) != num_layers:
@@ -74,6 +104,14 @@ class LayerPlan:
                 raise PlanError("scores: every score must be a finite number")
         if self.ratio is not None:
             parse_ratio(self.ratio)
+        for name in _OPTIONAL_STR:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise PlanError(f"{name}: expected a string, got {type(value).__name__}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise PlanError(f"seed: expected an integer or null, got {self.seed!r}")
+        if not isinstance(self.extra, dict):
+            raise PlanError(f"extra: expected an object, got {type(self.extra).__name__}")
         return self
 
     def to_dict(self) -> dict:
@@ -92,7 +130,16 @@ class LayerPlan:
         return cls(**data).validate()
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write the plan as JSON; a temporary file renamed into place, so never half-written."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(self.to_dict(), indent=2) + "\n")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, path: str | Path) -> "LayerPlan":

@@ -2,7 +2,7 @@
 happen inside the verbs so that `--help` answers at once."""
 import typer
 
-from salaconvert.cli import convert, generate, info
+from salaconvert.cli import analyze, convert, generate, info
 
 app = typer.Typer(
     name="salaconvert",
@@ -11,6 +11,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.command("analyze")(analyze.analyze)
 app.command("convert")(convert.convert)
 app.command("generate")(generate.generate)
 app.command("info")(info.info)
