@@ -35,23 +35,28 @@ def _empty(*shape, dtype, device):
 TUNE: dict = {}
 
 
-@triton.jit(do_not_specialize=["T", "NT_MAX", "scale"])
+@triton.jit(do_not_specialize=["T", "NSEG", "CPS", "scale"])
 def lightning_chunk_kernel(
-    q, k, v, o, h0, ht, decay, cu_seqlens, scale, T, NT_MAX,
+    q, k, v, o, h0, ht, decay, cu_seqlens, scale, T, NSEG, CPS,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    REVERSE: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
+    REVERSE: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STATE_ONLY: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """o_t = scale · q_t S_t with S_t = γ S_{t-1} + k_tᵀ v_t, taken in time order, or against it if REVERSE.
 
-    q, k: [*, H, K] rows; v, o: [*, H, V] rows; h0, ht: [N, H, K, V] fp32; decay: [H] log γ.
-    REVERSE (the backward pass) differs in two places besides the direction: the initial state
-    enters the first token undecayed (it is ∂L/∂S_T, not S_{-1}), and the stored final state is
-    γ · scale · S, which is ∂L/∂S_{-1} when the inputs are (k, q, dO).
+    q, k: [*, H, K] rows; v, o: [*, H, V] rows; decay: [H] log γ. Program (i_v, (n, s, h)) walks
+    the CPS chunks of segment s of sequence n (NSEG segments; NSEG = 1 and CPS = the longest
+    sequence's chunk count when the sequence is not split). h0, ht: [N, NSEG, H, K, V] fp32, the
+    state entering / leaving each segment. STATE_ONLY: skip q and o, only accumulate the state
+    (pass 1 of the split forward). REVERSE (the backward pass) differs in two places besides the
+    direction: the initial state enters the first token undecayed (it is ∂L/∂S_T, not S_{-1}), and
+    the stored final state is γ · scale · S, which is ∂L/∂S_{-1} when the inputs are (k, q, dO).
     """
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
+    i_v, i_nsh = tl.program_id(0), tl.program_id(1)
+    i_h = i_nsh % H
+    i_ns = i_nsh // H
+    i_n, i_s = i_ns // NSEG, i_ns % NSEG
     if IS_VARLEN:
         bos = tl.load(cu_seqlens + i_n).to(tl.int64)
         eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
@@ -69,56 +74,67 @@ def lightning_chunk_kernel(
     m_v = o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
     # 64-bit: one sequence can hold more than 2^31 elements (1M tokens x 32 heads x 128).
-    o_h = i_nh.to(tl.int64) * K * V
+    o_h = i_nsh.to(tl.int64) * K * V
     o_hkv = o_k[:, None] * V + o_v[None, :]
 
     b_h = tl.full([BK, BV], 0.0, dtype=tl.float32)
     if USE_H0:
         b_h += tl.load(h0 + o_h + o_hkv, mask=m_kv, other=0.0).to(tl.float32)
 
-    # The loop runs to the longest sequence's chunk count (a host-side int: the interpreter, and
-    # software pipelining, want a plain bound); chunks past this sequence's end have L = 0 and
-    # change nothing (all loads masked, all decay factors 1).
-    for it in range(0, NT_MAX):
+    if not REVERSE:
+        # Forward in time, every chunk's rows sit at p = 0..BT-1, so the intra-chunk decay matrix
+        # and the state→row factors are loop invariants (rows past a short chunk's end load as 0).
+        of = o_i.to(tl.float32)
+        b_dq_f = tl.exp(b_g * (of + 1.0))
+        b_D_f = tl.where(o_i[:, None] >= o_i[None, :], tl.exp(b_g * tl.maximum(of[:, None] - of[None, :], 0.0)), 0.0)
+
+    # The bound is a host-side int (the interpreter, and software pipelining, want a plain one);
+    # chunks past this sequence's end have L = 0 and change nothing (loads masked, factors 1).
+    for it in range(0, CPS):
+        c = i_s * CPS + it                                       # chunk index in processing order
         if REVERSE:
-            i_t = NT - 1 - it
+            i_t = NT - 1 - c
         else:
-            i_t = it
-        L = tl.where(it < NT, tl.minimum(BT, seq_len - i_t * BT), 0)   # real length of this chunk
+            i_t = c
+        L = tl.where(c < NT, tl.minimum(BT, seq_len - i_t * BT), 0)    # real length of this chunk
         m_t = o_i < L
-        # p: position of each row in processing order (0 = first processed); 0 on padding rows,
-        # so every decay exponent below is ≥ 0 and no factor exceeds 1.
-        if REVERSE:
-            p = tl.where(m_t, L - 1 - o_i, 0)
-            # the gradient state ∂L/∂S_T enters the first processed token without a γ
-            sh = tl.where(it == 0, 1.0, 0.0)
-        else:
-            p = o_i
-            sh = 0.0
         o_row = (bos + i_t * BT) * H + i_h                       # int64 row index of the chunk's first token
-        p_q = q + o_row * K + o_i[:, None] * (H * K) + o_k[None, :]
         p_k = k + o_row * K + o_i[:, None] * (H * K) + o_k[None, :]
         p_v = v + o_row * V + o_i[:, None] * (H * V) + o_v[None, :]
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
-        b_q = tl.load(p_q, mask=m_tk, other=0.0)
         b_k = tl.load(p_k, mask=m_tk, other=0.0)
         b_v = tl.load(p_v, mask=m_tv, other=0.0)
         if UPCAST:  # the interpreter's dot mishandles bf16: compute in fp32 there
-            b_q, b_k, b_v = b_q.to(tl.float32), b_k.to(tl.float32), b_v.to(tl.float32)
+            b_k, b_v = b_k.to(tl.float32), b_v.to(tl.float32)
 
-        pf = p.to(tl.float32)
-        b_dq = tl.exp(b_g * (pf + 1.0 - sh))                     # state → row i: γ^(p+1)
-        b_dk = tl.exp(b_g * ((L - 1).to(tl.float32) - pf))       # row j → end of chunk: γ^(L-1-p)
-        b_dc = tl.exp(b_g * (L.to(tl.float32) - sh))             # whole chunk: γ^L
-        m_A = (p[:, None] >= p[None, :]) & m_t[:, None] & m_t[None, :]
-        b_D = tl.where(m_A, tl.exp(b_g * tl.maximum(pf[:, None] - pf[None, :], 0.0)), 0.0)
+        if REVERSE:
+            # p: position of each row in processing order; 0 on padding rows, so every decay
+            # exponent is ≥ 0 and no factor exceeds 1. ∂L/∂S_T enters the first token without a γ.
+            p = tl.where(m_t, L - 1 - o_i, 0)
+            pf = p.to(tl.float32)
+            sh = tl.where(c == 0, 1.0, 0.0)
+            b_dq = tl.exp(b_g * (pf + 1.0 - sh))                 # state → row: γ^(p+1)
+            b_D = tl.where((p[:, None] >= p[None, :]) & m_t[:, None] & m_t[None, :],
+                           tl.exp(b_g * tl.maximum(pf[:, None] - pf[None, :], 0.0)), 0.0)
+            b_dc = tl.exp(b_g * (L.to(tl.float32) - sh))         # whole chunk: γ^L
+        else:
+            pf = o_i.to(tl.float32)
+            b_dq = b_dq_f
+            b_D = b_D_f
+            b_dc = tl.exp(b_g * L.to(tl.float32))
+        b_dk = tl.exp(b_g * tl.maximum((L - 1).to(tl.float32) - pf, 0.0))    # row → end of chunk: γ^(L-1-p)
 
-        b_A = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * b_D
-        b_o = tl.dot(b_A.to(b_v.dtype), b_v, input_precision=DOT_PREC)
-        b_o += tl.dot((b_q * b_dq[:, None]).to(b_q.dtype), b_h.to(b_q.dtype), input_precision=DOT_PREC)
-        p_o = o + o_row * V + o_i[:, None] * (H * V) + o_v[None, :]
-        tl.store(p_o, (b_o * scale).to(p_o.dtype.element_ty), mask=m_tv)
+        if not STATE_ONLY:
+            p_q = q + o_row * K + o_i[:, None] * (H * K) + o_k[None, :]
+            b_q = tl.load(p_q, mask=m_tk, other=0.0)
+            if UPCAST:
+                b_q = b_q.to(tl.float32)
+            b_A = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * b_D
+            b_o = tl.dot(b_A.to(b_v.dtype), b_v, input_precision=DOT_PREC)
+            b_o += tl.dot((b_q * b_dq[:, None]).to(b_q.dtype), b_h.to(b_q.dtype), input_precision=DOT_PREC)
+            p_o = o + o_row * V + o_i[:, None] * (H * V) + o_v[None, :]
+            tl.store(p_o, (b_o * scale).to(p_o.dtype.element_ty), mask=m_tv)
 
         b_h = b_h * b_dc + tl.dot(tl.trans((b_k * b_dk[:, None]).to(b_k.dtype)), b_v, input_precision=DOT_PREC)
 
@@ -128,18 +144,65 @@ def lightning_chunk_kernel(
         tl.store(ht + o_h + o_hkv, b_h, mask=m_kv)
 
 
+@triton.jit(do_not_specialize=["T", "NSEG", "SEG_LEN"])
+def lightning_segment_scan_kernel(
+    hs, h0, ht, decay, T, NSEG, SEG_LEN,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
+):
+    """Pass 2 of the split forward: turn each segment's own state into the state entering it, in place.
+
+    hs: [N, NSEG, H, K, V] fp32, on entry each segment's contribution decayed to its end, on exit
+    the state entering it. S_{s+1} = γ^len(s) S_s + ΔS_s, S_0 = h0 (or 0); ht gets S_NSEG.
+    """
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    b_g = tl.load(decay + i_h).to(tl.float32)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
+    o_hkv = o_k[:, None] * V + o_v[None, :]
+    b_h = tl.full([BK, BV], 0.0, dtype=tl.float32)
+    if USE_H0:
+        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + o_hkv, mask=m_kv, other=0.0)
+    for i_s in range(0, NSEG):
+        p_s = hs + ((i_n * NSEG + i_s) * H + i_h).to(tl.int64) * K * V + o_hkv
+        b_d = tl.load(p_s, mask=m_kv, other=0.0)
+        tl.store(p_s, b_h, mask=m_kv)
+        n_tok = tl.minimum(SEG_LEN, T - i_s * SEG_LEN)
+        b_h = b_h * tl.exp(b_g * n_tok.to(tl.float32)) + b_d
+    if STORE_HT:
+        tl.store(ht + i_nh.to(tl.int64) * K * V + o_hkv, b_h, mask=m_kv)
+
+
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def _block_v(V: int, programs_per_block: int, device: torch.device) -> int:
     """Value-block width: 64 when that already fills the GPU, narrower when there are too few programs."""
     BV = min(64, max(16, triton.next_power_of_2(V)))
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        while BV > 16 and programs_per_block * triton.cdiv(V, BV) < sms:
-            BV //= 2
+    while BV > 16 and programs_per_block * triton.cdiv(V, BV) < _sms(device):
+        BV //= 2
     return BV
 
 
+def _chunks_per_segment(N: int, H: int, NT: int, device: torch.device) -> int:
+    """Chunks per segment for the split forward, or 0 to walk each sequence in one program.
+
+    Splitting costs one more read of k and v (pass 1) but multiplies the programs by the number of
+    segments; worth it when N·H alone leaves most of the GPU idle (B=1 prefill).
+    """
+    if "CPS" in TUNE:
+        return TUNE["CPS"]
+    if device.type != "cuda" or N * H >= 4 * _sms(device):
+        return 0
+    cps = 16
+    return cps if NT >= 2 * cps else 0
+
+
 def lightning_chunk_launch(q, k, v, decay, scale, h0, cu_seqlens, *, reverse=False, store_ht=False, out=None):
-    """Launch the chunk kernel. q, k: [B, T, H, K]; v: [B, T, H, V]; h0: [N, H, K, V] fp32 or None.
+    """Launch the chunk kernel(s). q, k: [B, T, H, K]; v: [B, T, H, V]; h0: [N, H, K, V] fp32 or None.
 
     Returns (o [B, T, H, V] in v's dtype unless `out` is given, ht [N, H, K, V] fp32 or None).
     """
@@ -148,20 +211,46 @@ def lightning_chunk_launch(q, k, v, decay, scale, h0, cu_seqlens, *, reverse=Fal
     N = B if cu_seqlens is None else len(cu_seqlens) - 1
     o = _empty(B, T, H, V, dtype=v.dtype, device=v.device) if out is None else out
     ht = _empty(N, H, K, V, dtype=torch.float32, device=q.device) if store_ht else None
-    BK = max(16, triton.next_power_of_2(K))
-    BV = TUNE.get("BV") or _block_v(V, N * H, q.device)
-    grid = (triton.cdiv(V, BV), N * H)
     BT = TUNE.get("BT", BT_DEFAULT)
+    BK = max(16, triton.next_power_of_2(K))
+    common = dict(
+        H=H, K=K, V=V, BT=BT, BK=BK, REVERSE=reverse, IS_VARLEN=cu_seqlens is not None,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16,
+    )
+    NT = triton.cdiv(T, BT)
+    cps = 0 if (reverse or cu_seqlens is not None) else _chunks_per_segment(N, H, NT, q.device)
+    if cps and NT > cps:
+        # Split forward: pass 1 sums each segment's kᵀv (decayed to the segment's end), pass 2
+        # chains those into the state entering each segment, pass 3 is the usual walk per segment.
+        NSEG = triton.cdiv(NT, cps)
+        hs = _empty(N, NSEG, H, K, V, dtype=torch.float32, device=q.device)
+        BV1 = TUNE.get("BV1", min(128, max(16, triton.next_power_of_2(V))))
+        lightning_chunk_kernel[(triton.cdiv(V, BV1), N * NSEG * H)](
+            q, k, v, o, None, hs, decay, cu_seqlens, scale, T, NSEG, cps, BV=BV1,
+            USE_H0=False, STORE_HT=True, STATE_ONLY=True, **common,
+            num_warps=TUNE.get("num_warps1", 4), num_stages=TUNE.get("num_stages1", 2),
+        )
+        BKS, BVS = min(32, BK), min(64, max(16, triton.next_power_of_2(V)))
+        lightning_segment_scan_kernel[(triton.cdiv(K, BKS), triton.cdiv(V, BVS), N * H)](
+            hs, h0, ht, decay, T, NSEG, cps * BT, H=H, K=K, V=V, BK=BKS, BV=BVS,
+            USE_H0=h0 is not None, STORE_HT=store_ht, num_warps=4,
+        )
+        BV = TUNE.get("BV", min(64, max(16, triton.next_power_of_2(V))))
+        lightning_chunk_kernel[(triton.cdiv(V, BV), N * NSEG * H)](
+            q, k, v, o, hs, None, decay, cu_seqlens, scale, T, NSEG, cps, BV=BV,
+            USE_H0=True, STORE_HT=False, STATE_ONLY=False, **common,
+            num_warps=TUNE.get("num_warps", 4), num_stages=TUNE.get("num_stages", 2),
+        )
+        return o, ht
     if cu_seqlens is None:
         max_len = T
     else:
         max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if N > 0 else 0
-    lightning_chunk_kernel[grid](
-        q, k, v, o, h0, ht, decay, cu_seqlens, scale, T, triton.cdiv(max_len, BT),
-        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-        REVERSE=reverse, USE_H0=h0 is not None, STORE_HT=store_ht, IS_VARLEN=cu_seqlens is not None,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16,
+    BV = TUNE.get("BV") or _block_v(V, N * H, q.device)
+    lightning_chunk_kernel[(triton.cdiv(V, BV), N * H)](
+        q, k, v, o, h0, ht, decay, cu_seqlens, scale, T, 1, triton.cdiv(max_len, BT), BV=BV,
+        USE_H0=h0 is not None, STORE_HT=store_ht, STATE_ONLY=False, **common,
         num_warps=TUNE.get("num_warps", 4), num_stages=TUNE.get("num_stages", 2),
     )
     return o, ht
