@@ -1,0 +1,170 @@
+"""`salaconvert bench` as a library function: speed and memory against context length, teacher
+and hybrid in the same run, one model in memory at a time.
+
+For each length L: prefill L random token ids (seeded; speed does not depend on the text) in
+chunks sharing one cache, then decode `decode_tokens` tokens one at a time, greedily.
+  prefill_s            wall time of the whole chunked prefill (synchronized on GPU)
+  decode_ms_per_token  median over the decode steps
+  cache_bytes          bytes of the actual cache tensors after prefill (K/V, Lightning states...)
+  peak_memory_bytes    GPU: torch.cuda.max_memory_allocated over prefill + decode (weights included)
+  rss_bytes            CPU: the process's resident memory after decode; peak_rss_bytes is the
+                       process's peak so far (monotone over the run, so only its growth is telling)
+Decode is plain eager PyTorch: the cache is a growing DynamicCache, which a CUDA graph cannot
+capture (it needs static shapes and addresses), so no CUDA graphs are used; the report says so.
+"""
+import gc
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from salaconvert.errors import InputError
+from salaconvert.eval.forward import DEFAULT_CHUNK, cache_nbytes, decode_step, prefill
+from salaconvert.eval.run import check_out_dir, default_device, default_dtype
+
+CUDA_GRAPHS_NOTE = ("not used: decode runs eagerly on a growing DynamicCache, which CUDA graphs cannot "
+                    "capture (they need static shapes and addresses)")
+
+
+@dataclass
+class BenchSettings:
+    lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096])
+    decode_tokens: int = 16
+    chunk: int = DEFAULT_CHUNK
+    seed: int = 0
+
+    def validate(self) -> "BenchSettings":
+        if not self.lengths or any(n < 1 for n in self.lengths):
+            raise InputError(f"--lengths: every length must be a positive token count, got {self.lengths}")
+        if self.decode_tokens < 1 or self.chunk < 1:
+            raise InputError("--decode-tokens and --chunk must be positive")
+        self.lengths = sorted(set(self.lengths))
+        return self
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now (Linux /proc), else its peak."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def measure(model, length: int, settings: BenchSettings) -> dict:
+    """One prefill + decode at `length`; see the module docstring for the fields."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(settings.seed + length)
+    ids = torch.randint(0, model.config.vocab_size, (length,), generator=gen)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    logits, cache = prefill(model, ids, settings.chunk)
+    _sync(device)
+    prefill_s = time.perf_counter() - t0
+    cache_after_prefill = cache_nbytes(cache)
+    steps = []
+    token = int(logits.argmax())
+    for _ in range(settings.decode_tokens):
+        t = time.perf_counter()
+        logits, cache = decode_step(model, token, cache)
+        token = int(logits.argmax())  # .item() synchronizes, so the step is fully timed
+        steps.append(time.perf_counter() - t)
+    row = {
+        "length": length,
+        "prefill_s": prefill_s,
+        "prefill_tokens_per_s": length / prefill_s,
+        "decode_ms_per_token": statistics.median(steps) * 1e3,
+        "decode_ms_mean": statistics.fmean(steps) * 1e3,
+        "cache_bytes": cache_after_prefill,
+        "cache_bytes_after_decode": cache_nbytes(cache),
+    }
+    if device.type == "cuda":
+        row["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+    else:
+        row["rss_bytes"] = rss_bytes()
+        row["peak_rss_bytes"] = peak_rss_bytes()
+    del cache
+    return row
+
+
+def bench_model(model, settings: BenchSettings, step=lambda what: None) -> dict:
+    """Every length on one loaded model; lengths past the first out-of-memory are skipped."""
+    device = next(model.parameters()).device
+    step("warm-up")
+    measure(model, min(64, settings.lengths[0]), BenchSettings([1], 2, settings.chunk, settings.seed))
+    rows, failed = [], None
+    for n in settings.lengths:
+        if failed:
+            rows.append({"length": n, "skipped": f"after out of memory at {failed}"})
+            continue
+        step(f"{n} tokens")
+        try:
+            rows.append(measure(model, n, settings))
+        except torch.OutOfMemoryError:
+            failed = n
+            rows.append({"length": n, "error": "out of memory"})
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    weights = sum(p.numel() * p.element_size() for p in {p.data_ptr(): p for p in model.parameters()}.values())
+    return {"rows": rows, "weight_bytes": weights, "cache_per_token": _config_cache(model)}
+
+
+def _config_cache(model) -> dict | None:
+    """The hybrid config's own cache arithmetic, to check the measured bytes against."""
+    cfg = model.config
+    if not hasattr(cfg, "cache_bytes_per_token"):
+        return None
+    return cfg.cache_bytes_per_token(next(model.parameters()).element_size())
+
+
+def run_bench(model: str, teacher: str | None = None, settings: BenchSettings | None = None,
+              out: str | Path = ".", dtype: str = "auto", device: str | None = None, step=lambda what: None) -> dict:
+    """Benchmark `model` (and `teacher`) and write bench.json, bench.md and bench.png to `out`."""
+    from salaconvert.bench.report import write_report
+    from salaconvert.eval.run import _device_name, _versions
+    from salaconvert.io.load import load_model, resolve_source
+
+    t0 = time.perf_counter()
+    settings = (settings or BenchSettings()).validate()
+    out = check_out_dir(out)
+    device = default_device(device)
+    dtype = default_dtype(dtype, device)
+    step("checking input")
+    runs = [("teacher", resolve_source(teacher))] if teacher else []
+    runs.append(("hybrid", resolve_source(model)))
+    results = {}
+    for label, source in runs:
+        step(f"loading {label}")
+        m = load_model(source, dtype, device)
+        results[label] = bench_model(m, settings, lambda what, lb=label: step(f"{lb}: {what}"))
+        del m
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    report = {
+        "model": model, "teacher": teacher, "device": _device_name(device), "dtype": dtype,
+        "settings": asdict(settings), "cuda_graphs": CUDA_GRAPHS_NOTE, "results": results,
+        "versions": _versions(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": time.perf_counter() - t0,
+    }
+    step("writing report")
+    report["files"] = write_report(report, out)
+    return report

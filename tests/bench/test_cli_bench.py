@@ -1,0 +1,61 @@
+"""`salaconvert bench` on a tiny hybrid beside its teacher: the report files exist and parse;
+bad input → exit 2, one line."""
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from salaconvert.cli import app
+from tiny import save_tiny_teacher, tiny_tokenizer
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    """A tiny teacher directory and its converted hybrid, whose sidecar names the teacher."""
+    from salaconvert.io.checkpoint import save_checkpoint
+    from salaconvert.io.load import load_model, resolve_source
+    from salaconvert.layer_selection.plan import LayerPlan
+    from salaconvert.surgery.convert import convert
+
+    root = tmp_path_factory.mktemp("bench")
+    teacher_dir = save_tiny_teacher(root / "teacher")
+    plan = LayerPlan(["sparse_attention", "linear_attention", "linear_attention", "sparse_attention"])
+    hybrid = convert(load_model(resolve_source(str(teacher_dir))), plan)
+    save_checkpoint(hybrid, tiny_tokenizer(), root / "hybrid", {"source": {"model": str(teacher_dir)}})
+    return teacher_dir, root / "hybrid"
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_bench_writes_json_markdown_and_plot(dirs, tmp_path):
+    teacher_dir, hybrid_dir = dirs
+    result = _run("bench", hybrid_dir, "--teacher", teacher_dir, "--lengths", "32,96", "--decode-tokens", "3",
+                  "--chunk", "64", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert "not used" in report["cuda_graphs"]
+    t, h = (report["results"][k]["rows"] for k in ("teacher", "hybrid"))
+    assert [r["length"] for r in t] == [32, 96] == [r["length"] for r in h]
+    for row in t + h:
+        assert row["prefill_s"] > 0 and row["decode_ms_per_token"] > 0 and row["rss_bytes"] > 0
+    # Teacher: K and V of 4 layers x 2 heads x 16 dims in float32 per token. Hybrid: K/V in its two
+    # sparse layers only, plus two fixed 4-head 16x16 float32 Lightning states.
+    assert t[1]["cache_bytes"] == 96 * 4 * 2 * 2 * 16 * 4
+    assert h[1]["cache_bytes"] == 96 * 2 * 2 * 2 * 16 * 4 + 2 * 4 * 16 * 16 * 4
+    md = (tmp_path / "bench.md").read_text()
+    assert "| teacher | 96 |" in md and "| hybrid | 32 |" in md
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("args", [["--lengths", "12x"], ["--lengths", ""], ["--teacher", "/no/such/model"],
+                                  ["--decode-tokens", "0"], ["--threads", "0"]])
+def test_bad_input_exits_2_with_one_line(dirs, tmp_path, args):
+    result = _run("bench", dirs[1], "--out", tmp_path / "o", *args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert not (tmp_path / "o").exists()
