@@ -6,6 +6,10 @@ import os
 import typer
 from rich.console import Console
 
+# Set before transformers (and its tqdm) is imported by any verb: the GGUF loader's bar ignores
+# transformers' own switch. The CLI shows its own progress instead.
+os.environ.setdefault("TQDM_DISABLE", "1")
+
 err = Console(stderr=True)  # tables, progress and messages
 out = Console()  # data: generated text, --json output
 
@@ -36,7 +40,6 @@ def steps(title: str):
 def quiet_transformers() -> None:
     """Our own progress replaces transformers' bars and warnings on the terminal."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader uses tqdm directly
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
