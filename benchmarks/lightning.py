@@ -73,33 +73,38 @@ def rand(*shape, dtype=torch.bfloat16, requires_grad=False):
     return torch.randn(*shape, device=DEV, dtype=dtype).requires_grad_(requires_grad)
 
 
+def sweep_configs(label):
+    if label.startswith("fwd_"):
+        return [dict(CPS=c, BV=bv, num_warps=w, num_stages=st) for c in (8, 16, 32) for bv in (64, 128) for w in (4, 8) for st in (2, 3)] + [
+            dict(CPS=0, BV=32, num_warps=8, num_stages=3)]
+    return [dict(CPS=c, BV=bv, num_warps=w, num_stages=st) for c in (0, 16) for bv in (32, 64) for w in (4, 8) for st in (2, 3)]
+
+
 def sweep(fla_fn):
-    """Launch-parameter sweep of our kernel at T=32K forward and B=4,T=16K fwd+bwd; returns the best of each."""
+    """Launch-parameter sweep of our kernels; returns the best configuration of each case."""
     best = {}
     decay = sala_decay(H)
-    for label, B, T, bwd in (("fwd_32K", 1, 32768, False), ("fwdbwd_B4_16K", 4, 16384, True)):
+    for label, B, T, bwd in (("fwd_8K", 1, 8192, False), ("fwd_32K", 1, 32768, False), ("fwdbwd_B4_16K", 4, 16384, True)):
         q, k, v = (rand(B, T, H, D, requires_grad=bwd) for _ in range(3))
         do = rand(B, T, H, D)
-        for BV in (16, 32, 64):
-            for warps in (4, 8):
-                for stages in (1, 2, 3):
-                    chunk_mod.TUNE.clear()
-                    chunk_mod.TUNE.update(BV=BV, num_warps=warps, num_stages=stages)
-                    if bwd:
-                        def f():
-                            o, _ = chunk_lightning_attn(q, k, v, decay)
-                            o.backward(do)
-                    else:
-                        def f():
-                            chunk_lightning_attn(q, k, v, decay)
-                    try:
-                        ms = bench(f, 100)
-                    except Exception as e:  # a config the compiler rejects (shared memory, registers)
-                        rec(what="sweep", case=label, BV=BV, num_warps=warps, num_stages=stages, error=repr(e)[:200])
-                        continue
-                    rec(what="sweep", case=label, BV=BV, num_warps=warps, num_stages=stages, ms=ms)
-                    if label not in best or ms < best[label][0]:
-                        best[label] = (ms, dict(chunk_mod.TUNE))
+        for cfg in sweep_configs(label):
+            chunk_mod.TUNE.clear()
+            chunk_mod.TUNE.update(cfg)
+            if bwd:
+                def f():
+                    o, _ = chunk_lightning_attn(q, k, v, decay)
+                    o.backward(do)
+            else:
+                def f():
+                    chunk_lightning_attn(q, k, v, decay)
+            try:
+                ms = bench(f, 100)
+            except Exception as e:  # a config the compiler rejects (shared memory, registers)
+                rec(what="sweep", case=label, **cfg, error=repr(e)[:200])
+                continue
+            rec(what="sweep", case=label, **cfg, ms=ms)
+            if label not in best or ms < best[label][0]:
+                best[label] = (ms, dict(cfg))
         del q, k, v, do
         torch.cuda.empty_cache()
     chunk_mod.TUNE.clear()

@@ -31,7 +31,8 @@ def _empty(*shape, dtype, device):
     """Every output buffer comes from here, so that tests can poison them (fill with NaN)."""
     return torch.empty(*shape, dtype=dtype, device=device)
 
-# Benchmarks override launch parameters here ({"BV": 32, "num_warps": 4, "num_stages": 2}).
+# Benchmarks and tests override launch parameters here: BV, num_warps, num_stages (the walk),
+# CPS (chunks per segment, 0 = no split), BV1, num_warps1, num_stages1 (pass 1 of the split).
 TUNE: dict = {}
 
 
@@ -140,20 +141,25 @@ def lightning_chunk_kernel(
 
     if STORE_HT:
         if REVERSE:
-            b_h = b_h * (tl.exp(b_g) * scale)
+            if not STATE_ONLY:  # pass 1 stores the raw segment sum; the scan applies this
+                b_h = b_h * (tl.exp(b_g) * scale)
         tl.store(ht + o_h + o_hkv, b_h, mask=m_kv)
 
 
-@triton.jit(do_not_specialize=["T", "NSEG", "SEG_LEN"])
+@triton.jit(do_not_specialize=["T_VIEW", "FIRST_CUT", "NSEG", "SEG_LEN", "scale"])
 def lightning_segment_scan_kernel(
-    hs, h0, ht, decay, T, NSEG, SEG_LEN,
+    hs, h0, ht, decay, scale, T_VIEW, FIRST_CUT, NSEG, SEG_LEN,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
+    REVERSE: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
 ):
-    """Pass 2 of the split forward: turn each segment's own state into the state entering it, in place.
+    """Pass 2 of the split walk: turn each segment's own state into the state entering it, in place.
 
     hs: [N, NSEG, H, K, V] fp32, on entry each segment's contribution decayed to its end, on exit
-    the state entering it. S_{s+1} = γ^len(s) S_s + ΔS_s, S_0 = h0 (or 0); ht gets S_NSEG.
+    the state entering it: S_{s+1} = γ^n(s) S_s + ΔS_s, S_0 = h0 (or 0). n(s), the decay steps
+    across segment s, is min(SEG_LEN, T_VIEW - s·SEG_LEN), less FIRST_CUT for s = 0: forward
+    T_VIEW = T and FIRST_CUT = 0; in reverse the padding of the last chunk comes first, and the
+    incoming gradient state skips one γ, so T_VIEW = NT·BT and FIRST_CUT = padding + 1.
+    ht gets S_NSEG (times γ·scale in reverse, as the chunk kernel stores it).
     """
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
@@ -169,9 +175,11 @@ def lightning_segment_scan_kernel(
         p_s = hs + ((i_n * NSEG + i_s) * H + i_h).to(tl.int64) * K * V + o_hkv
         b_d = tl.load(p_s, mask=m_kv, other=0.0)
         tl.store(p_s, b_h, mask=m_kv)
-        n_tok = tl.minimum(SEG_LEN, T - i_s * SEG_LEN)
-        b_h = b_h * tl.exp(b_g * n_tok.to(tl.float32)) + b_d
+        n_dec = tl.minimum(SEG_LEN, T_VIEW - i_s * SEG_LEN) - tl.where(i_s == 0, FIRST_CUT, 0)
+        b_h = b_h * tl.exp(b_g * n_dec.to(tl.float32)) + b_d
     if STORE_HT:
+        if REVERSE:
+            b_h = b_h * (tl.exp(b_g) * scale)
         tl.store(ht + i_nh.to(tl.int64) * K * V + o_hkv, b_h, mask=m_kv)
 
 
@@ -188,17 +196,22 @@ def _block_v(V: int, programs_per_block: int, device: torch.device) -> int:
 
 
 def _chunks_per_segment(N: int, H: int, NT: int, device: torch.device) -> int:
-    """Chunks per segment for the split forward, or 0 to walk each sequence in one program.
+    """Chunks per segment for the split walk, or 0 to walk each sequence in one program.
 
-    Splitting costs one more read of k and v (pass 1) but multiplies the programs by the number of
-    segments; worth it when N·H alone leaves most of the GPU idle (B=1 prefill).
+    Splitting costs one more read of two inputs (pass 1) and 4 × K·V·4 bytes of state traffic per
+    segment, but multiplies the programs by the number of segments: worth it when N·H alone leaves
+    most of the GPU idle (B=1 prefill). H100 sweep (notes-lightning.md): 32 chunks per segment
+    beat 8 and 16 at 8K and 32K tokens; no split was best at N·H = 128.
     """
     if "CPS" in TUNE:
         return TUNE["CPS"]
-    if device.type != "cuda" or N * H >= 4 * _sms(device):
+    sms = _sms(device)
+    if device.type != "cuda" or 2 * N * H > sms:
         return 0
-    cps = 16
-    return cps if NT >= 2 * cps else 0
+    nseg_target = triton.cdiv(4 * sms, N * H)                  # about 4 programs per SM
+    floor = 32 if N * H * triton.cdiv(NT, 32) >= sms else 8     # small problems: parallelism first
+    cps = max(floor, triton.cdiv(NT, nseg_target))
+    return cps if NT > cps else 0
 
 
 def lightning_chunk_launch(q, k, v, decay, scale, h0, cu_seqlens, *, reverse=False, store_ht=False, out=None):
@@ -219,10 +232,11 @@ def lightning_chunk_launch(q, k, v, decay, scale, h0, cu_seqlens, *, reverse=Fal
         UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16,
     )
     NT = triton.cdiv(T, BT)
-    cps = 0 if (reverse or cu_seqlens is not None) else _chunks_per_segment(N, H, NT, q.device)
+    cps = 0 if cu_seqlens is not None else _chunks_per_segment(N, H, NT, q.device)
     if cps and NT > cps:
-        # Split forward: pass 1 sums each segment's kᵀv (decayed to the segment's end), pass 2
+        # Split walk: pass 1 sums each segment's kᵀv (decayed to the segment's end), pass 2
         # chains those into the state entering each segment, pass 3 is the usual walk per segment.
+        # Segments follow the processing order, so in reverse segment 0 holds the sequence's end.
         NSEG = triton.cdiv(NT, cps)
         hs = _empty(N, NSEG, H, K, V, dtype=torch.float32, device=q.device)
         BV1 = TUNE.get("BV1", min(128, max(16, triton.next_power_of_2(V))))
@@ -232,15 +246,16 @@ def lightning_chunk_launch(q, k, v, decay, scale, h0, cu_seqlens, *, reverse=Fal
             num_warps=TUNE.get("num_warps1", 4), num_stages=TUNE.get("num_stages1", 2),
         )
         BKS, BVS = min(32, BK), min(64, max(16, triton.next_power_of_2(V)))
+        t_view, first_cut = (NT * BT, NT * BT - T + 1) if reverse else (T, 0)
         lightning_segment_scan_kernel[(triton.cdiv(K, BKS), triton.cdiv(V, BVS), N * H)](
-            hs, h0, ht, decay, T, NSEG, cps * BT, H=H, K=K, V=V, BK=BKS, BV=BVS,
-            USE_H0=h0 is not None, STORE_HT=store_ht, num_warps=4,
+            hs, h0, ht, decay, scale, t_view, first_cut, NSEG, cps * BT, H=H, K=K, V=V, BK=BKS, BV=BVS,
+            REVERSE=reverse, USE_H0=h0 is not None, STORE_HT=store_ht, num_warps=4,
         )
-        BV = TUNE.get("BV", min(64, max(16, triton.next_power_of_2(V))))
+        BV = TUNE.get("BV", min(128, max(16, triton.next_power_of_2(V))))
         lightning_chunk_kernel[(triton.cdiv(V, BV), N * NSEG * H)](
             q, k, v, o, hs, None, decay, cu_seqlens, scale, T, NSEG, cps, BV=BV,
             USE_H0=True, STORE_HT=False, STATE_ONLY=False, **common,
-            num_warps=TUNE.get("num_warps", 4), num_stages=TUNE.get("num_stages", 2),
+            num_warps=TUNE.get("num_warps", 8), num_stages=TUNE.get("num_stages", 3),
         )
         return o, ht
     if cu_seqlens is None:

@@ -76,9 +76,10 @@ def test_forward_and_gradients_match_reference(T, H, d, with_state):
 
 
 @pytest.mark.parametrize("T,cps", [(300, 1), (300, 2), (129, 2)])
-def test_split_forward_matches_reference(T, cps, monkeypatch):
-    """The B=1 prefill path: the sequence cut into segments of cps chunks (forced here; the GPU
-    picks it by itself when N·H is small), each segment's entering state chained by a scan."""
+def test_split_walk_matches_reference(T, cps, monkeypatch):
+    """The small-batch path, forward and backward: the sequence cut into segments of cps chunks
+    (forced here; the GPU picks it by itself when N·H is small), each segment's entering state
+    chained by a scan, in time order for o and dq, against it for dk, dv and d initial_state."""
     monkeypatch.setitem(chunk_mod.TUNE, "CPS", cps)
     q, k, v, S0 = make(1, T, 3, 32, 32, seed=T + cps)
     compare(chunk_lightning_attn, naive_lightning_attn, q, k, v, sala_decay(3), S0)
