@@ -33,11 +33,11 @@ def analyze(
     Higher score = keep softmax. The first and last layers are kept by SALA's rule; the best-scoring
     others fill the ratio. The plan feeds `salaconvert convert MODEL --plan plan.json`.
     """
+    quiet_transformers()  # before the heavy imports: tqdm reads TQDM_DISABLE when it is imported
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from salaconvert.analyze import analyze_model
 
-    quiet_transformers()
     with user_errors(), Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), console=err, transient=True) as bar:
         task = bar.add_task(f"analyze ({method})", total=None)
