@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from salaconvert.kernels.infllmv2 import infllmv2_attn
+from salaconvert.kernels.infllmv2 import infllmv2_attn, infllmv2_decode
 from salaconvert.layers.common import RMSNorm, apply_rope
 
 _KERNEL_KEYS = ("block_size", "topk", "init_blocks", "local_blocks", "kernel_size", "stride", "dense_len")
@@ -44,15 +44,18 @@ class SparseAttention(nn.Module):
         if self.rope:
             cos, sin = position_embeddings
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if past_key_values is not None:
-            # The cache keeps transformers' [B, Hkv, S, d] layout; the kernels take [B, S, Hkv, d] views.
-            k_BHSD, v_BHSD = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
-            k, v = k_BHSD.transpose(1, 2), v_BHSD.transpose(1, 2)
+        kw = self.kernel_kwargs
+        layer = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
+        if layer is not None:
+            k, v = layer.append(k, v, kw["kernel_size"], kw["stride"])  # all cached K/V, [B, S, Hkv, d]
 
-        if isinstance(attention_mask, torch.Tensor) and k.shape[1] <= self.kernel_kwargs["dense_len"]:
+        if isinstance(attention_mask, torch.Tensor) and k.shape[1] <= kw["dense_len"]:
             o = _masked_dense(q, k, v, attention_mask)  # padded batch: honour the padding mask
+        elif layer is not None and T == 1:
+            # One token against the cache: reads only the selected blocks and the cached compressed keys.
+            o = infllmv2_decode(q, layer.keys, layer.values, layer.seqlens, layer.compressed_keys(), **kw)
         else:
-            o = infllmv2_attn(q, k, v, **self.kernel_kwargs)
+            o = infllmv2_attn(q, k, v, **kw)
 
         o_BTD = o.reshape(B, T, -1)
         if self.og_proj is not None:

@@ -90,6 +90,9 @@ class SalaHybridForCausalLM(SalaHybridPreTrainedModel, GenerationMixin):
         if use_cache and past_key_values is None:
             # The teacher's model would make a cache of its own layer types; ours has one per plan entry.
             past_key_values = make_hybrid_cache(self.config)
+        if past_key_values is not None and len(past_key_values.layers) != len(self.config.layer_types):
+            raise ValueError("past_key_values: pass a cache from salaconvert.models.cache.make_hybrid_cache(config), "
+                             "which has one layer per plan entry, or none")
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

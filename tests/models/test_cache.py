@@ -1,0 +1,51 @@
+"""The sparse layers' cache: appends in any pieces equal one write; compressed keys track the keys."""
+import torch
+from transformers.cache_utils import DynamicCache, LinearAttentionLayer
+
+from salaconvert.kernels.infllmv2 import compress_k
+from salaconvert.models import SalaHybridConfig
+from salaconvert.models.cache import SparseAttentionCacheLayer, make_hybrid_cache
+
+
+def _filled(pieces, B=2, H=3, d=8, ks=8, st=4):
+    layer = SparseAttentionCacheLayer()
+    ks_all, vs_all = [], []
+    for n in pieces:
+        k, v = torch.randn(B, n, H, d), torch.randn(B, n, H, d)
+        keys, values = layer.append(k, v, ks, st)
+        ks_all.append(k)
+        vs_all.append(v)
+    return layer, keys, values, torch.cat(ks_all, 1), torch.cat(vs_all, 1)
+
+
+def test_appends_in_uneven_pieces_equal_the_whole_and_compressed_keys_follow():
+    layer, keys, values, k, v = _filled([5, 1, 1, 30, 1, 64, 3])
+    assert torch.equal(keys, k) and torch.equal(values, v)
+    assert layer.get_seq_length() == 105 and layer.seqlens.tolist() == [105, 105]
+    assert torch.allclose(layer.compressed_keys(), compress_k(k, 8, 4), atol=1e-6)
+    assert layer.keys.shape[1] < 105 * 1.25 + 64 + 1  # bounded spare capacity
+
+
+def test_reserve_keeps_contents_and_crop_forgets_the_tail():
+    layer, _, _, k, _ = _filled([20])
+    layer.reserve(1000)
+    assert layer.keys.shape[1] == 1000 and torch.equal(layer.keys[:, :20], k)
+    layer.crop(-7)
+    assert layer.get_seq_length() == 13
+    assert torch.allclose(layer.compressed_keys(), compress_k(k[:, :13], 8, 4), atol=1e-6)
+
+
+def test_beam_reorder_selects_batch_rows():
+    layer, _, _, k, _ = _filled([12], B=3)
+    layer.reorder_cache(torch.tensor([2, 2, 0]))
+    assert torch.equal(layer.keys[:, :12], k[[2, 2, 0]])
+
+
+def test_hybrid_cache_has_one_layer_kind_per_plan_entry():
+    config = SalaHybridConfig(teacher={"model_type": "llama", "num_hidden_layers": 3, "hidden_size": 32,
+                                       "num_attention_heads": 2, "vocab_size": 10},
+                              layer_types=["sparse_attention", "linear_attention", "full_attention"])
+    cache = make_hybrid_cache(config)
+    assert isinstance(cache, DynamicCache)
+    assert [type(layer).__name__ for layer in cache.layers] == [
+        SparseAttentionCacheLayer.__name__, LinearAttentionLayer.__name__, "DynamicLayer"]
