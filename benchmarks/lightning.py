@@ -74,17 +74,20 @@ def rand(*shape, dtype=torch.bfloat16, requires_grad=False):
 
 
 def sweep_configs(label):
-    if label.startswith("fwd_"):
-        return [dict(CPS=c, BV=bv, num_warps=w, num_stages=st) for c in (8, 16, 32) for bv in (64, 128) for w in (4, 8) for st in (2, 3)] + [
-            dict(CPS=0, BV=32, num_warps=8, num_stages=3)]
-    return [dict(CPS=c, BV=bv, num_warps=w, num_stages=st) for c in (0, 16) for bv in (32, 64) for w in (4, 8) for st in (2, 3)]
+    """A small grid around the shipped defaults (the wide grid's results: results/lightning-h100-run2-sweep.json)."""
+    base = dict(BV=128, num_warps=8, num_stages=3)
+    grid = [dict(base, CPS=c) for c in (32, 64, 128)]
+    if label == "fwd_32K":
+        grid += [dict(base, CPS=32, BV1=64), dict(base, CPS=32, num_warps1=8), dict(base, CPS=32, num_stages1=3),
+                 dict(base, CPS=32, BV=64)]
+    return grid
 
 
 def sweep(fla_fn):
     """Launch-parameter sweep of our kernels; returns the best configuration of each case."""
     best = {}
     decay = sala_decay(H)
-    for label, B, T, bwd in (("fwd_8K", 1, 8192, False), ("fwd_32K", 1, 32768, False), ("fwdbwd_B4_16K", 4, 16384, True)):
+    for label, B, T, bwd in (("fwd_32K", 1, 32768, False), ("fwd_256K", 1, 262144, False)):
         q, k, v = (rand(B, T, H, D, requires_grad=bwd) for _ in range(3))
         do = rand(B, T, H, D)
         for cfg in sweep_configs(label):
@@ -111,26 +114,13 @@ def sweep(fla_fn):
     return {k: {"ms": v[0], **v[1]} for k, v in best.items()}
 
 
-def with_tune(cfg, fn):
-    """Time fn under launch parameters cfg (None: the shipped heuristic)."""
-    chunk_mod.TUNE.clear()
-    if cfg:
-        chunk_mod.TUNE.update({k: v for k, v in cfg.items() if k != "ms"})
-    try:
-        return fn()
-    finally:
-        chunk_mod.TUNE.clear()
-
-
-def forward(fla_fn, lengths, copy_tbps, tuned=None, check_from=2**20):
+def forward(fla_fn, lengths, copy_tbps, check_from=2**20):
     decay = sala_decay(H)
     for T in lengths:
         q, k, v = (rand(1, T, H, D) for _ in range(3))
         rep = 300 if T <= 32768 else 1000
         ms_ours = bench(lambda: chunk_lightning_attn(q, k, v, decay), rep)
         row = dict(what="fwd", B=1, T=T, H=H, d=D, ours_ms=ms_ours, ours_TBps=min_io_bytes(1, T) / ms_ours / 1e9)
-        if tuned:
-            row["ours_tuned_ms"] = with_tune(tuned, lambda: bench(lambda: chunk_lightning_attn(q, k, v, decay), rep))
         if T >= check_from:
             # correctness at 1M: fp32 reference on a slice of heads (fastest, middle, slowest decay), all tokens
             o, S = chunk_lightning_attn(q, k, v, decay, output_final_state=True)
@@ -158,10 +148,9 @@ def forward(fla_fn, lengths, copy_tbps, tuned=None, check_from=2**20):
         torch.cuda.empty_cache()
 
 
-def forward_backward(fla_fn, lengths, tuned=None):
+def forward_backward(fla_fn, shapes):
     decay = sala_decay(H)
-    B = 4
-    for T in lengths:
+    for B, T in shapes:
         q, k, v = (rand(B, T, H, D, requires_grad=True) for _ in range(3))
         do = rand(B, T, H, D)
 
@@ -170,8 +159,6 @@ def forward_backward(fla_fn, lengths, tuned=None):
             o.backward(do)
 
         row = dict(what="fwdbwd", B=B, T=T, H=H, d=D, ours_ms=bench(ours, 300))
-        if tuned:
-            row["ours_tuned_ms"] = with_tune(tuned, lambda: bench(ours, 300))
         if fla_fn is not None:
             def fla():
                 o, _ = fla_fn(q, k, v, g_gamma=decay)
@@ -182,6 +169,32 @@ def forward_backward(fla_fn, lengths, tuned=None):
         rec(**row)
         del q, k, v, do
         torch.cuda.empty_cache()
+
+
+def profile(fla_fn, T=32768):
+    """GPU time per kernel (torch.profiler) of one forward at B=1, T=32K: where the time goes."""
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    decay = sala_decay(H)
+    q, k, v = (rand(1, T, H, D) for _ in range(3))
+    for label, fn in (("ours", lambda: chunk_lightning_attn(q, k, v, decay)), ("fla", lambda: fla_fn(q, k, v, g_gamma=decay))):
+        if label == "fla" and fla_fn is None:
+            continue
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        with prof(activities=[ProfilerActivity.CUDA]) as p:
+            for _ in range(10):
+                fn()
+            torch.cuda.synchronize()
+        kernels = {}
+        for e in p.key_averages():
+            t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+            if t > 0 and e.count >= 10:
+                kernels[e.key[:80]] = round(t / 10, 1)
+        rec(what="profile_fwd_us_per_call", impl=label, T=T, kernels=kernels)
+    del q, k, v
+    torch.cuda.empty_cache()
 
 
 def decode(fla_step):
@@ -211,7 +224,7 @@ def decode(fla_step):
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=".")
-    ap.add_argument("--sweep", action="store_true", help="sweep launch parameters first and use the best for the rest")
+    ap.add_argument("--sweep", action="store_true", help="after the measurements, time a few launch parameters around the defaults")
     ap.add_argument("--skip-1m", action="store_true")
     ap.add_argument("--no-fla", action="store_true")
     args = ap.parse_args()
@@ -239,18 +252,15 @@ def main():
     copy_tbps = copy_bandwidth()
     rec(what="copy_bandwidth", TBps=copy_tbps)
 
-    tuned = None
-    if args.sweep:
-        tuned = sweep(fla_fn)
-        rec(what="sweep_best", **tuned)
     slug = card.replace("NVIDIA ", "").split()[0].lower()
     path = os.path.join(args.out, f"lightning-{slug}.json")
     lengths = [8192, 32768, 131072, 262144] + ([] if args.skip_1m else [1048576])
     sections = (
-        ("fwd", lambda: forward(fla_fn, lengths, copy_tbps, tuned and tuned.get("fwd_32K"))),
-        ("fwdbwd", lambda: forward_backward(fla_fn, [4096, 16384], tuned and tuned.get("fwdbwd_B4_16K"))),
+        ("fwd", lambda: forward(fla_fn, lengths, copy_tbps)),
+        ("fwdbwd", lambda: forward_backward(fla_fn, [(4, 4096), (4, 16384), (1, 32768)])),
+        ("profile", lambda: profile(fla_fn)),
         ("decode", lambda: decode(fla_step)),
-    )
+    ) + ((("sweep", lambda: rec(what="sweep_best", **sweep(fla_fn))),) if args.sweep else ())
     for name, run in sections:
         try:
             run()
@@ -260,15 +270,17 @@ def main():
         with open(path, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=1)
     print("\nwrote", path)
-    print(f"\n{'case':<16}{'T':>9}{'ours ms':>10}{'fla ms':>10}{'speedup':>9}{'ours TB/s':>11}{'tuned ms':>10}")
+    print(f"\n{'case':<16}{'T':>9}{'ours ms':>10}{'fla ms':>10}{'speedup':>9}{'ours TB/s':>11}")
     for r in results:
         if r["what"] in ("fwd", "fwdbwd"):
             print(f"{r['what'] + ' B=' + str(r['B']):<16}{r['T']:>9}{r['ours_ms']:>10.3f}{r.get('fla_ms', float('nan')):>10.3f}"
-                  f"{r.get('speedup', float('nan')):>9.2f}{r.get('ours_TBps', float('nan')):>11.2f}{r.get('ours_tuned_ms', float('nan')):>10.3f}")
+                  f"{r.get('speedup', float('nan')):>9.2f}{r.get('ours_TBps', float('nan')):>11.2f}")
         elif r["what"] == "decode_step":
             print(f"decode {r['impl']:<9}{'':>9}{r['graph_replay_one_step_ms']:>10.4f}  per step in graph {r['per_step_in_100_step_graph_us']:.2f} us")
     print(f"copy bandwidth {copy_tbps:.2f} TB/s")
     for r in results:
+        if r["what"] in ("profile_fwd_us_per_call", "sweep_best"):
+            print(r)
         if r["what"] == "error":
             print("ERROR", r)
         if "check_1m_rel_err_o" in r:

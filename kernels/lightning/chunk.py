@@ -200,17 +200,16 @@ def _chunks_per_segment(N: int, H: int, NT: int, device: torch.device) -> int:
 
     Splitting costs one more read of two inputs (pass 1) and 4 × K·V·4 bytes of state traffic per
     segment, but multiplies the programs by the number of segments: worth it when N·H alone leaves
-    most of the GPU idle (B=1 prefill). H100 sweep (notes-lightning.md): 32 chunks per segment
-    beat 8 and 16 at 8K and 32K tokens; no split was best at N·H = 128.
+    most of the GPU idle (B=1 prefill). H100 sweep (benchmarks/notes-lightning.md): 32 chunks per
+    segment beat 8 and 16 at 8K and 32K tokens (the state traffic, 4 × 64 KB per segment at d=128,
+    is 8% of the inputs at 32 chunks), and no split was best at N·H = 128.
     """
     if "CPS" in TUNE:
         return TUNE["CPS"]
     sms = _sms(device)
     if device.type != "cuda" or 2 * N * H > sms:
         return 0
-    nseg_target = triton.cdiv(4 * sms, N * H)                  # about 4 programs per SM
-    floor = 32 if N * H * triton.cdiv(NT, 32) >= sms else 8     # small problems: parallelism first
-    cps = max(floor, triton.cdiv(NT, nseg_target))
+    cps = 32 if N * H * triton.cdiv(NT, 32) >= sms else 8     # small problems: parallelism first
     return cps if NT > cps else 0
 
 

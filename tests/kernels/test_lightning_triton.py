@@ -180,9 +180,9 @@ def gpu(fn):
 
 
 @gpu
-@pytest.mark.parametrize("T,d", [(4096, 128), (3000, 64)])
-def test_gpu_bf16_forward_and_gradients(T, d):
-    B, H = 2, 8
+@pytest.mark.parametrize("B,H,T,d", [(2, 8, 4096, 128), (1, 4, 3000, 64), (4, 32, 1024, 128), (1, 32, 16384, 128)])
+def test_gpu_bf16_forward_and_gradients(B, H, T, d):
+    """Small N·H takes the split walk (segments + scan), N·H = 128 the plain one."""
     q, k, v, S0 = make(B, T, H, d, d, device="cuda", dtype=torch.bfloat16, seed=10)
     decay = sala_decay(H, "cuda")
     ref = [x.detach().float().requires_grad_() for x in (q, k, v, S0)]
