@@ -1,0 +1,146 @@
+"""Long context at scale (issue 7): a Llama-3-8B-shaped teacher against its 1:3 hybrid, same run, same card.
+
+Speed and memory do not depend on trained weights, so both models are built from a config in
+code with random weights (bf16, on the GPU) and the hybrid shares the teacher's tensors.
+For each context length: time to first token (prefill), decode ms/token over --decode tokens,
+peak GPU memory and cache bytes, through `salaconvert.bench.run.measure`. The teacher runs with
+SDPA (flash): in one pass while its activations fit (no mask needed, the fastest SDPA path),
+in chunks beyond that; an out-of-memory is recorded, not fatal. The hybrid prefills in chunks of
+--chunk tokens that share one cache.
+
+    python benchmarks/long_context.py --out $OUT [--lengths 32768,131072,262144,524288,1048576]
+Writes long_context-<card>.json and long_context-<card>.png under --out; prints a table last.
+"""
+import argparse
+import datetime
+import gc
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from salaconvert.bench.run import BenchSettings, measure
+from salaconvert.layer_selection import LayerPlan, uniform_layer_types
+from salaconvert.surgery.convert import convert
+
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=1 << 20, rope_theta=500000.0,
+                 tie_word_embeddings=False)
+# A small shape on the CPU, to check the script end to end before spending device time.
+SMOKE = dict(LLAMA3_8B, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=1024)
+ONE_PASS_TEACHER_MAX = 262144  # beyond this the teacher's one-pass activations + K/V exceed 80 GB
+
+
+def build_models(shape: dict, device: str):
+    config = LlamaConfig(**shape)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        teacher = LlamaForCausalLM(config).to(torch.bfloat16 if device == "cuda" else torch.float32).eval()
+    hybrid = convert(teacher, LayerPlan(uniform_layer_types(shape["num_hidden_layers"], "1:3")))
+    return teacher, hybrid
+
+
+def empty_cache():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run(model, length: int, chunk: int, decode: int) -> dict:
+    try:
+        row = measure(model, length, BenchSettings([length], decode, chunk))
+        row["chunk"] = chunk
+    except torch.OutOfMemoryError:
+        row = {"length": length, "error": "out of memory", "chunk": chunk}
+    empty_cache()
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--lengths", default="32768,131072,262144,524288,1048576")
+    ap.add_argument("--decode", type=int, default=128)
+    ap.add_argument("--chunk", type=int, default=65536, help="hybrid prefill chunk (and the teacher's past one pass)")
+    ap.add_argument("--teacher-chunk", type=int, default=16384)
+    ap.add_argument("--smoke", action="store_true", help="a small model on the CPU at the given (short) lengths")
+    args = ap.parse_args()
+    lengths = [int(x) for x in args.lengths.split(",")]
+    device = "cpu" if args.smoke else "cuda"
+    teacher, hybrid = build_models(SMOKE if args.smoke else LLAMA3_8B, device)
+    warm = min(4096, lengths[0])
+    run(teacher, warm, warm, 4)  # warm-up: kernels compiled, allocator primed
+    run(hybrid, warm, warm, 4)
+    rows = []
+    teacher_failed = False
+    for n in lengths:
+        t_chunk = n if n <= ONE_PASS_TEACHER_MAX else args.teacher_chunk
+        t = {"length": n, "skipped": "after out of memory"} if teacher_failed else run(teacher, n, t_chunk, args.decode)
+        teacher_failed = teacher_failed or "error" in t
+        h = run(hybrid, n, min(args.chunk, n), args.decode)
+        rows.append({"length": n, "teacher": t, "hybrid": h})
+        print(json.dumps(rows[-1]), flush=True)
+    card_name = "cpu-smoke" if args.smoke else torch.cuda.get_device_name()
+    card = card_name.replace(" ", "-")
+    report = {
+        "what": "Llama-3-8B-shaped teacher (random weights, bf16, SDPA) vs its 1:3 salaconvert hybrid",
+        "card": card_name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+        "layer_types": hybrid.config.layer_types, "decode_tokens": args.decode,
+        "cache_bytes_per_token": hybrid.config.cache_bytes_per_token(2), "rows": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"long_context-{card}.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, args.out / f"long_context-{card}.png")
+    print_table(report)
+
+
+def _get(row, key, scale=1.0):
+    return f"{row[key] * scale:.1f}" if key in row else row.get("error", row.get("skipped", "–"))
+
+
+def print_table(report):
+    print(f"{'length':>8} | {'TTFT teacher s':>14} {'TTFT hybrid s':>13} {'speedup':>7} | "
+          f"{'dec ms T':>8} {'dec ms H':>8} | {'peak GB T':>9} {'peak GB H':>9}")
+    for r in report["rows"]:
+        t, h = r["teacher"], r["hybrid"]
+        speed = f"{t['prefill_s'] / h['prefill_s']:.2f}x" if "prefill_s" in t and "prefill_s" in h else "–"
+        print(f"{r['length']:>8} | {_get(t, 'prefill_s'):>14} {_get(h, 'prefill_s'):>13} {speed:>7} | "
+              f"{_get(t, 'decode_ms_per_token'):>8} {_get(h, 'decode_ms_per_token'):>8} | "
+              f"{_get(t, 'peak_memory_bytes', 1e-9):>9} {_get(h, 'peak_memory_bytes', 1e-9):>9}")
+
+
+def plot(report, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for label in ("teacher", "hybrid"):
+        for ax, key, scale, title in zip(axes, ("prefill_s", "decode_ms_per_token", "peak_memory_bytes"),
+                                         (1, 1, 1e-9), ("time to first token (s)", "decode ms/token", "peak GPU memory (GB)")):
+            pts = [(r["length"], r[label][key] * scale) for r in report["rows"] if key in r[label]]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("context tokens")
+            ax.set_title(title)
+    axes[0].legend()
+    fig.suptitle(report["what"] + f" — {report['card']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
