@@ -13,11 +13,33 @@ from salaconvert.kernels.dispatch import use_triton
 from salaconvert.kernels.infllmv2.naive import (compress_k, naive_infllmv2_attn, naive_infllmv2_decode,
                                                 naive_infllmv2_select)
 
-try:  # the Triton path is optional: without triton every call takes the reference
-    from salaconvert.kernels.infllmv2.decode import triton_infllmv2_decode, update_compressed_cache
-    from salaconvert.kernels.infllmv2.parallel import parallel_infllmv2_attn, parallel_infllmv2_select
-except ImportError:  # pragma: no cover
-    parallel_infllmv2_attn = parallel_infllmv2_select = triton_infllmv2_decode = update_compressed_cache = None
+
+
+# The Triton modules are imported on first use, not here: @triton.jit decides between compiled and
+# interpreted kernels when a module is imported, so importing them only once a call needs them
+# lets TRITON_INTERPRET=1 be set after `import salaconvert` (as tests/kernels/conftest.py does).
+def _parallel():
+    from salaconvert.kernels.infllmv2 import parallel
+    return parallel
+
+
+def _decode():
+    from salaconvert.kernels.infllmv2 import decode
+    return decode
+
+
+def update_compressed_cache(k_cache: torch.Tensor, kc_cache: torch.Tensor, cache_seqlens: torch.Tensor, **kw) -> None:
+    """Append, in place, the compressed key completed by each sequence's newest token (see decode.py).
+
+    CUDA tensors use a graph-capturable Triton kernel; CPU tensors recompute the window in PyTorch.
+    """
+    if use_triton(k_cache):
+        return _decode().update_compressed_cache(k_cache, kc_cache, cache_seqlens, **kw)
+    ks, st = kw.get("kernel_size", 32), kw.get("stride", 16)
+    for b, L in enumerate(cache_seqlens.tolist()):
+        if L >= ks and (L - ks) % st == 0:
+            j = (L - ks) // st
+            kc_cache[b, j] = k_cache[b, j * st:j * st + ks].float().mean(0).to(kc_cache.dtype)
 
 
 def infllmv2_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
@@ -27,15 +49,15 @@ def infllmv2_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> to
     stride=16, dense_len=8192, scale=None, cu_seqlens=None. Differentiable in q, k, v.
     See naive_infllmv2_attn for the math.
     """
-    if parallel_infllmv2_attn is not None and use_triton(q):
-        return parallel_infllmv2_attn(q, k, v, **kw)
+    if use_triton(q):
+        return _parallel().parallel_infllmv2_attn(q, k, v, **kw)
     return naive_infllmv2_attn(q, k, v, **kw)
 
 
 def infllmv2_select(q: torch.Tensor, k: torch.Tensor, **kw) -> torch.Tensor:
     """Selected blocks: int32 [B, Tq, Hkv, topk], ascending, −1 padded. Same keywords as infllmv2_attn."""
-    if parallel_infllmv2_select is not None and use_triton(q):
-        return parallel_infllmv2_select(q, k, **kw)
+    if use_triton(q):
+        return _parallel().parallel_infllmv2_select(q, k, **kw)
     return naive_infllmv2_select(q, k, **kw)
 
 
@@ -47,8 +69,8 @@ def infllmv2_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     the Triton step cost O(selected tokens + compressed keys); the Triton path is graph-capturable.
     Same keywords as infllmv2_attn except cu_seqlens.
     """
-    if triton_infllmv2_decode is not None and use_triton(q):
-        return triton_infllmv2_decode(q, k_cache, v_cache, cache_seqlens, kc_cache, **kw)
+    if use_triton(q):
+        return _decode().triton_infllmv2_decode(q, k_cache, v_cache, cache_seqlens, kc_cache, **kw)
     return naive_infllmv2_decode(q, k_cache, v_cache, cache_seqlens, kc_cache, **kw)
 
 

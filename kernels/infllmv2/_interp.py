@@ -23,3 +23,28 @@ def fix_interpreter_index() -> None:
 
     patched._index_fixed = True
     interp._patch_lang_tensor = patched
+
+
+# Reductions through tl.reduce with triton.language's own combine functions. tl.sum / tl.max /
+# tl.min are @jit functions of triton.language, so they are compiled-mode objects whenever triton
+# was imported before TRITON_INTERPRET=1 was set (a test session importing transformers first), and
+# the interpreter then refuses to call them. tl.reduce is a builtin and always patched; with these
+# exact combine functions the interpreter takes its NumPy fast path (any other combine function
+# falls back to a per-element Python loop), and compiled code is the same as tl.sum / tl.max.
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def rsum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
+@triton.jit
+def rmax(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._elementwise_max)
+
+
+@triton.jit
+def rmin(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._elementwise_min)

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from salaconvert.kernels.infllmv2._interp import fix_interpreter_index
+from salaconvert.kernels.infllmv2._interp import fix_interpreter_index, rmax, rmin, rsum
+from salaconvert.kernels.infllmv2 import layout
 from salaconvert.kernels.infllmv2.layout import next_pow2
 from salaconvert.kernels.infllmv2.select import _pool_width, keys_to_blocks
 
@@ -54,7 +55,7 @@ def _dec_stats_kernel(q, kc, lens, m_buf, l_buf, scale_log2, dense_len, Hkv, str
     b_q, m_r = _load_q(q, b, h, stride_qb, G, BM, D)
     o_d = tl.arange(0, D)
     b_m = tl.full([BM], float("-inf"), tl.float32)
-    b_l = tl.zeros([BM], tl.float32)
+    b_l = tl.full([BM], 0, tl.float32)
     if (L > dense_len) & (i_s * CH < Tc):
         for j0 in range(0, CH, BC):
             o_j = i_s * CH + j0 + tl.arange(0, BC)
@@ -62,9 +63,9 @@ def _dec_stats_kernel(q, kc, lens, m_buf, l_buf, scale_log2, dense_len, Hkv, str
             p_k = kc + b.to(tl.int64) * stride_kcb + o_j.to(tl.int64)[:, None] * stride_kct + h * D + o_d[None, :]
             b_k = tl.load(p_k, mask=m_j[:, None], other=0.)
             b_s = tl.where(m_j[None, :], tl.dot(b_q, tl.trans(b_k)) * scale_log2, float("-inf"))
-            m_new = tl.maximum(b_m, tl.max(b_s, 1))
+            m_new = tl.maximum(b_m, rmax(b_s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0., m_new)
-            b_l = b_l * tl.exp2(b_m - m_safe) + tl.sum(tl.exp2(b_s - m_safe[:, None]), 1)
+            b_l = b_l * tl.exp2(b_m - m_safe) + rsum(tl.exp2(b_s - m_safe[:, None]), 1)
             b_m = m_new
     o_r = tl.arange(0, BM)
     o_buf = (i_bh * NSP + i_s) * BM + o_r
@@ -94,9 +95,9 @@ def _dec_score_kernel(q, kc, lens, m_buf, l_buf, keys, scale_log2, dense_len, Hk
         m_s = (o_s < NSP)[:, None]
         sm = tl.load(m_buf + p_s, mask=m_s, other=float("-inf"))
         sl = tl.load(l_buf + p_s, mask=m_s, other=0.)
-        b_m = tl.max(sm, 0)
+        b_m = rmax(sm, 0)
         m_safe = tl.where(b_m == float("-inf"), 0., b_m)
-        b_l = tl.sum(sl * tl.exp2(sm - m_safe[None, :]), 0)
+        b_l = rsum(sl * tl.exp2(sm - m_safe[None, :]), 0)
         inv_l = tl.where(b_l > 0, 1. / tl.where(b_l > 0, b_l, 1.), 0.)
         num = o_b * BS - KS
         lo = tl.where(num < 0, 0, tl.maximum(num, 0) // ST + 1)
@@ -108,7 +109,7 @@ def _dec_score_kernel(q, kc, lens, m_buf, l_buf, keys, scale_log2, dense_len, Hk
             b_k = tl.load(p_k, mask=ok_j[:, None], other=0.)
             b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
             b_p = tl.where(ok_j[None, :] & m_r[:, None], tl.exp2(b_s - m_safe[:, None]) * inv_l[:, None], 0.)
-            best = tl.where(ok_j, tl.maximum(best, tl.sum(b_p, 0)), best)
+            best = tl.where(ok_j, tl.maximum(best, rsum(b_p, 0)), best)
     causal = o_b <= qb
     forced = (o_b < INIT) | (o_b > qb - LOCAL)
     score = tl.where(forced, float("inf"), best)
@@ -131,8 +132,8 @@ def _dec_attn_kernel(q, k, v, lens, idx, m_buf, l_buf, acc_buf, scale_log2, dens
     b_q, m_r = _load_q(q, b, h, stride_qb, G, BM, D)
     o_d = tl.arange(0, D)
     b_m = tl.full([BM], float("-inf"), tl.float32)
-    b_l = tl.zeros([BM], tl.float32)
-    b_acc = tl.zeros([BM, D], tl.float32)
+    b_l = tl.full([BM], 0, tl.float32)
+    b_acc = tl.full([BM, D], 0, tl.float32)
     for i in range(0, SPP):
         slot = i_s * SPP + i
         blk = tl.load(idx + i_bh.to(tl.int64) * K + slot, mask=(slot < K) & (~dense), other=-1)
@@ -145,11 +146,11 @@ def _dec_attn_kernel(q, k, v, lens, idx, m_buf, l_buf, acc_buf, scale_log2, dens
             b_k = tl.load(p_k, mask=m_k[:, None], other=0.)
             b_v = tl.load(p_v, mask=m_k[:, None], other=0.)
             b_s = tl.where(m_k[None, :], tl.dot(b_q, tl.trans(b_k)) * scale_log2, float("-inf"))
-            m_new = tl.maximum(b_m, tl.max(b_s, 1))
+            m_new = tl.maximum(b_m, rmax(b_s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0., m_new)
             alpha = tl.exp2(b_m - m_safe)
             b_p = tl.exp2(b_s - m_safe[:, None])
-            b_l = b_l * alpha + tl.sum(b_p, 1)
+            b_l = b_l * alpha + rsum(b_p, 1)
             b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
             b_m = m_new
     o_r = tl.arange(0, BM)
@@ -170,8 +171,8 @@ def _dec_merge_kernel(o, m_buf, l_buf, acc_buf, Hkv, stride_ob, G: tl.constexpr,
     for s in range(0, NSP):
         b_m = tl.maximum(b_m, tl.load(m_buf + (i_bh * NSP + s) * BM + o_r))
     m_safe = tl.where(b_m == float("-inf"), 0., b_m)
-    b_l = tl.zeros([BM], tl.float32)
-    b_acc = tl.zeros([BM, D], tl.float32)
+    b_l = tl.full([BM], 0, tl.float32)
+    b_acc = tl.full([BM, D], 0, tl.float32)
     for s in range(0, NSP):
         o_buf = (i_bh * NSP + s) * BM + o_r
         w = tl.exp2(tl.load(m_buf + o_buf) - m_safe)
@@ -194,7 +195,7 @@ def _update_kc_kernel(k, kc, lens, Hkv, stride_kb, stride_kt, stride_kcb, stride
         o_t = j * ST + tl.arange(0, KS)
         o_d = tl.arange(0, D)
         b_k = tl.load(k + b.to(tl.int64) * stride_kb + o_t.to(tl.int64)[:, None] * stride_kt + h * D + o_d[None, :])
-        b_c = tl.sum(b_k.to(tl.float32), 0) / KS
+        b_c = rsum(b_k.to(tl.float32), 0) / KS
         tl.store(kc + b.to(tl.int64) * stride_kcb + j.to(tl.int64) * stride_kct + h * D + o_d, b_c.to(kc.dtype.element_ty))
 
 
@@ -240,13 +241,13 @@ def triton_infllmv2_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     NSP = (TcMAX + CH - 1) // CH
     sl2 = scale * LOG2E
     dev = q.device
-    m_buf = torch.empty(B * Hkv * NSP * BM, dtype=torch.float32, device=dev)
-    l_buf = torch.empty_like(m_buf)
+    m_buf = layout.empty(B * Hkv * NSP * BM, torch.float32, dev)
+    l_buf = layout.empty(B * Hkv * NSP * BM, torch.float32, dev)
     _dec_stats_kernel[(B * Hkv, NSP)](q, kc_cache, lens, m_buf, l_buf, sl2, dense_len, Hkv, q.stride(0),
                                       kc_cache.stride(0), kc_cache.stride(1), G=G, BM=BM, D=D, CH=CH,
                                       BC=min(CH, 64), KS=kernel_size, ST=stride, NSP=NSP)
     BNB = 64 if NBMAX >= 64 else max(16, next_pow2(NBMAX))
-    keys = torch.empty(B * Hkv, NBMAX, dtype=torch.int64, device=dev)
+    keys = layout.empty((B * Hkv, NBMAX), torch.int64, dev)
     _dec_score_kernel[(B * Hkv, triton.cdiv(NBMAX, BNB))](
         q, kc_cache, lens, m_buf, l_buf, keys, sl2, dense_len, Hkv, NBMAX, q.stride(0), kc_cache.stride(0),
         kc_cache.stride(1), G=G, BM=BM, D=D, BNB=BNB, P=_pool_width(block_size, kernel_size, stride), BS=block_size,
@@ -256,12 +257,12 @@ def triton_infllmv2_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     n_slots = max(K, min(NBMAX, (dense_len + block_size - 1) // block_size + 1))
     SPP = 8
     NSP2 = triton.cdiv(n_slots, SPP)
-    m2 = torch.empty(B * Hkv * NSP2 * BM, dtype=torch.float32, device=dev)
-    l2 = torch.empty_like(m2)
-    acc2 = torch.empty(B * Hkv * NSP2 * BM, D, dtype=torch.float32, device=dev)
+    m2 = layout.empty(B * Hkv * NSP2 * BM, torch.float32, dev)
+    l2 = layout.empty(B * Hkv * NSP2 * BM, torch.float32, dev)
+    acc2 = layout.empty((B * Hkv * NSP2 * BM, D), torch.float32, dev)
     _dec_attn_kernel[(B * Hkv, NSP2)](q, k_cache, v_cache, lens, idx, m2, l2, acc2, sl2, dense_len, Hkv, q.stride(0),
                                       k_cache.stride(0), k_cache.stride(1), K, G=G, BM=BM, D=D, BS=block_size,
                                       SPP=SPP, NSP=NSP2)
-    o = torch.empty_like(q)
+    o = layout.empty(q.shape, q.dtype, dev)
     _dec_merge_kernel[(B * Hkv,)](o, m2, l2, acc2, Hkv, o.stride(0), G=G, BM=BM, D=D, NSP=NSP2)
     return o.view(B, 1, Hq, D)

@@ -81,5 +81,16 @@ def compress_k_flat(k: torch.Tensor, seqs: Seqs, kernel_size: int, stride: int) 
     return torch.cat(out, 0).contiguous()
 
 
+def empty(shape, dtype, device) -> torch.Tensor:
+    """Every buffer a kernel must fully write comes from here, so tests can NaN-poison it."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def tile_rows() -> int:
+    """Rows (tokens × padded group heads) per query tile: 64, one wgmma-sized tile. The interpreter
+    uses the same value, so CI exercises the tile shapes the GPU runs."""
+    return 64
+
+
 def next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())

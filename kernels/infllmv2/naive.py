@@ -189,7 +189,7 @@ def _attend_chunk(qc, k, v, allowed, scale):
     return o.reshape(B, C, Hq, d)
 
 
-def _attn_one(q, k, v, cfg, scale):
+def _attn_one(q, k, v, cfg, scale, block_indices=None):
     B, Tq, Hq, d = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     bs = cfg["block_size"]
@@ -205,8 +205,11 @@ def _attn_one(q, k, v, cfg, scale):
             with torch.no_grad():
                 NB = (Tk + bs - 1) // bs
                 kc = compress_k(k, cfg["kernel_size"], cfg["stride"])
-                blk = _block_scores(qc, kc, pos, NB, cfg, scale)
-                idx = _topk_blocks(blk, torch.div(pos, bs, rounding_mode="floor"), cfg["topk"]).long()
+                if block_indices is None:
+                    blk = _block_scores(qc, kc, pos, NB, cfg, scale)
+                    idx = _topk_blocks(blk, torch.div(pos, bs, rounding_mode="floor"), cfg["topk"]).long()
+                else:
+                    idx = block_indices[:, s0:s0 + C].long()
                 sel = torch.zeros(B, qc.shape[1], Hkv, NB + 1, dtype=torch.bool, device=q.device)
                 sel.scatter_(-1, torch.where(idx < 0, NB, idx), True)
                 tok = sel[..., :NB].repeat_interleave(bs, -1)[..., :Tk]
@@ -218,7 +221,8 @@ def _attn_one(q, k, v, cfg, scale):
 def naive_infllmv2_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 64, topk: int = 96,
                         init_blocks: int = 1, local_blocks: int = 32, kernel_size: int = 32, stride: int = 16,
                         dense_len: int = 8192, scale: float | None = None,
-                        cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                        cu_seqlens: torch.Tensor | None = None,
+                        block_indices: torch.Tensor | None = None) -> torch.Tensor:
     """InfLLM-V2 attention, reference. q [B, Tq, Hq, d], k/v [B, Tk, Hkv, d] -> o [B, Tq, Hq, d].
 
     Queries are the last Tq key positions (end-aligned causal). Tk ≤ dense_len: dense causal
@@ -226,16 +230,18 @@ def naive_infllmv2_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bl
     (naive_infllmv2_select), causal inside its own block. Differentiable in q, k, v (selection is
     a discrete choice: no gradient flows through it). Computed in fp32, returned in q's dtype.
     With `cu_seqlens` (int [N+1]): B = 1, Tq = Tk, packed sequences, each treated independently
-    (the dense/sparse switch looks at each sequence's own length).
+    (the dense/sparse switch looks at each sequence's own length). `block_indices`
+    ([B, Tq, Hkv, K], −1 padded) replaces the selection on the sparse path (to test stage 2 alone).
     """
     cfg = _cfg(block_size, topk, init_blocks, local_blocks, kernel_size, stride, dense_len)
     _check(q, k, v, cfg)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if cu_seqlens is None:
-        return _attn_one(q, k, v, cfg, scale)
+        return _attn_one(q, k, v, cfg, scale, block_indices)
     _check_varlen(q, k, cu_seqlens)
     bounds = cu_seqlens.tolist()
-    return torch.cat([_attn_one(q[:, a:b], k[:, a:b], v[:, a:b], cfg, scale)
+    bi = (lambda a, b: None) if block_indices is None else (lambda a, b: block_indices[:, a:b])
+    return torch.cat([_attn_one(q[:, a:b], k[:, a:b], v[:, a:b], cfg, scale, bi(a, b))
                       for a, b in zip(bounds[:-1], bounds[1:])], 1)
 
 

@@ -19,8 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from salaconvert.kernels.infllmv2._interp import fix_interpreter_index
+from salaconvert.kernels.infllmv2._interp import fix_interpreter_index, rmax, rmin, rsum
 
+from salaconvert.kernels.infllmv2 import layout
 from salaconvert.kernels.infllmv2.layout import Seqs, compress_k_flat, make_seqs, make_tiles, next_pow2
 from salaconvert.kernels.infllmv2.select import select_blocks
 
@@ -42,11 +43,11 @@ def _attend_fwd(b_q, b_m, b_l, b_acc, k, v, i_h, ks, Tk, blk, pos, rowsel, strid
     b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
     ok = rowsel[:, None] & (o_k[None, :] <= pos[:, None])
     b_s = tl.where(ok, b_s, float("-inf"))
-    m_new = tl.maximum(b_m, tl.max(b_s, 1))
+    m_new = tl.maximum(b_m, rmax(b_s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0., m_new)
     alpha = tl.exp2(b_m - m_safe)
     b_p = tl.exp2(b_s - m_safe[:, None])
-    b_l = b_l * alpha + tl.sum(b_p, 1)
+    b_l = b_l * alpha + rsum(b_p, 1)
     b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
     return m_new, b_l, b_acc
 
@@ -76,7 +77,7 @@ def _next_block(idx, rows_t, m_t, cur, i_h, stride_it, K: tl.constexpr):
     p = idx + rows_t.to(tl.int64) * stride_it + i_h * K + cur
     vals = tl.load(p, mask=m_t & (cur < K), other=-1)
     vals = tl.where(vals < 0, 1073741824, vals)
-    return vals, tl.min(vals, 0)
+    return vals, rmin(vals, 0)
 
 
 @triton.jit
@@ -103,8 +104,8 @@ def _fwd_kernel(q, k, v, o, lse, idx, tile_n, tile_i, q_start, k_start, seq_Tq, 
     b_q = tl.load(p_q, mask=m_row[:, None], other=0.)
 
     b_m = tl.full([BM], float("-inf"), tl.float32)
-    b_l = tl.zeros([BM], tl.float32)
-    b_acc = tl.zeros([BM, D], tl.float32)
+    b_l = tl.full([BM], 0, tl.float32)
+    b_acc = tl.full([BM, D], 0, tl.float32)
     if Tk <= dense_len:
         qb_hi = (Tk - Tq + tl.minimum(i0 + BT, Tq) - 1) // BS
         for blk in range(0, qb_hi + 1):
@@ -114,7 +115,7 @@ def _fwd_kernel(q, k, v, o, lse, idx, tile_n, tile_i, q_start, k_start, seq_Tq, 
         o_t = tl.arange(0, BT)
         m_t = (i0 + o_t) < Tq
         rows_t = qs + i0 + o_t
-        cur = tl.zeros([BT], tl.int32)
+        cur = tl.full([BT], 0, tl.int32)
         vals, blk = _next_block(idx, rows_t, m_t, cur, i_h, stride_it, K)
         while blk < 1073741824:
             hit = vals == blk
@@ -158,7 +159,7 @@ def _dq_kernel(q, k, v, do, dq, lse, delta, idx, tile_n, tile_i, q_start, k_star
     o_l = (qs + tok).to(tl.int64) * Hq + i_h * G + r_g
     b_lse = tl.load(lse + o_l, mask=m_row, other=0.)
     b_delta = tl.load(delta + o_l, mask=m_row, other=0.)
-    b_dq = tl.zeros([BM, D], tl.float32)
+    b_dq = tl.full([BM, D], 0, tl.float32)
     if Tk <= dense_len:
         qb_hi = (Tk - Tq + tl.minimum(i0 + BT, Tq) - 1) // BS
         for blk in range(0, qb_hi + 1):
@@ -168,7 +169,7 @@ def _dq_kernel(q, k, v, do, dq, lse, delta, idx, tile_n, tile_i, q_start, k_star
         o_t = tl.arange(0, BT)
         m_t = (i0 + o_t) < Tq
         rows_t = qs + i0 + o_t
-        cur = tl.zeros([BT], tl.int32)
+        cur = tl.full([BT], 0, tl.int32)
         vals, blk = _next_block(idx, rows_t, m_t, cur, i_h, stride_it, K)
         while blk < 1073741824:
             hit = vals == blk
@@ -202,8 +203,8 @@ def _dkv_kernel(q, k, v, do, dk, dv, lse, delta, tok_list, seg_h, seg_n, seg_b, 
     m_k = o_k < Tk
     b_k = tl.load(k + o_kd, mask=m_k[:, None], other=0.)
     b_v = tl.load(v + o_kd, mask=m_k[:, None], other=0.)
-    b_dk = tl.zeros([BS, D], tl.float32)
-    b_dv = tl.zeros([BS, D], tl.float32)
+    b_dk = tl.full([BS, D], 0, tl.float32)
+    b_dv = tl.full([BS, D], 0, tl.float32)
     o_r = tl.arange(0, BM)
     r_t, r_g = o_r // GP, o_r % GP
     for t0 in range(lo, hi, BT):
@@ -229,7 +230,7 @@ def _dkv_kernel(q, k, v, do, dk, dv, lse, delta, tok_list, seg_h, seg_n, seg_b, 
 
 def _tile_tokens(G: int, Tq_max: int) -> tuple[int, int]:
     GP = next_pow2(G)
-    BT = max(1, 64 // GP)
+    BT = max(1, layout.tile_rows() // GP)
     BT = min(BT, max(next_pow2(Tq_max), 1))
     BT = max(BT, (16 + GP - 1) // GP)  # tl.dot needs ≥ 16 rows
     return GP, BT
@@ -302,8 +303,8 @@ class InfLLMv2Function(torch.autograd.Function):
         G = Hq // Hkv
         GP, BT = _tile_tokens(G, max(seqs.Tq_list))
         tile_n, tile_i = make_tiles(seqs, BT, q.device)
-        o = torch.empty_like(q)
-        lse = torch.empty(Nq, Hq, dtype=torch.float32, device=q.device)
+        o = layout.empty(q.shape, q.dtype, q.device)
+        lse = layout.empty((Nq, Hq), torch.float32, q.device)
         _fwd_kernel[(tile_n.numel(), Hkv)](
             q, k, v, o, lse, idx, tile_n, tile_i, seqs.q_start, seqs.k_start, seqs.Tq, seqs.Tk,
             scale * LOG2E, cfg["dense_len"], q.stride(0), k.stride(0), idx.stride(0), Hq,
@@ -322,7 +323,7 @@ class InfLLMv2Function(torch.autograd.Function):
         Hkv = k.shape[1]
         do = do.contiguous()
         delta = (o.float() * do.float()).sum(-1)
-        dq = torch.empty_like(q)
+        dq = layout.empty(q.shape, q.dtype, q.device)
         _dq_kernel[(tile_n.numel(), Hkv)](
             q, k, v, do, dq, lse, delta, idx, tile_n, tile_i, seqs.q_start, seqs.k_start, seqs.Tq, seqs.Tk,
             scale, scale * LOG2E, cfg["dense_len"], q.stride(0), k.stride(0), idx.stride(0), Hq,

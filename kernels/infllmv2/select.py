@@ -19,8 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from salaconvert.kernels.infllmv2._interp import fix_interpreter_index
+from salaconvert.kernels.infllmv2._interp import fix_interpreter_index, rmax, rmin, rsum
 
+from salaconvert.kernels.infllmv2 import layout
 from salaconvert.kernels.infllmv2.layout import Seqs, make_tiles, next_pow2
 
 fix_interpreter_index()
@@ -58,7 +59,7 @@ def _select_kernel(q, kc, keys, tile_n, tile_i, q_start, kc_start, seq_Tq, seq_T
 
     # pass 1: exact softmax normaliser of every row over its visible compressed keys
     b_m = tl.full([BM], float("-inf"), tl.float32)
-    b_l = tl.zeros([BM], tl.float32)
+    b_l = tl.full([BM], 0, tl.float32)
     for j0 in range(0, n_vis, BC):
         o_j = j0 + tl.arange(0, BC)
         p_k = kc + (kcs + o_j).to(tl.int64)[:, None] * stride_kct + i_h * D + o_d[None, :]
@@ -66,9 +67,9 @@ def _select_kernel(q, kc, keys, tile_n, tile_i, q_start, kc_start, seq_Tq, seq_T
         b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
         vis = (o_j[None, :] < Tc) & (o_j[None, :] * ST + KS - 1 <= pos[:, None])
         b_s = tl.where(vis, b_s, float("-inf"))
-        m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        m_new = tl.maximum(b_m, rmax(b_s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0., m_new)
-        b_l = b_l * tl.exp2(b_m - m_safe) + tl.sum(tl.exp2(b_s - m_safe[:, None]), 1)
+        b_l = b_l * tl.exp2(b_m - m_safe) + rsum(tl.exp2(b_s - m_safe[:, None]), 1)
         b_m = m_new
     m_safe = tl.where(b_m == float("-inf"), 0., b_m)
     inv_l = tl.where(b_l > 0, 1. / tl.where(b_l > 0, b_l, 1.), 0.)
@@ -94,7 +95,7 @@ def _select_kernel(q, kc, keys, tile_n, tile_i, q_start, kc_start, seq_Tq, seq_T
                 b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
                 vis = ok_j[None, :] & (o_j[None, :] * ST + KS - 1 <= pos[:, None]) & m_row[:, None]
                 b_p = tl.where(vis, tl.exp2(b_s - m_safe[:, None]) * inv_l[:, None], 0.)
-                b_sum = tl.sum(tl.reshape(b_p, [BT, GP, BNB]), 1)
+                b_sum = rsum(tl.reshape(b_p, [BT, GP, BNB]), 1)
                 vis_t = ok_j[None, :] & (o_j[None, :] * ST + KS - 1 <= pos_t[:, None])
                 best = tl.where(vis_t, tl.maximum(best, b_sum), best)
         causal = o_b[None, :] <= qb_t[:, None]
@@ -132,7 +133,7 @@ def select_blocks(q: torch.Tensor, kc: torch.Tensor, seqs: Seqs, *, block_size: 
     G = Hq // Hkv
     GP = next_pow2(G)
     NBMAX = max((t + block_size - 1) // block_size for t in seqs.Tk_list)
-    BT = max(1, min(64 // GP if GP <= 64 else 1, next_pow2(max(seqs.Tq_list))))
+    BT = max(1, min(layout.tile_rows() // GP, next_pow2(max(seqs.Tq_list))))
     BT = max(BT, 16 // GP if GP < 16 else 1)  # keep BT·GP ≥ 16 for tl.dot
     tile_n, tile_i = make_tiles(seqs, BT, q.device)
     K = min(topk, NBMAX)
@@ -149,7 +150,7 @@ def select_blocks(q: torch.Tensor, kc: torch.Tensor, seqs: Seqs, *, block_size: 
         c1 = min(n_tiles, c0 + tiles_per_chunk)
         r0 = tile_row[c0]
         r1 = tile_row[c1] if c1 < n_tiles else Nq
-        keys = torch.empty((r1 - r0, Hkv, NBMAX), dtype=torch.int64, device=q.device)
+        keys = layout.empty((r1 - r0, Hkv, NBMAX), torch.int64, q.device)
         _select_kernel[(c1 - c0, Hkv)](
             q, kc, keys, tile_n[c0:c1], tile_i[c0:c1], seqs.q_start, seqs.kc_start, seqs.Tq, seqs.Tk, seqs.Tc,
             scale * 1.4426950408889634, q.stride(0), kc.stride(0), keys.stride(0), NBMAX, r0,

@@ -1,0 +1,245 @@
+"""The InfLLM-V2 Triton kernels against the PyTorch reference.
+
+On CPU they run through the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py) at small
+sizes: block 16, compressed window 8 / stride 4 (so the max-pool is still 5 windows with stride
+4, as at 64/32/16), head dim 16. Every buffer the kernels must fill is NaN-poisoned first.
+`gpu` tests run the compiled kernels at real sizes (deselected by default: `pytest -m gpu` with
+TRITON_INTERPRET=0 on the device).
+
+Tolerances: fp32 on CPU, the kernels sum in another order than the reference: 1e-5 relative.
+bf16 on the GPU: q, k, v, p and dS enter the dots rounded to bf16 (~4e-3 each): 2e-2 relative.
+Selection is compared exactly on CPU (fp32 scores, ties broken by block id on both sides).
+"""
+import os
+
+import pytest
+import torch
+
+from salaconvert.kernels.infllmv2 import infllmv2_attn, infllmv2_decode, infllmv2_select, layout
+from salaconvert.kernels.infllmv2 import parallel as parallel_mod
+from salaconvert.kernels.infllmv2.decode import triton_infllmv2_decode, update_compressed_cache
+from salaconvert.kernels.infllmv2.naive import (compress_k, dense_causal_attn, naive_infllmv2_attn,
+                                                naive_infllmv2_select)
+from salaconvert.kernels.infllmv2.parallel import parallel_infllmv2_attn, parallel_infllmv2_select
+from helpers import assert_close
+
+SMALL = dict(block_size=16, kernel_size=8, stride=4, init_blocks=1, local_blocks=2)
+RTOL_FP32 = 1e-5
+RTOL_BF16 = 2e-2
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    def nan_empty(shape, dtype, device):
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        if dtype.is_floating_point:
+            return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        return torch.full(shape, torch.iinfo(dtype).max, dtype=dtype, device=device)
+    monkeypatch.setattr(layout, "empty", nan_empty)
+
+
+def _qkv(B, Tq, Tk, Hq, Hkv, d, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g, device=device, dtype=torch.float32).to(dtype)  # noqa: E731
+    return mk(B, Tq, Hq, d), mk(B, Tk, Hkv, d), mk(B, Tk, Hkv, d)
+
+
+def _grads(fn, q, k, v, do, **kw):
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    o = fn(q, k, v, **kw)
+    o.backward(do)
+    return o, q.grad, k.grad, v.grad
+
+
+def _compare_fwd_bwd(q, k, v, rtol, what, **kw):
+    do = torch.randn_like(q)
+    ours = _grads(parallel_infllmv2_attn, q, k, v, do, **kw)
+    ref = _grads(naive_infllmv2_attn, q, k, v, do, **kw)
+    for a, b, n in zip(ours, ref, ("o", "dq", "dk", "dv")):
+        assert_close(a, b, rtol=rtol, what=f"{what} {n}")
+
+
+# ---- stage 1: selection ----
+
+@pytest.mark.parametrize("G", [1, 3, 4, 16])
+def test_select_equals_reference(G):
+    q, k, _ = _qkv(2, 75, 75, 2 * G if G < 16 else G, 2 if G < 16 else 1, 16, seed=G)
+    kw = dict(topk=4, **SMALL)
+    assert torch.equal(parallel_infllmv2_select(q, k, **kw), naive_infllmv2_select(q, k, **kw))
+
+
+def test_select_ties_broken_by_lowest_block():
+    # identical key blocks give exactly equal block scores: both sides must keep the lowest ids
+    q, k, _ = _qkv(1, 90, 90, 4, 2, 16, seed=5)
+    k[:, 16:80] = k[:, 16:32].repeat(1, 4, 1, 1)
+    kw = dict(topk=4, **SMALL)
+    ours, ref = parallel_infllmv2_select(q, k, **kw), naive_infllmv2_select(q, k, **kw)
+    assert torch.equal(ours, ref)
+    assert (ours[0, -1, :, :2] == torch.tensor([0, 1])).all(), "among tied blocks the lowest ids win"
+
+
+def test_select_end_aligned_and_varlen():
+    q, k, _ = _qkv(1, 100, 100, 6, 2, 16, seed=7)
+    kw = dict(topk=5, **SMALL)
+    full = parallel_infllmv2_select(q, k, **kw)
+    assert torch.equal(parallel_infllmv2_select(q[:, -9:], k, **kw), full[:, -9:])
+    cu = torch.tensor([0, 30, 31, 100])
+    assert torch.equal(parallel_infllmv2_select(q, k, cu_seqlens=cu, **kw), naive_infllmv2_select(q, k, cu_seqlens=cu, **kw))
+
+
+# ---- stage 2: attention forward and backward ----
+
+@pytest.mark.parametrize("G", [1, 3, 4, 16])
+def test_sparse_fwd_bwd_equals_reference(G):
+    Hkv = 1 if G == 16 else 2
+    q, k, v = _qkv(2, 70, 70, G * Hkv, Hkv, 16, seed=G)  # 70: not a multiple of the block size
+    _compare_fwd_bwd(q, k, v, RTOL_FP32, f"G={G}", topk=3, dense_len=0, **SMALL)
+
+
+def test_dense_below_dense_len_fwd_bwd():
+    q, k, v = _qkv(1, 45, 45, 6, 2, 32)
+    _compare_fwd_bwd(q, k, v, RTOL_FP32, "dense", topk=3, dense_len=45, **SMALL)
+    assert_close(parallel_infllmv2_attn(q, k, v, topk=3, dense_len=45, **SMALL), dense_causal_attn(q, k, v),
+                 rtol=RTOL_FP32, what="== dense causal")
+
+
+def test_every_block_selected_is_dense():
+    q, k, v = _qkv(1, 60, 60, 4, 2, 16, seed=3)
+    o = parallel_infllmv2_attn(q, k, v, topk=4, dense_len=0, **SMALL)  # 60 tokens = 4 blocks
+    assert_close(o, dense_causal_attn(q, k, v), rtol=RTOL_FP32, what="all blocks")
+
+
+def test_chunked_queries_are_last_rows():
+    q, k, v = _qkv(1, 80, 80, 4, 2, 16, seed=11)
+    kw = dict(topk=3, dense_len=0, **SMALL)
+    full = parallel_infllmv2_attn(q, k, v, **kw)
+    _compare_fwd_bwd(q[:, -21:], k, v, RTOL_FP32, "Tq<Tk", **kw)
+    assert_close(parallel_infllmv2_attn(q[:, -21:], k, v, **kw), full[:, -21:], rtol=RTOL_FP32, what="last rows")
+
+
+def test_varlen_equals_per_sequence():
+    q, k, v = _qkv(1, 96, 96, 6, 2, 16, seed=13)
+    cu = torch.tensor([0, 17, 60, 96])  # the first sequence stays dense (≤ dense_len), the others go sparse
+    kw = dict(topk=3, dense_len=20, **SMALL)
+    _compare_fwd_bwd(q, k, v, RTOL_FP32, "varlen", cu_seqlens=cu, **kw)
+    o = parallel_infllmv2_attn(q, k, v, cu_seqlens=cu, **kw)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        assert_close(o[:, a:b], parallel_infllmv2_attn(q[:, a:b], k[:, a:b], v[:, a:b], **kw), rtol=RTOL_FP32,
+                     what=f"seq {a}:{b}")
+
+
+def test_fp16_runs_in_the_interpreter():
+    q, k, v = _qkv(1, 40, 40, 4, 2, 16, dtype=torch.float16)
+    kw = dict(topk=3, dense_len=0, **SMALL)
+    o = parallel_infllmv2_attn(q, k, v, **kw)
+    ref = naive_infllmv2_attn(q.float(), k.float(), v.float(), block_indices=infllmv2_select(q.float(), k.float(), **kw),
+                              **kw)
+    assert o.dtype == torch.float16
+    assert_close(o, ref, rtol=RTOL_BF16, what="fp16")
+
+
+# ---- decode ----
+
+@pytest.mark.parametrize("G,dense_len", [(1, 0), (3, 0), (16, 0), (4, 64)])
+def test_decode_equals_last_row_of_prefill(G, dense_len):
+    Hkv = 1 if G == 16 else 2
+    B, Tmax = 2, 120
+    q, k, v = _qkv(B, Tmax, Tmax, G * Hkv, Hkv, 16, seed=G)
+    kw = dict(topk=3, dense_len=dense_len, **SMALL)
+    kc = torch.zeros(B, (Tmax - 8) // 4 + 1, Hkv, 16)
+    lens = torch.tensor([100, 57], dtype=torch.int32)
+    for L in range(1, Tmax + 1):  # the cache grows one token at a time
+        update_compressed_cache(k, kc, torch.full((B,), L, dtype=torch.int32), kernel_size=8, stride=4)
+    assert_close(kc, compress_k(k, 8, 4), rtol=1e-6, what="incremental compressed keys")
+    qd = torch.stack([q[b, L - 1] for b, L in enumerate(lens.tolist())])[:, None]
+    o = triton_infllmv2_decode(qd, k, v, lens, kc, **kw)
+    for b, L in enumerate(lens.tolist()):
+        last = parallel_infllmv2_attn(q[b:b + 1, :L], k[b:b + 1, :L], v[b:b + 1, :L], **kw)[:, -1:]
+        assert_close(o[b:b + 1], last, rtol=RTOL_FP32, what=f"decode b={b}")
+
+
+def test_public_dispatch_reaches_triton(monkeypatch):
+    monkeypatch.setenv("SALACONVERT_KERNELS", "triton")
+    calls = []
+    real = parallel_mod.InfLLMv2Function.apply
+    monkeypatch.setattr(parallel_mod.InfLLMv2Function, "apply", lambda *a: calls.append(1) or real(*a))
+    q, k, v = _qkv(1, 40, 40, 4, 2, 16)
+    kw = dict(topk=3, dense_len=0, **SMALL)
+    assert_close(infllmv2_attn(q, k, v, **kw), naive_infllmv2_attn(q, k, v, **kw), rtol=RTOL_FP32, what="dispatch")
+    assert calls, "infllmv2_attn did not reach the Triton path"
+    lens = torch.tensor([40], dtype=torch.int32)
+    assert_close(infllmv2_decode(q[:, -1:], k, v, lens, **kw), naive_infllmv2_attn(q, k, v, **kw)[:, -1:],
+                 rtol=RTOL_FP32, what="decode dispatch")
+
+
+# ---- GPU: compiled kernels at real sizes ----
+
+@pytest.fixture
+def cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.fail("GPU tests compile the kernels: run them as TRITON_INTERPRET=0 pytest -m gpu")
+
+
+def gpu(fn):
+    return pytest.mark.gpu(pytest.mark.usefixtures("cuda")(fn))
+
+
+@gpu
+@pytest.mark.parametrize("Hq,Hkv,d,dtype", [(32, 2, 128, torch.bfloat16), (12, 4, 64, torch.float16),
+                                            (8, 8, 128, torch.float32)])
+def test_gpu_fwd_bwd(Hq, Hkv, d, dtype):
+    T = 5000
+    kw = dict(topk=16, local_blocks=4, dense_len=1024)
+    q, k, v = _qkv(1, T, T, Hq, Hkv, d, dtype=dtype, device="cuda")
+    idx = infllmv2_select(q, k, **kw)
+    ref_idx = naive_infllmv2_select(q.float(), k.float(), **kw)
+    agree = (torch.sort(idx, -1).values == torch.sort(ref_idx, -1).values).all(-1).float().mean().item()
+    assert agree > 0.97, f"selection agrees with the fp32 reference on {agree:.3f} of rows"
+    do = torch.randn_like(q)
+    ours = _grads(parallel_infllmv2_attn, q, k, v, do, **kw)
+    ref = _grads(naive_infllmv2_attn, q.float(), k.float(), v.float(), do.float(), block_indices=idx, **kw)
+    for a, b, n in zip(ours, ref, ("o", "dq", "dk", "dv")):
+        assert_close(a, b, rtol=RTOL_BF16, what=f"{dtype} {n}")
+
+
+@gpu
+def test_gpu_varlen_and_decode_graph():
+    kw = dict(topk=16, local_blocks=4, dense_len=1500)
+    q, k, v = _qkv(1, 6000, 6000, 16, 2, 128, dtype=torch.bfloat16, device="cuda")
+    cu = torch.tensor([0, 1000, 4100, 6000], device="cuda")
+    o = infllmv2_attn(q, k, v, cu_seqlens=cu, **kw)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        assert_close(o[:, a:b], infllmv2_attn(q[:, a:b], k[:, a:b], v[:, a:b], **kw), rtol=1e-3, what="varlen")
+    # decode captured in a CUDA graph, replayed as the cache grows, == the prefill's last rows
+    Tmax = 6000
+    kc = compress_k(k, 32, 16).to(k.dtype).contiguous()
+    lens = torch.tensor([4000], dtype=torch.int32, device="cuda")
+    qd = q[:, 3999:4000].clone()
+    triton_infllmv2_decode(qd, k, v, lens, kc, **kw)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        od = triton_infllmv2_decode(qd, k, v, lens, kc, **kw)
+    for L in (4000, 4500, 5999):
+        lens.fill_(L)
+        qd.copy_(q[:, L - 1:L])
+        graph.replay()
+        ref = infllmv2_attn(q[:, :L], k[:, :L], v[:, :L], **kw)[:, -1:]
+        assert_close(od, ref, rtol=1e-2, what=f"graph decode L={L}")
+    assert Tmax == k.shape[1]
+
+
+@gpu
+def test_gpu_64bit_offsets():
+    # q holds more than 2^31 elements: the last rows must still be right
+    T, Hq, Hkv, d = 540_000, 32, 2, 128
+    kw = dict(topk=8, local_blocks=2)
+    q, k, v = _qkv(1, T, T, Hq, Hkv, d, dtype=torch.bfloat16, device="cuda")
+    assert q.numel() > 2 ** 31
+    with torch.no_grad():
+        o = infllmv2_attn(q, k, v, **kw)
+        tail = 8
+        idx = infllmv2_select(q[:, -tail:], k, **kw)
+        ref = naive_infllmv2_attn(q[:, -tail:].float(), k.float(), v.float(), block_indices=idx, **kw)
+    assert_close(o[:, -tail:], ref, rtol=RTOL_BF16, what="tail rows past 2^31 elements")
