@@ -61,7 +61,7 @@ def _dec_stats_kernel(q, kc, lens, m_buf, l_buf, scale_log2, dense_len, Hkv, str
             o_j = i_s * CH + j0 + tl.arange(0, BC)
             m_j = o_j < Tc
             p_k = kc + b.to(tl.int64) * stride_kcb + o_j.to(tl.int64)[:, None] * stride_kct + h * D + o_d[None, :]
-            b_k = tl.load(p_k, mask=m_j[:, None], other=0.)
+            b_k = tl.load(p_k, mask=m_j[:, None], other=0.).to(b_q.dtype)
             b_s = tl.where(m_j[None, :], tl.dot(b_q, tl.trans(b_k)) * scale_log2, float("-inf"))
             m_new = tl.maximum(b_m, rmax(b_s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0., m_new)
@@ -106,7 +106,7 @@ def _dec_score_kernel(q, kc, lens, m_buf, l_buf, keys, scale_log2, dense_len, Hk
             o_j = lo + p
             ok_j = (o_j <= hi) & (o_j < Tc)
             p_k = kc + b.to(tl.int64) * stride_kcb + o_j.to(tl.int64)[:, None] * stride_kct + h * D + o_d[None, :]
-            b_k = tl.load(p_k, mask=ok_j[:, None], other=0.)
+            b_k = tl.load(p_k, mask=ok_j[:, None], other=0.).to(b_q.dtype)
             b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
             b_p = tl.where(ok_j[None, :] & m_r[:, None], tl.exp2(b_s - m_safe[:, None]) * inv_l[:, None], 0.)
             best = tl.where(ok_j, tl.maximum(best, rsum(b_p, 0)), best)
@@ -218,8 +218,9 @@ def triton_infllmv2_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            dense_len: int = 8192, scale: float | None = None) -> torch.Tensor:
     """One decode step. q [B, 1, Hq, d]; k/v_cache [B, Tmax, Hkv, d]; cache_seqlens int32 [B] -> o [B, 1, Hq, d].
 
-    kc_cache [B, ≥Tc(Tmax), Hkv, d]: compressed keys kept up to date with update_compressed_cache
-    (computed from k_cache here when None, which costs a pass over the whole cache).
+    kc_cache [B, ≥Tc(L), Hkv, d] (any float dtype; rounded to q's dtype in the kernel): compressed
+    keys kept up to date with update_compressed_cache (computed from k_cache here when None, which
+    costs a pass over the whole cache). For CUDA-graph capture pass the full-capacity buffers.
     """
     B, one, Hq, D = q.shape
     assert one == 1, "decode takes one query token per sequence"

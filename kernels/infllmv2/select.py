@@ -63,7 +63,7 @@ def _select_kernel(q, kc, keys, tile_n, tile_i, q_start, kc_start, seq_Tq, seq_T
     for j0 in range(0, n_vis, BC):
         o_j = j0 + tl.arange(0, BC)
         p_k = kc + (kcs + o_j).to(tl.int64)[:, None] * stride_kct + i_h * D + o_d[None, :]
-        b_k = tl.load(p_k, mask=(o_j < Tc)[:, None], other=0.)
+        b_k = tl.load(p_k, mask=(o_j < Tc)[:, None], other=0.).to(b_q.dtype)
         b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
         vis = (o_j[None, :] < Tc) & (o_j[None, :] * ST + KS - 1 <= pos[:, None])
         b_s = tl.where(vis, b_s, float("-inf"))
@@ -91,7 +91,7 @@ def _select_kernel(q, kc, keys, tile_n, tile_i, q_start, kc_start, seq_Tq, seq_T
                 o_j = lo + p
                 ok_j = (o_j <= hi) & (o_j < Tc)
                 p_k = kc + (kcs + o_j).to(tl.int64)[:, None] * stride_kct + i_h * D + o_d[None, :]
-                b_k = tl.load(p_k, mask=ok_j[:, None], other=0.)
+                b_k = tl.load(p_k, mask=ok_j[:, None], other=0.).to(b_q.dtype)
                 b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
                 vis = ok_j[None, :] & (o_j[None, :] * ST + KS - 1 <= pos[:, None]) & m_row[:, None]
                 b_p = tl.where(vis, tl.exp2(b_s - m_safe[:, None]) * inv_l[:, None], 0.)
