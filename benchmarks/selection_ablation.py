@@ -134,9 +134,16 @@ def main() -> None:
     print(table)
 
 
-@torch.no_grad()
 def evaluate(model, ids_NT, probe, device, batch: int = 4) -> dict:
-    """Held-out perplexity, and recall: greedy accuracy on the recalled tokens and whole-answer exact match."""
+    """Held-out perplexity, and recall: greedy accuracy on the recalled tokens and whole-answer exact match.
+
+    bf16 autocast on the GPU for every row alike, the teacher's included (the kernels' training dtype)."""
+    cuda = str(device).startswith("cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        return _evaluate(model, ids_NT, probe, device, batch)
+
+
+def _evaluate(model, ids_NT, probe, device, batch: int) -> dict:
     nll, n = 0.0, 0
     for b in ids_NT.split(batch):
         ids = b.to(device)

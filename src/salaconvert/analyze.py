@@ -43,7 +43,7 @@ def require_matplotlib():
     return plt
 
 
-def analyze_model(model: str, method: str = "kl", data: list[str] | None = None, ratio: str = "1:3", seed: int = 0,
+def analyze_model(model: str, method: str = "entropy", data: list[str] | None = None, ratio: str = "1:3", seed: int = 0,
                   first_last: bool = True, seq_len: int = 512, num_seqs: int | None = None, dtype: str = "auto",
                   device: str | None = None, options: dict | None = None, out: str | Path | None = None,
                   plot: str | Path | None = None, step=lambda what: None, progress=lambda what, done, total: None) -> dict:
@@ -151,8 +151,10 @@ def write_plot(plan: LayerPlan, path: str | Path, title: str = "layer scores") -
     ax.set_title(title, fontsize=10)
     from matplotlib.patches import Patch
 
-    ax.legend(handles=[Patch(color="tab:orange", label="sparse (softmax kept)"), Patch(color="tab:blue", label="linear")],
-              fontsize=8, loc="best")
+    handles = [Patch(color="tab:orange", label="sparse (softmax kept)"), Patch(color="tab:blue", label="linear")]
+    if plan.extra.get("first_last"):
+        handles.append(Patch(facecolor="tab:orange", edgecolor="black", hatch="//", label="first/last (always sparse)"))
+    ax.legend(handles=handles, fontsize=8, loc="best")
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)

@@ -13,8 +13,8 @@ METHODS = "halo, kl, entropy, long_range, retrieval, uniform, random"
 
 def analyze(
     model: Annotated[str, typer.Argument(help=f"The teacher: {MODEL_HELP}.", show_default=False)],
-    method: Annotated[str, typer.Option(help=f"Scorer: {METHODS}. Proxies (kl, entropy, long_range, retrieval) "
-                                             "are quick on CPU; halo aligns layers and wants a GPU.")] = "kl",
+    method: Annotated[str, typer.Option(help=f"Scorer: {METHODS}. entropy, long_range and retrieval take a few "
+                                             "minutes on a CPU, kl several; halo aligns every layer and wants a GPU.")] = "entropy",
     data: Annotated[list[Path] | None, typer.Option(help="Calibration text: .txt or .jsonl (field 'text'), optionally "
                                                          ".gz/.xz; repeatable. Default: Python's pydoc_data.topics prose.")] = None,
     ratio: Annotated[str, typer.Option(help="S:L, sparse to linear layers.")] = "1:3",
