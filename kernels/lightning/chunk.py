@@ -198,18 +198,22 @@ def _block_v(V: int, programs_per_block: int, device: torch.device) -> int:
 def _chunks_per_segment(N: int, H: int, NT: int, device: torch.device) -> int:
     """Chunks per segment for the split walk, or 0 to walk each sequence in one program.
 
-    Splitting costs one more read of two inputs (pass 1) and 4 × K·V·4 bytes of state traffic per
-    segment, but multiplies the programs by the number of segments: worth it when N·H alone leaves
-    most of the GPU idle (B=1 prefill). H100 sweep (benchmarks/notes-lightning.md): 32 chunks per
-    segment beat 8 and 16 at 8K and 32K tokens (the state traffic, 4 × 64 KB per segment at d=128,
-    is 8% of the inputs at 32 chunks), and no split was best at N·H = 128.
+    Splitting costs one more read of two inputs (pass 1), 4 × K·V·4 bytes of state traffic per
+    segment and a sequential scan over the segments, but multiplies the programs by the number of
+    segments: worth it when N·H alone leaves most of the GPU idle (B=1 prefill). H100 sweeps
+    (benchmarks/notes-lightning.md), B=1, H=32, d=128: no split was best at N·H = 128; at 8K
+    tokens 32 chunks per segment (4 segments) beat 8 and 16; at 32K 64 beat 32 and 128; at 256K
+    128 beat 32 and 64. So: about 2 programs per SM, between 32 and 128 chunks per segment.
     """
     if "CPS" in TUNE:
         return TUNE["CPS"]
     sms = _sms(device)
     if device.type != "cuda" or 2 * N * H > sms:
         return 0
-    cps = 32 if N * H * triton.cdiv(NT, 32) >= sms else 8     # small problems: parallelism first
+    ideal = triton.next_power_of_2(triton.cdiv(NT * N * H, 2 * sms))
+    cps = min(128, max(32, ideal))
+    if 2 * N * H * triton.cdiv(NT, cps) < sms:      # small problems: parallelism first
+        cps = max(8, ideal)
     return cps if NT > cps else 0
 
 
