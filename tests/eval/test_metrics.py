@@ -56,7 +56,7 @@ def test_cache_bytes_are_those_of_the_kv_tensors():
 @pytest.fixture(scope="module")
 def haystack():
     tok = tiny_tokenizer()
-    stream = token_stream([read_source("pydoc")], tok, 4096)
+    stream, _ = token_stream([read_source("pydoc")], tok, 4096)
     return tok, stream, break_token_ids(tok, stream)
 
 

@@ -55,18 +55,21 @@ def read_source(spec: str) -> TextSource:
     return TextSource(path.name, docs, held_out)
 
 
-def token_stream(sources: list[TextSource], tokenizer, n_tokens: int) -> list[int]:
-    """At least `n_tokens` token ids of the sources' documents, joined by blank lines, repeating
-    the text if there is too little of it. Tokenizes only as much text as it needs."""
+def token_stream(sources: list[TextSource], tokenizer, n_tokens: int) -> tuple[list[int], bool]:
+    """`n_tokens` token ids of the sources' documents joined by blank lines, and whether the text
+    had to be repeated to get that many (which flatters long-context perplexity: the report says
+    so). Tokenizes only as much text as it needs."""
     text = "\n\n".join(d for s in sources for d in s.documents)
     if not text.strip():
         raise InputError("--data: the held-out text is empty")
     chars = max(n_tokens * CHARS_PER_TOKEN_GUESS, 1024)
-    while True:
-        piece = text[:chars]
-        if len(piece) < chars:  # all of it: repeat
-            piece = (text + "\n\n") * (chars // (len(text) + 2) + 1)
-        ids = tokenizer(piece[:chars], add_special_tokens=False)["input_ids"]
+    encode = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    while chars < len(text):
+        ids = encode(text[:chars])
         if len(ids) >= n_tokens:
-            return ids[:n_tokens]
+            return ids[:n_tokens], False
         chars *= 2
+    ids = encode(text)
+    if len(ids) >= n_tokens:
+        return ids[:n_tokens], False
+    return encode((text + "\n\n") * (n_tokens // max(len(ids), 1) + 1))[:n_tokens], True

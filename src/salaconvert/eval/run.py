@@ -78,7 +78,7 @@ def prepare(tokenizer, settings: EvalSettings, data: list[str]) -> dict:
     need = max(settings.lengths) * 2 + 1024
     if "ppl" in settings.tasks:
         need = max(need, settings.ppl_tokens + max(settings.lengths))
-    stream = token_stream(sources, tokenizer, need)
+    stream, repeated = token_stream(sources, tokenizer, need)
     cases = []
     retrieval = [t for t in settings.tasks if t in RETRIEVAL_TASKS]
     if retrieval:
@@ -89,7 +89,8 @@ def prepare(tokenizer, settings: EvalSettings, data: list[str]) -> dict:
                     for trial in range(settings.trials):
                         cases.append(build_case(task, length, depth, trial, stream, tokenizer, breaks, settings.seed))
     return {"stream": stream, "cases": cases,
-            "data": [{"name": s.name, "documents": len(s.documents), "held_out": s.held_out} for s in sources]}
+            "data": [{"name": s.name, "documents": len(s.documents), "held_out": s.held_out} for s in sources],
+            "text_repeated": repeated}
 
 
 def evaluate_model(model, tokenizer, prepared: dict, settings: EvalSettings, step=lambda what: None) -> dict:
@@ -168,7 +169,7 @@ def run_eval(model: str, teacher: str | None = None, data: list[str] | None = No
             torch.cuda.empty_cache()
     report = {
         "model": model, "teacher": teacher, "device": _device_name(device), "dtype": dtype,
-        "data": prepared["data"], "settings": asdict(settings), "results": results,
+        "data": prepared["data"], "text_repeated": prepared["text_repeated"], "settings": asdict(settings), "results": results,
         "versions": _versions(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": time.perf_counter() - t0,
     }
