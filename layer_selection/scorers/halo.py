@@ -15,6 +15,7 @@ win on noise alone; `halo_eps` sets it absolutely.
 """
 import torch
 
+from salaconvert.errors import InputError
 from salaconvert.layer_selection.align import align_layer, record_attention_io
 from salaconvert.layer_selection.probes import recall_items
 from salaconvert.layer_selection.scorers import ScoreContext, ScoreResult, register_scorer
@@ -28,7 +29,8 @@ def halo(ctx: ScoreContext) -> ScoreResult:
     ids = ctx.calibration.ids_NT
     n_align = int(o.get("align_seqs", max(1, ids.shape[0] // 2)))
     if n_align >= ids.shape[0]:
-        raise ValueError("halo: calibration needs more sequences than align_seqs, to keep a held-out general probe")
+        raise InputError(f"halo: {ids.shape[0]} calibration sequence(s); it needs more than the {n_align} it aligns on, "
+                         "to keep a held-out general probe (raise --num-seqs)")
     steps, lr = int(o.get("halo_steps", 100)), float(o.get("halo_lr", 1e-3))
     autocast = torch.bfloat16 if ctx.device.type == "cuda" else None
 

@@ -61,6 +61,8 @@ def analyze_model(model: str, method: str = "entropy", data: list[str] | None = 
         require_matplotlib()
     if num_seqs is not None and num_seqs < 1:
         raise InputError(f"--num-seqs {num_seqs}: must be at least 1")
+    if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available on this machine")
     source = resolve_source(model)
     config = load_config(source)
     if config.model_type == "sala_hybrid":

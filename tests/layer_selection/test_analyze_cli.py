@@ -52,7 +52,7 @@ def test_help_lists_the_options():
         assert option in result.output
 
 
-@pytest.mark.parametrize("case", ["ratio", "method", "data", "out dir", "plot suffix", "model", "seq len"])
+@pytest.mark.parametrize("case", ["ratio", "method", "data", "out dir", "plot suffix", "model", "seq len", "halo seqs"])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, teacher_dir, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
@@ -65,6 +65,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, teacher_dir, t
         "plot suffix": ["--plot", work / "plan.jpg"],
         "model": ["--method", "uniform"],
         "seq len": ["--seq-len", "8"],
+        "halo seqs": ["--method", "halo", "--num-seqs", "1", "--seq-len", "96", "--plot", work / "plan.png"],  # fails mid-run
     }[case]
     model = tmp_path / "no-such-model" if case == "model" else teacher_dir
     result = _run("analyze", model, "--out", plan, *args) if case != "out dir" else _run("analyze", model, *args)
