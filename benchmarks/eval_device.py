@@ -52,8 +52,10 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=1)
     p.add_argument("--ppl-tokens", type=int, default=32768)
     args = p.parse_args()
+    from salaconvert.cli.common import quiet_transformers
     from salaconvert.eval.options import parse_floats, parse_lengths
 
+    quiet_transformers()
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     stages = args.stage.split(",")

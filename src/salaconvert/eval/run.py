@@ -183,7 +183,7 @@ def _device_name(device: str) -> str:
         return torch.cuda.get_device_name(torch.device(device))
     import platform
 
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''})"
 
 
 def _versions() -> dict:
