@@ -122,6 +122,11 @@ def forward_rows(lengths, hkv=HKV, with_nsa=True, with_16=True):
             sd = safe("sdpa_dense", sdpa_fn(q, k, v), **meta)
             ours = safe("ours_96", ours_fn(q, k, v, OURS96), **meta)
             sel = safe("ours_96_select", lambda: parallel_infllmv2_select(q, k, **OURS96), **meta)
+            if T == 131072:
+                from salaconvert.kernels.infllmv2 import select as sel_mod
+                fused, sel_mod.FUSED_TOPK = sel_mod.FUSED_TOPK, False
+                safe("ours_96_select_keys_topk_path", lambda: parallel_infllmv2_select(q, k, **OURS96), **meta)
+                sel_mod.FUSED_TOPK = fused
             idx = parallel_infllmv2_select(q, k, **OURS96)
             att = safe("ours_96_attend", ours_fn(q, k, v, OURS96, block_indices=idx), **meta)
             del idx
@@ -184,6 +189,23 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def check_fused_select():
+    """The fused top-k selection against the key + torch.topk path; fall back to the latter if it fails."""
+    from salaconvert.kernels.infllmv2 import select as sel
+    from salaconvert.kernels.infllmv2.parallel import parallel_infllmv2_select
+    q, k, _ = inputs(20000)
+    try:
+        sel.FUSED_TOPK = True
+        a = parallel_infllmv2_select(q, k, **OURS96)
+        sel.FUSED_TOPK = False
+        b = parallel_infllmv2_select(q, k, **OURS96)
+        rec(what="check_fused_select", rows_equal=(a == b).all(-1).float().mean().item())
+        sel.FUSED_TOPK = True
+    except Exception as ex:
+        sel.FUSED_TOPK = False
+        rec(what="check_fused_select", error=repr(ex)[:400], fallback="keys+torch.topk")
+
+
 def check_rows():
     """Correctness on the device at bench shapes (bf16 vs the fp32 reference on the same blocks)."""
     from salaconvert.kernels.infllmv2.decode import triton_infllmv2_decode
@@ -240,6 +262,7 @@ def main():
     fwd_T = [32768, 65536] if args.quick else [32768, 131072, 262144, 524288]
     try:
         if "check" in sections:
+            check_fused_select()
             check_rows()
         if "fwd" in sections:
             forward_rows(fwd_T)

@@ -15,11 +15,13 @@ Blocks after the query's own get the smallest int64, which marks them as never s
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from salaconvert.kernels.infllmv2._interp import fix_interpreter_index, rmax, rmin, rsum
+from salaconvert.kernels.infllmv2._interp import fix_interpreter_index, rmax, rsum, sort_rows
 
 from salaconvert.kernels.infllmv2 import layout
 from salaconvert.kernels.infllmv2.layout import Seqs, make_tiles, next_pow2
@@ -29,12 +31,9 @@ NEVER = -(2 ** 63)  # key of a block after the query's own
 
 
 @triton.jit
-def _select_kernel(q, kc, keys, tile_n, tile_i, q_start, kc_start, seq_Tq, seq_Tk, seq_Tc,
-                   scale_log2, stride_qt, stride_kct, stride_keyt, NBMAX, key_row0,
-                   G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BC: tl.constexpr,
-                   BNB: tl.constexpr, P: tl.constexpr, BS: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr,
-                   INIT: tl.constexpr, LOCAL: tl.constexpr):
-    i_tile, i_h = tl.program_id(0), tl.program_id(1)
+def _tile_queries(q, tile_n, tile_i, q_start, kc_start, seq_Tq, seq_Tk, seq_Tc, i_tile, i_h, stride_qt,
+                  G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr):
+    """The tile's query rows [BM, D] and where they sit (rows are token-major, GP heads per token)."""
     BM: tl.constexpr = BT * GP
     n = tl.load(tile_n + i_tile)
     i0 = tl.load(tile_i + i_tile)
@@ -43,21 +42,23 @@ def _select_kernel(q, kc, keys, tile_n, tile_i, q_start, kc_start, seq_Tq, seq_T
     Tq = tl.load(seq_Tq + n)
     Tk = tl.load(seq_Tk + n)
     Tc = tl.load(seq_Tc + n)
-
     o_r = tl.arange(0, BM)
     r_t, r_g = o_r // GP, o_r % GP
     tok = i0 + r_t
     m_row = (tok < Tq) & (r_g < G)
-    pos = Tk - Tq + tok
     o_d = tl.arange(0, D)
     p_q = q + (qs + tok).to(tl.int64)[:, None] * stride_qt + (i_h * G + r_g)[:, None] * D + o_d[None, :]
     b_q = tl.load(p_q, mask=m_row[:, None], other=0.)
+    return b_q, m_row, Tk - Tq + tok, i0, qs, kcs, Tq, Tk, Tc
 
-    # last position in this tile, and the compressed keys it can see
-    pos_hi = Tk - Tq + tl.minimum(i0 + BT, Tq) - 1
-    n_vis = tl.minimum(Tc, tl.maximum((pos_hi - KS) // ST + 1, 0))
 
-    # pass 1: exact softmax normaliser of every row over its visible compressed keys
+@triton.jit
+def _normaliser(b_q, kc, kcs, Tc, i_h, pos, pos_hi, stride_kct, scale_log2, BM: tl.constexpr, D: tl.constexpr,
+                BC: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr):
+    """Pass 1: each row's softmax max and 1/sum over its causally visible compressed keys."""
+    o_d = tl.arange(0, D)
+    # window j is visible at position t once j*ST + KS - 1 <= t
+    n_vis = tl.minimum(Tc, tl.where(pos_hi >= KS - 1, (tl.maximum(pos_hi, KS - 1) - KS + 1) // ST + 1, 0))
     b_m = tl.full([BM], float("-inf"), tl.float32)
     b_l = tl.full([BM], 0, tl.float32)
     for j0 in range(0, n_vis, BC):
@@ -73,40 +74,96 @@ def _select_kernel(q, kc, keys, tile_n, tile_i, q_start, kc_start, seq_Tq, seq_T
         b_m = m_new
     m_safe = tl.where(b_m == float("-inf"), 0., b_m)
     inv_l = tl.where(b_l > 0, 1. / tl.where(b_l > 0, b_l, 1.), 0.)
+    return m_safe, inv_l
 
-    # pass 2: group-summed probabilities, max-pooled into blocks, forced/causal rules, sort keys
-    o_tt = tl.arange(0, BT)
-    tok_t = i0 + o_tt
+
+@triton.jit
+def _chunk_keys(b_q, kc, kcs, Tc, i_h, b0, m_safe, inv_l, pos, m_row, pos_t, qb_t, qb_hi, stride_kct, scale_log2,
+                BT: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BNB: tl.constexpr, P: tl.constexpr,
+                BS: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr):
+    """Pass 2 for blocks [b0, b0 + BNB): int64 sort keys [BT, BNB] (module docstring)."""
+    o_d = tl.arange(0, D)
+    o_b = b0 + tl.arange(0, BNB)
+    best = tl.full([BT, BNB], float("-inf"), tl.float32)
+    if b0 <= qb_hi:
+        num = o_b * BS - KS
+        lo = tl.where(num < 0, 0, tl.maximum(num, 0) // ST + 1)
+        hi = (o_b * BS + BS + ST - 1) // ST - 1
+        for p in tl.static_range(P):
+            # the p-th compressed window overlapping each block: the max-pool, one offset at a time
+            o_j = lo + p
+            ok_j = (o_j <= hi) & (o_j < Tc)
+            p_k = kc + (kcs + o_j).to(tl.int64)[:, None] * stride_kct + i_h * D + o_d[None, :]
+            b_k = tl.load(p_k, mask=ok_j[:, None], other=0.).to(b_q.dtype)
+            b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
+            vis = ok_j[None, :] & (o_j[None, :] * ST + KS - 1 <= pos[:, None]) & m_row[:, None]
+            b_p = tl.where(vis, tl.exp2(b_s - m_safe[:, None]) * inv_l[:, None], 0.)
+            b_sum = rsum(tl.reshape(b_p, [BT, GP, BNB]), 1)  # the group's heads of each token
+            vis_t = ok_j[None, :] & (o_j[None, :] * ST + KS - 1 <= pos_t[:, None])
+            best = tl.where(vis_t, tl.maximum(best, b_sum), best)
+    causal = o_b[None, :] <= qb_t[:, None]
+    forced = (o_b[None, :] < INIT) | (o_b[None, :] > qb_t[:, None] - LOCAL)
+    score = tl.where(forced, float("inf"), best)
+    bits = score.to(tl.int32, bitcast=True)
+    key32 = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    key = (key32.to(tl.int64) << 32) | (4294967295 - o_b[None, :].to(tl.int64))
+    return tl.where(causal, key, -9223372036854775807 - 1)
+
+
+@triton.jit
+def _select_keys_kernel(q, kc, keys, tile_n, tile_i, q_start, kc_start, seq_Tq, seq_Tk, seq_Tc,
+                        scale_log2, stride_qt, stride_kct, stride_keyt, NBMAX, key_row0,
+                        G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BC: tl.constexpr,
+                        BNB: tl.constexpr, P: tl.constexpr, BS: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr,
+                        INIT: tl.constexpr, LOCAL: tl.constexpr):
+    """Writes every (token, block) sort key; torch.topk picks the blocks (keys_to_blocks)."""
+    i_tile, i_h = tl.program_id(0), tl.program_id(1)
+    b_q, m_row, pos, i0, qs, kcs, Tq, Tk, Tc = _tile_queries(q, tile_n, tile_i, q_start, kc_start, seq_Tq, seq_Tk,
+                                                             seq_Tc, i_tile, i_h, stride_qt, G, GP, BT, D)
+    pos_hi = Tk - Tq + tl.minimum(i0 + BT, Tq) - 1
+    m_safe, inv_l = _normaliser(b_q, kc, kcs, Tc, i_h, pos, pos_hi, stride_kct, scale_log2, BT * GP, D, BC, KS, ST)
+    tok_t = i0 + tl.arange(0, BT)
     pos_t = Tk - Tq + tok_t
-    qb_t = pos_t // BS
-    qb_hi = pos_hi // BS
     for b0 in range(0, NBMAX, BNB):
+        key = _chunk_keys(b_q, kc, kcs, Tc, i_h, b0, m_safe, inv_l, pos, m_row, pos_t, pos_t // BS, pos_hi // BS,
+                          stride_kct, scale_log2, BT, GP, D, BNB, P, BS, KS, ST, INIT, LOCAL)
         o_b = b0 + tl.arange(0, BNB)
-        best = tl.full([BT, BNB], float("-inf"), tl.float32)
-        if b0 <= qb_hi:
-            num = o_b * BS - KS
-            lo = tl.where(num < 0, 0, num // ST + 1)
-            hi = (o_b * BS + BS + ST - 1) // ST - 1
-            for p in tl.static_range(P):
-                o_j = lo + p
-                ok_j = (o_j <= hi) & (o_j < Tc)
-                p_k = kc + (kcs + o_j).to(tl.int64)[:, None] * stride_kct + i_h * D + o_d[None, :]
-                b_k = tl.load(p_k, mask=ok_j[:, None], other=0.).to(b_q.dtype)
-                b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
-                vis = ok_j[None, :] & (o_j[None, :] * ST + KS - 1 <= pos[:, None]) & m_row[:, None]
-                b_p = tl.where(vis, tl.exp2(b_s - m_safe[:, None]) * inv_l[:, None], 0.)
-                b_sum = rsum(tl.reshape(b_p, [BT, GP, BNB]), 1)
-                vis_t = ok_j[None, :] & (o_j[None, :] * ST + KS - 1 <= pos_t[:, None])
-                best = tl.where(vis_t, tl.maximum(best, b_sum), best)
-        causal = o_b[None, :] <= qb_t[:, None]
-        forced = (o_b[None, :] < INIT) | (o_b[None, :] > qb_t[:, None] - LOCAL)
-        score = tl.where(forced, float("inf"), best)
-        bits = score.to(tl.int32, bitcast=True)
-        key32 = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-        key = (key32.to(tl.int64) << 32) | (4294967295 - o_b[None, :].to(tl.int64))
-        key = tl.where(causal, key, -9223372036854775807 - 1)
         p_o = keys + (qs + tok_t - key_row0).to(tl.int64)[:, None] * stride_keyt + i_h * NBMAX + o_b[None, :]
         tl.store(p_o, key, mask=(tok_t < Tq)[:, None] & (o_b[None, :] < NBMAX))
+
+
+@triton.jit
+def _select_topk_kernel(q, kc, out, tile_n, tile_i, q_start, kc_start, seq_Tq, seq_Tk, seq_Tc,
+                        scale_log2, stride_qt, stride_kct, stride_ot, NBMAX, TOPK,
+                        G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BC: tl.constexpr,
+                        KP: tl.constexpr, LOG_KP: tl.constexpr, P: tl.constexpr, BS: tl.constexpr, KS: tl.constexpr,
+                        ST: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr):
+    """Fused top-k: a running best-KP list of keys per token, merged with each chunk of KP blocks
+    by a bitonic sort of the 2·KP candidates; only causal chunks are visited, nothing but the final
+    block ids reaches memory."""
+    i_tile, i_h = tl.program_id(0), tl.program_id(1)
+    b_q, m_row, pos, i0, qs, kcs, Tq, Tk, Tc = _tile_queries(q, tile_n, tile_i, q_start, kc_start, seq_Tq, seq_Tk,
+                                                             seq_Tc, i_tile, i_h, stride_qt, G, GP, BT, D)
+    pos_hi = Tk - Tq + tl.minimum(i0 + BT, Tq) - 1
+    m_safe, inv_l = _normaliser(b_q, kc, kcs, Tc, i_h, pos, pos_hi, stride_kct, scale_log2, BT * GP, D, BC, KS, ST)
+    tok_t = i0 + tl.arange(0, BT)
+    pos_t = Tk - Tq + tok_t
+    qb_hi = pos_hi // BS
+    top = tl.full([BT, KP], -9223372036854775807 - 1, tl.int64)
+    half = tl.arange(0, 2)[None, :, None]
+    for b0 in range(0, NBMAX, KP):
+        if b0 <= qb_hi:
+            key = _chunk_keys(b_q, kc, kcs, Tc, i_h, b0, m_safe, inv_l, pos, m_row, pos_t, pos_t // BS, qb_hi,
+                              stride_kct, scale_log2, BT, GP, D, KP, P, BS, KS, ST, INIT, LOCAL)
+            both = sort_rows(tl.reshape(tl.join(top, key), [BT, 2 * KP]), LOG_KP + 1, 1)
+            top = rsum(tl.reshape(both, [BT, 2, KP]) * (1 - half), 1)  # the larger half, still sorted
+    o_c = tl.arange(0, KP)[None, :]
+    ids = (4294967295 - (top & 4294967295)).to(tl.int32)
+    ids = tl.where((top == -9223372036854775807 - 1) | (o_c >= TOPK), 1073741824, ids)
+    ids = sort_rows(ids, LOG_KP, 0)
+    ids = tl.where(ids == 1073741824, -1, ids)
+    p_o = out + (qs + tok_t).to(tl.int64)[:, None] * stride_ot + i_h * TOPK + o_c
+    tl.store(p_o, ids, mask=(tok_t < Tq)[:, None] & (o_c < TOPK))
 
 
 def _pool_width(block_size: int, kernel_size: int, stride: int) -> int:
@@ -120,13 +177,19 @@ def _pool_width(block_size: int, kernel_size: int, stride: int) -> int:
     return best
 
 
+# None: fused top-k on the GPU; under the interpreter the sort network's many small ops are slow,
+# so there the key path runs unless a test asks for the fused one (test_select_fused_topk).
+FUSED_TOPK: bool | None = None
+
+
 def select_blocks(q: torch.Tensor, kc: torch.Tensor, seqs: Seqs, *, block_size: int, topk: int,
                   init_blocks: int, local_blocks: int, kernel_size: int, stride: int, scale: float,
-                  chunk_elems: int = 1 << 28) -> torch.Tensor:
+                  fused: bool | None = None, chunk_elems: int = 1 << 28) -> torch.Tensor:
     """Selected blocks of every query row. q [Nq, Hq, d], kc [sum Tc, Hkv, d] -> int32 [Nq, Hkv, topk].
 
-    Rows ascending, −1 padded; block ids relative to each sequence's first key. The int64 score
-    keys are materialised for at most `chunk_elems` (row, head, block) triples at a time.
+    Rows ascending, −1 padded; block ids relative to each sequence's first key. fused (default
+    FUSED_TOPK) keeps the top-k in registers; otherwise the int64 sort keys are materialised for
+    at most `chunk_elems` (row, head, block) triples at a time and reduced by torch.topk.
     """
     Nq, Hq, D = q.shape
     Hkv = kc.shape[1]
@@ -136,13 +199,25 @@ def select_blocks(q: torch.Tensor, kc: torch.Tensor, seqs: Seqs, *, block_size: 
     BT = max(1, min(layout.tile_rows() // GP, next_pow2(max(seqs.Tq_list))))
     BT = max(BT, 16 // GP if GP < 16 else 1)  # keep BT·GP ≥ 16 for tl.dot
     tile_n, tile_i = make_tiles(seqs, BT, q.device)
-    K = min(topk, NBMAX)
-    out = torch.full((Nq, Hkv, topk), -1, dtype=torch.int32, device=q.device)
     if kc.shape[0] == 0:
         kc = kc.new_zeros(1, Hkv, D)
-    # process whole tiles in groups so the key buffer stays bounded
-    tiles_per_chunk = max(1, chunk_elems // max(1, BT * Hkv * NBMAX))
     P = _pool_width(block_size, kernel_size, stride)
+    sl2 = scale * 1.4426950408889634
+    common = dict(G=G, GP=GP, BT=BT, D=D, BC=64, P=P, BS=block_size, KS=kernel_size, ST=stride,
+                  INIT=init_blocks, LOCAL=local_blocks)
+    if fused is None:
+        fused = FUSED_TOPK if FUSED_TOPK is not None else os.environ.get("TRITON_INTERPRET") != "1"
+    if fused:
+        KP = max(16, next_pow2(topk))
+        out = layout.empty((Nq, Hkv, topk), torch.int32, q.device)
+        _select_topk_kernel[(tile_n.numel(), Hkv)](
+            q, kc, out, tile_n, tile_i, seqs.q_start, seqs.kc_start, seqs.Tq, seqs.Tk, seqs.Tc,
+            sl2, q.stride(0), kc.stride(0), out.stride(0), NBMAX, topk, KP=KP, LOG_KP=KP.bit_length() - 1, **common)
+        return out
+    K = min(topk, NBMAX)
+    out = torch.full((Nq, Hkv, topk), -1, dtype=torch.int32, device=q.device)
+    # whole tiles in groups, so the key buffer stays bounded
+    tiles_per_chunk = max(1, chunk_elems // max(1, BT * Hkv * NBMAX))
     BNB = 64 if NBMAX >= 64 else max(16, next_pow2(NBMAX))
     tile_row = (seqs.q_start.to(tile_n.device)[tile_n.long()] + tile_i).tolist()
     n_tiles = tile_n.numel()
@@ -151,11 +226,9 @@ def select_blocks(q: torch.Tensor, kc: torch.Tensor, seqs: Seqs, *, block_size: 
         r0 = tile_row[c0]
         r1 = tile_row[c1] if c1 < n_tiles else Nq
         keys = layout.empty((r1 - r0, Hkv, NBMAX), torch.int64, q.device)
-        _select_kernel[(c1 - c0, Hkv)](
+        _select_keys_kernel[(c1 - c0, Hkv)](
             q, kc, keys, tile_n[c0:c1], tile_i[c0:c1], seqs.q_start, seqs.kc_start, seqs.Tq, seqs.Tk, seqs.Tc,
-            scale * 1.4426950408889634, q.stride(0), kc.stride(0), keys.stride(0), NBMAX, r0,
-            G=G, GP=GP, BT=BT, D=D, BC=64, BNB=BNB, P=P, BS=block_size, KS=kernel_size, ST=stride,
-            INIT=init_blocks, LOCAL=local_blocks)
+            sl2, q.stride(0), kc.stride(0), keys.stride(0), NBMAX, r0, BNB=BNB, **common)
         out[r0:r1, :, :K] = keys_to_blocks(keys, K)
     return out
 

@@ -17,6 +17,7 @@ import torch
 
 from salaconvert.kernels.infllmv2 import infllmv2_attn, infllmv2_decode, infllmv2_select, layout
 from salaconvert.kernels.infllmv2 import parallel as parallel_mod
+from salaconvert.kernels.infllmv2 import select as select_mod
 from salaconvert.kernels.infllmv2.decode import triton_infllmv2_decode, update_compressed_cache
 from salaconvert.kernels.infllmv2.naive import (compress_k, dense_causal_attn, naive_infllmv2_attn,
                                                 naive_infllmv2_select)
@@ -76,6 +77,20 @@ def test_select_ties_broken_by_lowest_block():
     ours, ref = parallel_infllmv2_select(q, k, **kw), naive_infllmv2_select(q, k, **kw)
     assert torch.equal(ours, ref)
     assert (ours[0, -1, :, :2] == torch.tensor([0, 1])).all(), "among tied blocks the lowest ids win"
+
+
+@pytest.mark.parametrize("G,T,topk", [(3, 70, 5), (16, 50, 3)])
+def test_select_fused_topk(G, T, topk):
+    # the GPU default: top-k kept in registers with a bitonic merge (the other tests take the key path)
+    Hkv = 1 if G == 16 else 2
+    q, k, _ = _qkv(1, T, T, G * Hkv, Hkv, 16, seed=T)
+    k[:, 16:48] = k[:, 16:32].repeat(1, 2, 1, 1)  # exact ties too
+    kw = dict(topk=topk, **SMALL)
+    cfg = dict(block_size=16, topk=topk, init_blocks=1, local_blocks=2, kernel_size=8, stride=4)
+    seqs = layout.make_seqs(1, T, T, None, 8, 4, "cpu")
+    kc = layout.compress_k_flat(k[0], seqs, 8, 4)
+    fused = select_mod.select_blocks(q[0], kc, seqs, scale=16 ** -0.5, fused=True, **cfg)
+    assert torch.equal(fused[None], naive_infllmv2_select(q, k, **kw))
 
 
 def test_select_end_aligned_and_varlen():
