@@ -15,6 +15,7 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import statistics
 import sys
 
@@ -246,6 +247,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="short lengths only (a smoke run)")
     ap.add_argument("--only", default="check,fwd,fwdbwd,decode,hkv8", help="comma list of sections")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))  # a timeout still writes the JSON (finally)
     name = torch.cuda.get_device_name()
     card = "h200" if "H200" in name else "h100" if "H100" in name else name.split()[-1].lower()
     import triton
