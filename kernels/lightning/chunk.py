@@ -114,7 +114,7 @@ def lightning_chunk_kernel(
             # exponent is ≥ 0 and no factor exceeds 1. ∂L/∂S_T enters the first token without a γ.
             p = tl.where(m_t, L - 1 - o_i, 0)
             pf = p.to(tl.float32)
-            sh = tl.where(c == 0, 1.0, 0.0)
+            sh = tl.where((c == 0) & (L > 0), 1.0, 0.0)
             b_dq = tl.exp(b_g * (pf + 1.0 - sh))                 # state → row: γ^(p+1)
             b_D = tl.where((p[:, None] >= p[None, :]) & m_t[:, None] & m_t[None, :],
                            tl.exp(b_g * tl.maximum(pf[:, None] - pf[None, :], 0.0)), 0.0)
@@ -142,7 +142,8 @@ def lightning_chunk_kernel(
     if STORE_HT:
         if REVERSE:
             if not STATE_ONLY:  # pass 1 stores the raw segment sum; the scan applies this
-                b_h = b_h * (tl.exp(b_g) * scale)
+                # an empty sequence leaves S_{-1} = S_T: its gradient passes through with no γ
+                b_h = b_h * (tl.where(seq_len > 0, tl.exp(b_g), 1.0) * scale)
         tl.store(ht + o_h + o_hkv, b_h, mask=m_kv)
 
 

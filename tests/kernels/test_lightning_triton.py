@@ -100,6 +100,15 @@ def test_head_dim_128():
 def test_varlen_matches_reference_and_per_sequence(with_state):
     lens = [70, 1, 130]                       # one spans chunks unevenly, one is a single token
     cu = torch.tensor([0, 70, 71, 201], dtype=torch.int32)
+    _check_varlen(lens, cu, with_state)
+
+
+def test_varlen_with_an_empty_sequence():
+    """An empty sequence returns its initial state as its final state, gradient included."""
+    _check_varlen([70, 0, 131], torch.tensor([0, 70, 70, 201], dtype=torch.int32), with_state=True)
+
+
+def _check_varlen(lens, cu, with_state):
     H, d = 3, 32
     q, k, v, S0 = make(1, sum(lens), H, d, d, N=3, with_state=with_state, seed=5)
     decay = sala_decay(H)
