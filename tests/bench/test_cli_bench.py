@@ -42,10 +42,11 @@ def test_bench_writes_json_markdown_and_plot(dirs, tmp_path):
     assert [r["length"] for r in t] == [32, 96] == [r["length"] for r in h]
     for row in t + h:
         assert row["prefill_s"] > 0 and row["decode_ms_per_token"] > 0 and row["rss_bytes"] > 0
-    # Teacher: K and V of 4 layers x 2 heads x 16 dims in float32 per token. Hybrid: K/V in its two
-    # sparse layers only, plus two fixed 4-head 16x16 float32 Lightning states.
+    # Teacher: K and V of 4 layers x 2 heads x 16 dims in float32 per token, exactly (DynamicCache).
+    # Hybrid: at least the K/V of its two sparse layers plus two fixed 4-head 16x16 float32
+    # Lightning states; its sparse cache is a growable buffer, so it may hold more (capacity).
     assert t[1]["cache_bytes"] == 96 * 4 * 2 * 2 * 16 * 4
-    assert h[1]["cache_bytes"] == 96 * 2 * 2 * 2 * 16 * 4 + 2 * 4 * 16 * 16 * 4
+    assert 96 * 2 * 2 * 2 * 16 * 4 + 2 * 4 * 16 * 16 * 4 <= h[1]["cache_bytes"] < t[1]["cache_bytes"]
     md = (tmp_path / "bench.md").read_text()
     assert "| teacher | 96 |" in md and "| hybrid | 32 |" in md
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"

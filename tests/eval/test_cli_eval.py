@@ -75,3 +75,16 @@ def test_bad_input_exits_2_with_one_line(case, dirs, tmp_path):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_a_missing_sidecar_teacher_is_a_warning_and_the_model_runs_alone(dirs, tmp_path):
+    import shutil
+
+    hybrid = tmp_path / "moved-hybrid"
+    shutil.copytree(dirs[1], hybrid)
+    (hybrid / "salaconvert.json").write_text(json.dumps({"source": {"model": str(tmp_path / "gone")}}))
+    result = _run("eval", hybrid, "--tasks", "ppl", "--lengths", "16", "--ppl-tokens", "32", "--out", tmp_path / "r")
+    assert result.exit_code == 0, result.output
+    assert "warning" in result.output and "gone" in result.output
+    report = json.loads((tmp_path / "r" / "eval.json").read_text())
+    assert report["teacher"] is None and list(report["results"]) == ["hybrid"]

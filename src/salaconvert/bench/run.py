@@ -5,7 +5,8 @@ For each length L: prefill L random token ids (seeded; speed does not depend on 
 chunks sharing one cache, then decode `decode_tokens` tokens one at a time, greedily.
   prefill_s            wall time of the whole chunked prefill (synchronized on GPU)
   decode_ms_per_token  median over the decode steps
-  cache_bytes          bytes of the actual cache tensors after prefill (K/V, Lightning states...)
+  cache_bytes          bytes of the actual cache tensors after prefill (K/V, Lightning states,
+                       compressed keys), as allocated: a growable buffer counts its whole capacity
   peak_memory_bytes    GPU: torch.cuda.max_memory_allocated over prefill + decode (weights included)
   rss_bytes            CPU: the process's resident memory after decode; peak_rss_bytes is the
                        process's peak so far (monotone over the run, so only its growth is telling)
