@@ -313,15 +313,16 @@ class LightningAttnFunction(torch.autograd.Function):
 def chunk_lightning_attn(q, k, v, decay, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
     """Lightning attention through the fused Triton kernels, differentiable in q, k, v and initial_state.
 
-    q, k: [B, T, H, K]; v: [B, T, H, V]; bf16, fp16 or fp32, all one dtype (math in fp32).
+    q, k: [B, T, H, K]; v: [B, T, H, V]; bf16, fp16 or fp32 (k and v are cast to q's dtype; the
+    dots accumulate in fp32, the state is fp32).
     decay: [H] log-decay (negative, γ = exp(decay)); scale defaults to K**-0.5.
     initial_state: [N, H, K, V] fp32 or None; cu_seqlens: [N+1] int offsets of N sequences packed
     along T (then B == 1), else N = B.
     Returns (o [B, T, H, V] in q's dtype, final_state [N, H, K, V] fp32 or None).
     """
     B, T, H, K = q.shape
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    # Mixed dtypes (say fp32 q, k after a norm and RoPE, bf16 v) run in q's dtype, o's dtype.
+    k, v = k.to(q.dtype), v.to(q.dtype)
     if cu_seqlens is not None:
         if B != 1:
             raise ValueError(f"cu_seqlens needs B == 1 (sequences packed along T), got B={B}")

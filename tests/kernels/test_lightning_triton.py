@@ -121,6 +121,15 @@ def _check_varlen(lens, cu, with_state):
         assert_close(S[n : n + 1], S_n, rtol=RTOL_FP32, what=f"final state of sequence {n}")
 
 
+def test_mixed_dtypes_run_in_q_dtype():
+    q, k, v, _ = make(1, 40, 2, 32, 32, with_state=False, seed=14)
+    with torch.no_grad():
+        o, _ = chunk_lightning_attn(q, k, v.bfloat16(), sala_decay(2))
+        o_ref, _ = naive_lightning_attn(q, k, v.bfloat16().float(), sala_decay(2))
+    assert o.dtype == torch.float32
+    assert_close(o, o_ref, rtol=RTOL_FP32, what="o")
+
+
 def test_split_with_carried_state_equals_whole():
     q, k, v, _ = make(2, 200, 3, 32, 32, with_state=False, seed=6)
     decay = sala_decay(3)
