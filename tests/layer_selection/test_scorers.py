@@ -48,6 +48,10 @@ def test_each_scorer_runs_on_a_tiny_model(method, tokenizer):
     for name, column in result.columns.items():
         assert len(column) == 6, name
     json.dumps(result.details)  # goes into plan.extra as is
+    if method == "halo":  # HALO's ratio score, from the probe values it reports
+        R, C, eps = result.details["recall_logp"], [-x for x in result.details["nll"]], result.details["eps"]
+        expected = [(max(R) - R[i]) / (max(C) - C[i] + eps) for i in range(6)]
+        assert result.scores == pytest.approx(expected) and min(result.scores) >= 0
     # Scoring must leave the teacher exactly as it was: modules, attention backend and weights.
     assert teacher.config._attn_implementation == "sdpa"
     assert all(type(layer).__name__ == "Qwen3DecoderLayer" for layer in decoder_layers(teacher))
