@@ -1,8 +1,14 @@
 """Fixtures shared by all tests. Tiny models come from tests/tiny.py, built from configs in code."""
-import pytest
-import torch
+import os
 
-from tiny import ARCHS
+# Before anything imports triton (transformers does): Triton decides between compiled and
+# interpreted kernels at import. CPU runs interpret; GPU runs pass TRITON_INTERPRET=0.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tiny import ARCHS  # noqa: E402
 
 # Tiny tensors: one thread is faster than two that wait on each other, and CI machines are small.
 torch.set_num_threads(1)
