@@ -31,6 +31,10 @@ def prepare(gguf: str, work: Path) -> None:
     if not (teacher / "config.json").exists():
         source = resolve_source(gguf)
         model = load_model(source, "bfloat16")
+        # transformers de-quantizes a GGUF on load but keeps the GGUF marker, which refuses to save.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.save_pretrained(teacher)
         load_tokenizer(source).save_pretrained(teacher)
         log(f"teacher saved to {teacher}")
@@ -66,7 +70,7 @@ def main() -> None:
         from salaconvert.bench import BenchSettings, run_bench
         from salaconvert.bench.report import markdown
 
-        report = run_bench(hybrid, teacher, BenchSettings(parse_lengths(args.bench_lengths), decode_tokens=32),
+        report = run_bench(hybrid, teacher, BenchSettings(parse_lengths(args.bench_lengths), decode_tokens=32, repeats=2),
                            out, step=log)
         print(markdown(report), flush=True)
     if "eval" in stages:

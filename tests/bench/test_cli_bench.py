@@ -33,7 +33,7 @@ def _run(*args):
 
 def test_bench_writes_json_markdown_and_plot(dirs, tmp_path):
     teacher_dir, hybrid_dir = dirs
-    result = _run("bench", hybrid_dir, "--teacher", teacher_dir, "--lengths", "32,96", "--decode-tokens", "3",
+    result = _run("bench", hybrid_dir, "--teacher", teacher_dir, "--lengths", "32,96", "--decode-tokens", "3", "--repeats", "2",
                   "--chunk", "64", "--out", tmp_path)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "bench.json").read_text())

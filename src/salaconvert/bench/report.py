@@ -40,7 +40,8 @@ def markdown(report: dict) -> str:
     lines = [f"# bench: {report['model']}" + (f" vs teacher {report['teacher']}" if report["teacher"] else ""),
              "", f"{report['device']}, {report['dtype']}, {report['date']}; chunked prefill of "
              f"{report['settings']['chunk']} tokens; {report['settings']['decode_tokens']} decode steps "
-             f"(median); CUDA graphs: {report['cuda_graphs']}.", "",
+             f"(median); the last of {report['settings'].get('repeats', 1)} run(s) per length; CUDA graphs: "
+             f"{report['cuda_graphs']}.", "",
              "| model | length | " + " | ".join(c[1] for c in cols) + " |",
              "| --- | ---: | " + " | ".join("---:" for _ in cols) + " |"]
     for label in (m for m in MODELS if m in report["results"]):

@@ -36,13 +36,14 @@ class BenchSettings:
     lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096])
     decode_tokens: int = 16
     chunk: int = DEFAULT_CHUNK
+    repeats: int = 1  # runs per length; the last is reported (earlier ones absorb Triton compiles)
     seed: int = 0
 
     def validate(self) -> "BenchSettings":
         if not self.lengths or any(n < 1 for n in self.lengths):
             raise InputError(f"--lengths: every length must be a positive token count, got {self.lengths}")
-        if self.decode_tokens < 1 or self.chunk < 1:
-            raise InputError("--decode-tokens and --chunk must be positive")
+        if self.decode_tokens < 1 or self.chunk < 1 or self.repeats < 1:
+            raise InputError("--decode-tokens, --chunk and --repeats must be positive")
         self.lengths = sorted(set(self.lengths))
         return self
 
@@ -109,7 +110,7 @@ def bench_model(model, settings: BenchSettings, step=lambda what: None) -> dict:
     """Every length on one loaded model; lengths past the first out-of-memory are skipped."""
     device = next(model.parameters()).device
     step("warm-up")
-    measure(model, min(64, settings.lengths[0]), BenchSettings([1], 2, settings.chunk, settings.seed))
+    measure(model, min(settings.chunk, settings.lengths[0]), BenchSettings([1], 2, settings.chunk, seed=settings.seed))
     rows, failed = [], None
     for n in settings.lengths:
         if failed:
@@ -117,7 +118,9 @@ def bench_model(model, settings: BenchSettings, step=lambda what: None) -> dict:
             continue
         step(f"{n} tokens")
         try:
-            rows.append(measure(model, n, settings))
+            for _ in range(settings.repeats):
+                row = measure(model, n, settings)
+            rows.append(row)
         except torch.OutOfMemoryError:
             failed = n
             rows.append({"length": n, "error": "out of memory"})

@@ -16,6 +16,7 @@ def bench(
     no_teacher: Annotated[bool, typer.Option("--no-teacher", help="Benchmark DIR alone.")] = False,
     lengths: Annotated[str, typer.Option(help="Context lengths in tokens, comma-separated (K = 1024).")] = "1K,2K,4K",
     decode_tokens: Annotated[int, typer.Option(help="Decode steps timed after each prefill.")] = 16,
+    repeats: Annotated[int, typer.Option(help="Runs per length; the last is reported (the first may include kernel compiles).")] = 1,
     chunk: Annotated[int, typer.Option(help="Prefill chunk length: longer inputs go through the model in chunks sharing one cache.")] = 4096,
     dtype: Annotated[DType, typer.Option(help="Weight dtype (auto: bfloat16 on GPU, float32 on CPU).")] = DType.auto,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1... (default: cuda when available).", show_default=False)] = None,
@@ -42,7 +43,7 @@ def bench(
         from salaconvert.eval.run import default_teacher
         from salaconvert.io.load import resolve_source
 
-        settings = BenchSettings(parse_lengths(lengths), decode_tokens, chunk).validate()
+        settings = BenchSettings(parse_lengths(lengths), decode_tokens, chunk, repeats).validate()
         if teacher is None and not no_teacher:
             teacher = sidecar_teacher(model, default_teacher, resolve_source)
         with steps("bench") as step:

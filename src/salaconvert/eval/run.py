@@ -103,7 +103,7 @@ def evaluate_model(model, tokenizer, prepared: dict, settings: EvalSettings, ste
             result["ppl"][str(length)] = perplexity(model, prepared["stream"], length, settings.ppl_tokens, settings.chunk)
     for task in (t for t in settings.tasks if t in RETRIEVAL_TASKS):
         rows = []
-        for i, case in enumerate(c for c in prepared["cases"] if c.task == task):
+        for case in (c for c in prepared["cases"] if c.task == task):
             step(f"{task} {case.length} tokens, depth {case.depth:g}")
             new = greedy(model, case.ids, case.max_new_tokens, settings.chunk)
             answer = tokenizer.decode(new, skip_special_tokens=True)
