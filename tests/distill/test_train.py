@@ -1,0 +1,83 @@
+"""Training: the debug recipe lowers both losses; stop + resume == uninterrupted; the output is a checkpoint."""
+import json
+import math
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from salaconvert.distill import distill, load_recipe
+from salaconvert.distill.losses import AttentionAlignment, chunked_kl
+from salaconvert.distill.pair import attention_modules, converted_layers
+from salaconvert.layer_selection import LayerPlan, uniform_layer_types
+from salaconvert.surgery.convert import convert
+from tiny import SMALL_SPARSE, tiny_teacher, tiny_tokenizer
+
+
+def _pair():
+    teacher = tiny_teacher("llama")
+    student = convert(teacher, LayerPlan(uniform_layer_types(4, "1:3")), sparse=SMALL_SPARSE)
+    return teacher, student, tiny_tokenizer()
+
+
+@torch.no_grad()
+def _losses(teacher, student, ids):
+    """(stage-1 attention MSE, stage-2 KL) of `student` on a fixed batch."""
+    layers = converted_layers(student)
+    align = AttentionAlignment(attention_modules(student, layers), attention_modules(teacher, layers))
+    with align.capture():
+        teacher.model(input_ids=ids, use_cache=False)
+    mse = align().item()
+    hs = student.model(input_ids=ids, use_cache=False).last_hidden_state
+    ht = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
+    return mse, chunked_kl(hs, ht, student.lm_head.weight, teacher.lm_head.weight, chunk=8).item()
+
+
+def test_debug_recipe_lowers_the_stage1_and_stage2_losses(tmp_path, text_file):
+    recipe = load_recipe("debug/tiny")
+    ids = torch.randint(3, 100, (2, 40), generator=torch.Generator().manual_seed(0))  # a fixed batch, not trained on
+    teacher, student, tok = _pair()
+    mse0, kl0 = _losses(teacher, student, ids)
+    distill(None, "tiny", [text_file], tmp_path / "s1", recipe=recipe, pair=(teacher, student, tok), stages="1")
+    mse1, kl1 = _losses(teacher, student, ids)
+    report = distill(None, "tiny", [text_file], tmp_path / "s2", recipe=recipe, pair=(teacher, student, tok), stages="2")
+    mse2, kl2 = _losses(teacher, student, ids)
+    assert mse1 < 0.5 * mse0, (mse0, mse1)  # measured 0.0031 → 0.0010
+    assert kl2 < 0.9 * kl1, (kl1, kl2)  # measured 0.0203 → 0.0169
+    assert all(math.isfinite(v) for v in report["perplexity"].values())
+
+
+def test_stop_and_resume_equals_the_uninterrupted_run(tmp_path, text_file):
+    recipe = load_recipe("debug/tiny")
+    ids = torch.randint(3, 100, (2, 40), generator=torch.Generator().manual_seed(0))
+    teacher, student, tok = _pair()
+    full = distill(None, "tiny", [text_file], tmp_path / "full", recipe=recipe, pair=(teacher, student, tok))
+    assert full["stages_done"] == [1, 2] and not full["stopped"]
+
+    # Stopped in stage 2 (after 6 + 2 steps), then resumed by a fresh "process" (a new pair).
+    first = distill(None, "tiny", [text_file], tmp_path / "resumed", recipe=recipe, pair=_pair(), stop_after=8)
+    assert first["stopped"] and first["stages_done"] == [1] and first["losses"]["2"]["steps"] == 2
+    assert not (tmp_path / "resumed").exists()  # nothing half-written at OUT
+    t2, s2, tok2 = _pair()
+    resumed = distill(None, "tiny", [text_file], tmp_path / "resumed", recipe=recipe, pair=(t2, s2, tok2), resume=True)
+    assert resumed["stages_done"] == [1, 2]
+    # fp32 on the CPU, same data and order: the acceptance bound 1e-5.
+    for key in ("1", "2"):
+        assert abs(resumed["losses"][key]["last"] - full["losses"][key]["last"]) <= 1e-5
+    a, b = dict(student.named_parameters()), dict(s2.named_parameters())
+    worst = max((a[n] - b[n]).abs().max().item() for n in a)
+    assert worst <= 1e-5, worst
+    assert resumed["tokens"] == full["tokens"]
+
+    # the output is a checkpoint like convert's, with the run's recipe, metrics and sidecar
+    out = tmp_path / "resumed"
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, s2(ids).logits, atol=1e-5)
+    sidecar = json.loads((out / "salaconvert.json").read_text())
+    assert sidecar["distillation"]["stages_done"] == [1, 2]
+    assert sidecar["distillation"]["tokens"] == {"1": 6 * 4 * 32, "2": 6 * 4 * 32}
+    assert sidecar["recipe"]["name"] == "debug/tiny"
+    assert load_recipe(str(out / "recipe.yaml")).to_dict() | {"name": "x"} == recipe.to_dict() | {"name": "x"}
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in lines] == [(1, k) for k in range(1, 7)] + [(2, k) for k in range(1, 7)]
+    assert not (tmp_path / "resumed.run" / "state").exists()  # resumable state removed once done
