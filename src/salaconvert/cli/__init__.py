@@ -2,7 +2,7 @@
 happen inside the verbs so that `--help` answers at once."""
 import typer
 
-from salaconvert.cli import analyze, bench, convert, eval, generate, info
+from salaconvert.cli import analyze, bench, convert, distill, eval, generate, info
 
 app = typer.Typer(
     name="salaconvert",
@@ -15,6 +15,7 @@ app.command("analyze")(analyze.analyze)
 app.command("convert")(convert.convert)
 app.command("generate")(generate.generate)
 app.command("info")(info.info)
+app.command("distill")(distill.distill)
 app.command("eval")(eval.eval_cmd)
 app.command("bench")(bench.bench)
 
