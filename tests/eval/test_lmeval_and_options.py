@@ -19,7 +19,7 @@ def _fake_lm_eval(monkeypatch, simple_evaluate):
     pkg = types.ModuleType("lm_eval")
     pkg.simple_evaluate = simple_evaluate
     models, hf = types.ModuleType("lm_eval.models"), types.ModuleType("lm_eval.models.huggingface")
-    hf.HFLM = lambda pretrained, tokenizer, batch_size: ("wrapped", pretrained)
+    hf.HFLM = lambda pretrained, tokenizer, batch_size, backend: ("wrapped", pretrained)
     for name, mod in (("lm_eval", pkg), ("lm_eval.models", models), ("lm_eval.models.huggingface", hf)):
         monkeypatch.setitem(sys.modules, name, mod)
     monkeypatch.setattr(lmeval, "lmeval_available", lambda: None)
@@ -47,6 +47,15 @@ def test_lmeval_without_task_data_is_skipped_not_a_crash(monkeypatch):
     _fake_lm_eval(monkeypatch, simple_evaluate)
     r = lmeval.run_lmeval(object(), object(), ["arc_easy"])
     assert r["status"] == "skipped" and "ConnectionError" in r["reason"] and "cache" in r["reason"]
+
+
+def test_lmeval_with_a_missing_dependency_names_it(monkeypatch):
+    def simple_evaluate(model, tasks, limit):
+        raise ModuleNotFoundError("No module named 'dill'", name="dill")
+
+    _fake_lm_eval(monkeypatch, simple_evaluate)
+    r = lmeval.run_lmeval(object(), object(), ["arc_easy"])
+    assert r["status"] == "skipped" and "'dill'" in r["reason"] and "salaconvert[eval]" in r["reason"]
 
 
 def test_list_options_parse_and_reject():

@@ -26,8 +26,12 @@ def run_lmeval(model, tokenizer, tasks: list[str], limit: int | None = None, bat
         import lm_eval
         from lm_eval.models.huggingface import HFLM
 
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        # backend="causal": lm-eval does not know the sala_hybrid model type and would guess (and warn).
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal")
         raw = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit)
+    except ModuleNotFoundError as e:  # lm-eval imports most of its dependencies lazily, task by task
+        return {"status": "skipped", "tasks": list(tasks),
+                "reason": f"lm-eval is installed but its dependency {e.name!r} is not (pip install 'salaconvert[eval]')"}
     # lm-eval fails in many ways when a task's data is not in the local cache (datasets' own
     # connection errors, FileNotFoundError, ValueError for unknown tasks): all mean "cannot run here".
     except Exception as e:  # noqa: BLE001
