@@ -47,7 +47,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--stage", default="prepare,bench,eval")
     p.add_argument("--gguf", default="/tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    p.add_argument("--data", default="/tmp/corpus/austen.jsonl")
+    p.add_argument("--data", nargs="+", default=[f"/tmp/corpus/{n}.jsonl" for n in ("austen", "python-docs", "linux-docs")])
     p.add_argument("--work", default="/tmp/evalwork")
     p.add_argument("--out", required=True)
     p.add_argument("--eval-lengths", default="1K,2K,4K,8K,16K,32K")
@@ -82,7 +82,7 @@ def main() -> None:
         settings = EvalSettings(tasks=["ppl", "passkey", "niah_single", "niah_multi", "lmeval"],
                                 lengths=parse_lengths(args.eval_lengths), depths=parse_floats(args.depths, "--depths"),
                                 trials=args.trials, ppl_tokens=args.ppl_tokens)
-        report = run_eval(hybrid, teacher, [args.data], settings, out, step=log)
+        report = run_eval(hybrid, teacher, args.data, settings, out, step=log)
         console = Console(file=sys.stdout, width=140)
         for t in tables(report):
             console.print(t)

@@ -67,3 +67,22 @@ def test_list_options_parse_and_reject():
             parse_lengths(bad)
     with pytest.raises(InputError, match="outside"):
         parse_floats("1.2", "--depths")
+
+
+def test_held_out_documents_are_distills_held_out_documents(tmp_path):
+    import hashlib
+    import json
+
+    from salaconvert.eval.data import heldout_fraction_of, read_source
+
+    texts = [f"document {i}: " + "word " * (i % 7 + 1) for i in range(300)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    key = lambda t: int.from_bytes(hashlib.sha1(t.encode()).digest()[:8], "big")  # noqa: E731
+    expected = {t for t in texts if key(t) < int(0.1 * 2**64)}
+    source = read_source(str(path), 0.1)
+    assert set(source.documents) == expected and 10 < len(expected) < 60
+    assert set(read_source(str(path), 0.05).documents) <= expected  # a smaller fraction: a subset
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "salaconvert.json").write_text(json.dumps({"recipe": {"data": {"heldout_fraction": 0.03}}}))
+    assert heldout_fraction_of(str(tmp_path / "ckpt")) == 0.03 and heldout_fraction_of(str(tmp_path)) is None

@@ -22,7 +22,8 @@ def eval_cmd(
     model: Annotated[str, typer.Argument(help=f"A hybrid checkpoint directory (or any MODEL: {MODEL_HELP}).", show_default=False)],
     teacher: Annotated[str | None, typer.Option(help="Evaluate this teacher beside it (default: the teacher named in DIR's salaconvert.json).", show_default=False)] = None,
     no_teacher: Annotated[bool, typer.Option("--no-teacher", help="Evaluate DIR alone.")] = False,
-    data: Annotated[list[str] | None, typer.Option(help="Held-out text: a .jsonl[.xz] corpus file (its documents i % 10 == 9), a .txt[.xz] file, or 'pydoc' (Python's pydoc_data.topics). Repeatable.", show_default="pydoc")] = None,
+    data: Annotated[list[str] | None, typer.Option(help="Text to evaluate on (its held-out documents, see --heldout-fraction): .jsonl/.txt/.parquet files (optionally .gz/.xz) or folders as distill reads them, or 'pydoc' (Python's pydoc_data.topics). Repeatable.", show_default="pydoc")] = None,
+    heldout_fraction: Annotated[float | None, typer.Option(help="Documents of --data held out for eval: those whose text's SHA-1 falls below this fraction (distill's rule). Default: DIR's distill recipe's, else 0.02.", show_default=False)] = None,
     tasks: Annotated[str, typer.Option(help="Comma-separated: ppl, passkey, niah (= niah_single,niah_multi), niah_single, niah_multi, lmeval.")] = "ppl,passkey,niah,lmeval",
     lengths: Annotated[str, typer.Option(help="Context lengths in tokens, comma-separated (K = 1024).")] = "1K,2K,4K",
     depths: Annotated[str, typer.Option(help="Needle depths in the haystack, 0 (start) to 1 (end), comma-separated.")] = "0,0.25,0.5,0.75,1",
@@ -64,7 +65,7 @@ def eval_cmd(
         settings = EvalSettings(tasks=list(dict.fromkeys(expanded)), lengths=parse_lengths(lengths),
                                 depths=parse_floats(depths, "--depths"), trials=trials, ppl_tokens=ppl_tokens,
                                 chunk=chunk, lm_tasks=parse_names(lm_tasks, "--lm-tasks"),
-                                lm_limit=lm_limit or None, seed=seed).validate()
+                                lm_limit=lm_limit or None, heldout_fraction=heldout_fraction, seed=seed).validate()
         if teacher is None and not no_teacher:
             teacher = sidecar_teacher(model, default_teacher, resolve_source)
         with steps("eval") as step:

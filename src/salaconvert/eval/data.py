@@ -1,23 +1,23 @@
 """Held-out text for `salaconvert eval`: perplexity windows and the haystack for retrieval.
 
-Sources (`--data`): `.jsonl` / `.jsonl.xz` files of `{"text": ...}` documents (the shared corpus
-format), plain `.txt` / `.txt.xz` files (one document each), or the name `pydoc` for Python's own
+Sources (`--data`): whatever `salaconvert distill` reads (`.jsonl`, `.txt`, `.parquet`, optionally
+`.gz`/`.xz`, HF dataset directories, folders of such files), or the name `pydoc` for Python's own
 `pydoc_data.topics` (~465K characters of English prose, on every machine; the default).
 
-Held-out split, fixed by document: in every JSONL file, document i (0-based, file order) is held
-out when i % 10 == 9, and only those documents are read here. Training code should leave the same
-documents out. `pydoc` and `.txt` sources are used whole: they are not part of the corpus files.
-(pydoc topics derive from the Python reference manual, which the python-docs corpus also holds, so
-pass `--data` with a corpus file for a strictly held-out number.)
+Held-out split, fixed by document, and the same rule as distillation's
+(`salaconvert.distill.data.split_documents`): a document is held out when the first 8 bytes of
+the SHA-1 of its text, as an integer, fall below `heldout_fraction` of 2^64. The fraction is the
+one in the checkpoint's distillation recipe when it has one, so a distilled hybrid is scored only
+on documents it never trained on (any smaller fraction picks a subset of those); otherwise the
+recipes' default, 0.02. `pydoc` is used whole: it is not training data (though it derives from
+the Python reference manual, which the python-docs corpus also holds).
 """
-import json
-import lzma
 from dataclasses import dataclass
 from pathlib import Path
 
 from salaconvert.errors import InputError
 
-HELD_OUT_EVERY = 10  # document i is held out when i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
+DEFAULT_HELDOUT_FRACTION = 0.02  # recipes/halo.yaml's data.heldout_fraction
 CHARS_PER_TOKEN_GUESS = 3  # low on purpose: reading too much text is cheaper than reading twice
 
 
@@ -28,31 +28,32 @@ class TextSource:
     held_out: str  # how the split was made, for the report
 
 
-def read_source(spec: str) -> TextSource:
+def read_source(spec: str, heldout_fraction: float = DEFAULT_HELDOUT_FRACTION) -> TextSource:
     """One `--data` entry as its held-out documents. Raises InputError if it cannot be read."""
     if spec == "pydoc":
         from pydoc_data.topics import topics
 
         return TextSource("pydoc", [topics[k] for k in sorted(topics)], "whole (pydoc_data.topics)")
-    path = Path(spec).expanduser()
-    if not path.is_file():
-        raise InputError(f"--data {spec}: no such file (give a .jsonl[.xz] or .txt[.xz] file, or 'pydoc')")
-    opener = lzma.open if path.suffix == ".xz" else open
-    stem = path.name.removesuffix(".xz")
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            if stem.endswith(".jsonl"):
-                docs = [json.loads(line)["text"] for i, line in enumerate(f)
-                        if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 and line.strip()]
-                held_out = f"documents i % {HELD_OUT_EVERY} == {HELD_OUT_EVERY - 1}"
-            else:
-                docs, held_out = [f.read()], "whole file"
-    except (OSError, ValueError, KeyError, lzma.LZMAError) as e:
-        raise InputError(f"--data {spec}: cannot read it ({type(e).__name__}: {str(e)[:120]})") from None
-    docs = [d for d in docs if d.strip()]
-    if not docs:
-        raise InputError(f"--data {spec}: no held-out text in it")
-    return TextSource(path.name, docs, held_out)
+    from salaconvert.distill.data import read_documents, split_documents
+
+    if not Path(spec).expanduser().exists():
+        raise InputError(f"--data {spec}: no such file or directory (or give 'pydoc')")
+    docs = read_documents([spec])
+    if heldout_fraction <= 0:
+        return TextSource(Path(spec).name, [d.text for d in docs], "whole (no split)")
+    _, held = split_documents(docs, heldout_fraction)
+    return TextSource(Path(spec).name, [d.text for d in held],
+                      f"sha1(text)[:8] < {heldout_fraction} of 2^64, as distill ({len(held)} of {len(docs)} documents)")
+
+
+def heldout_fraction_of(model_dir: str) -> float | None:
+    """The held-out fraction of the recipe a checkpoint was distilled with, if it was."""
+    from salaconvert.io.checkpoint import read_sidecar
+
+    path = Path(model_dir)
+    recipe = read_sidecar(path).get("recipe") if path.is_dir() else None
+    fraction = (recipe or {}).get("data", {}).get("heldout_fraction")
+    return float(fraction) if isinstance(fraction, (int, float)) else None
 
 
 def token_stream(sources: list[TextSource], tokenizer, n_tokens: int) -> tuple[list[int], bool]:

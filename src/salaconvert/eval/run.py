@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from salaconvert.errors import InputError
-from salaconvert.eval.data import read_source, token_stream
+from salaconvert.eval.data import DEFAULT_HELDOUT_FRACTION, heldout_fraction_of, read_source, token_stream
 from salaconvert.eval.forward import DEFAULT_CHUNK, greedy
 from salaconvert.eval.lmeval import DEFAULT_TASKS as LM_TASKS
 from salaconvert.eval.lmeval import run_lmeval
@@ -34,6 +34,7 @@ class EvalSettings:
     chunk: int = DEFAULT_CHUNK  # prefill chunk length
     lm_tasks: list[str] = field(default_factory=lambda: list(LM_TASKS))
     lm_limit: int | None = 200  # examples per lm-eval task
+    heldout_fraction: float | None = None  # None: the checkpoint's distill recipe's, else 0.02 (see data.py)
     seed: int = 0
 
     def validate(self) -> "EvalSettings":
@@ -46,6 +47,8 @@ class EvalSettings:
             raise InputError(f"--depths: every depth must be between 0 and 1, got {self.depths}")
         if self.trials < 1 or self.ppl_tokens < 2 or self.chunk < 1:
             raise InputError("--trials, --ppl-tokens and --chunk must be positive")
+        if self.heldout_fraction is not None and not 0 <= self.heldout_fraction < 1:
+            raise InputError(f"--heldout-fraction {self.heldout_fraction}: must be in [0, 1)")
         self.lengths = sorted(set(self.lengths))
         self.depths = sorted(set(self.depths))
         return self
@@ -74,7 +77,8 @@ def default_dtype(dtype: str, device: str) -> str:
 
 def prepare(tokenizer, settings: EvalSettings, data: list[str]) -> dict:
     """The held-out stream for perplexity and every retrieval case, in token ids."""
-    sources = [read_source(d) for d in data]
+    fraction = DEFAULT_HELDOUT_FRACTION if settings.heldout_fraction is None else settings.heldout_fraction
+    sources = [read_source(d, fraction) for d in data]
     need = max(settings.lengths) * 2 + 1024
     if "ppl" in settings.tasks:
         need = max(need, settings.ppl_tokens + max(settings.lengths))
@@ -146,6 +150,9 @@ def run_eval(model: str, teacher: str | None = None, data: list[str] | None = No
     t0 = time.perf_counter()
     settings = (settings or EvalSettings()).validate()
     data = list(data or ["pydoc"])
+    if settings.heldout_fraction is None:
+        recipe_fraction = heldout_fraction_of(model)
+        settings.heldout_fraction = DEFAULT_HELDOUT_FRACTION if recipe_fraction is None else recipe_fraction
     out = check_out_dir(out)
     device = default_device(device)
     dtype = default_dtype(dtype, device)
