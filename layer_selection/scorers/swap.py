@@ -11,6 +11,10 @@ The teacher is changed only inside `swapped`/`replayed` blocks and restored on t
 `kl` scores layer i by KL(teacher ‖ teacher with layer i linearised, untrained) on the calibration
 text: the damage the layer's conversion does before any distillation. It mixes "how hard is this
 layer to linearise" with "how much does this layer matter", both reasons to keep it softmax.
+Before measuring, each Lightning layer's output projection gets its closed-form least-squares
+scale against the teacher attention's output (no gradient steps, `align.py`): a fresh layer's
+output is 2–4× too large, and without this the KL would mostly measure that scale mismatch
+(`kl_rescale=False` turns it off).
 
 Shape legend: B batch, T tokens, V vocabulary.
 """
@@ -22,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from salaconvert.layer_selection.align import align_layer, record_attention_io
 from salaconvert.layer_selection.plan import FULL, LINEAR, LayerPlan
 from salaconvert.layer_selection.probes import RecallItem, recall_batch
 from salaconvert.layer_selection.scorers import ScoreContext, ScoreResult, register_scorer
@@ -178,10 +183,20 @@ def _accumulate(m: SwapMetrics, kind, ids, logp_BTV, ref_logp_BTV, batch, keep) 
 def kl(ctx: ScoreContext) -> ScoreResult:
     ctx.progress("building Lightning layers", 0, 1)
     modules = lightning_candidates(ctx.teacher, ctx.options.get("lightning"))
-    seqs = int(ctx.options.get("kl_seqs", ctx.calibration.ids_NT.shape[0]))
-    teacher, per_layer = evaluate_swaps(ctx, modules, ctx.calibration.ids_NT[:seqs], None, "KL per swapped layer")
-    scores = [per_layer[i].kl for i in range(ctx.num_layers)]
+    ids = ctx.calibration.ids_NT[: int(ctx.options.get("kl_seqs", ctx.calibration.ids_NT.shape[0]))]
+    fit = {}
+    if ctx.options.get("kl_rescale", True):
+        ctx.progress("output scales (least squares)", 0, 1)
+        rec = record_attention_io(ctx.teacher, ids, batch_size=int(ctx.options.get("batch_size", 2)))
+        for i in list(modules):
+            modules[i], fit[i] = align_layer(modules[i], rec, i, steps=0)
+        del rec
+    teacher, per_layer = evaluate_swaps(ctx, modules, ids, None, "KL per swapped layer")
+    L = ctx.num_layers
+    scores = [per_layer[i].kl for i in range(L)]
     if not all(math.isfinite(s) for s in scores):
         raise FloatingPointError("kl: non-finite KL; the model's activations overflow in this dtype (try --dtype float32)")
-    return ScoreResult(scores, {"teacher_nll": teacher.nll},
-                       {"Δloss": [per_layer[i].nll - teacher.nll for i in range(ctx.num_layers)]})
+    columns = {"Δloss": [per_layer[i].nll - teacher.nll for i in range(L)]}
+    if fit:
+        columns["rel-MSE"] = [fit[i].rel_mse_after for i in range(L)]
+    return ScoreResult(scores, {"teacher_nll": teacher.nll, "rescaled": bool(fit)}, columns)
