@@ -228,9 +228,15 @@ def _dkv_kernel(q, k, v, do, dk, dv, lse, delta, tok_list, seg_h, seg_n, seg_b, 
     tl.atomic_add(dv + o_kd, b_dv, mask=m_k[:, None])
 
 
-def _tile_tokens(G: int, Tq_max: int) -> tuple[int, int]:
+# Rows (tokens × padded group heads) of a forward / dq query tile. Every token of a tile walks the
+# union of the tile's block lists, so taller tiles fill the tensor cores better but waste rows on
+# blocks only some of their tokens picked; 16 rows = one token per tile at group size 16.
+ATTN_ROWS = 16
+
+
+def _tile_tokens(G: int, Tq_max: int, rows: int) -> tuple[int, int]:
     GP = next_pow2(G)
-    BT = max(1, layout.tile_rows() // GP)
+    BT = max(1, rows // GP)
     BT = min(BT, max(next_pow2(Tq_max), 1))
     BT = max(BT, (16 + GP - 1) // GP)  # tl.dot needs ≥ 16 rows
     return GP, BT
@@ -301,7 +307,7 @@ class InfLLMv2Function(torch.autograd.Function):
         Nq, Hq, D = q.shape
         Hkv = k.shape[1]
         G = Hq // Hkv
-        GP, BT = _tile_tokens(G, max(seqs.Tq_list))
+        GP, BT = _tile_tokens(G, max(seqs.Tq_list), ATTN_ROWS)
         tile_n, tile_i = make_tiles(seqs, BT, q.device)
         o = layout.empty(q.shape, q.dtype, q.device)
         lse = layout.empty((Nq, Hq), torch.float32, q.device)
@@ -332,10 +338,11 @@ class InfLLMv2Function(torch.autograd.Function):
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         tok_list, sh, sn, sb, slo, shi = _dkv_segments(idx, seqs, Hkv, cfg["block_size"], cfg["dense_len"], seg=256)
         if sh.numel():
+            _, BTK = _tile_tokens(G, max(seqs.Tq_list), layout.tile_rows())  # exact rows here: tall tiles
             _dkv_kernel[(sh.numel(),)](
                 q, k, v, do, dk, dv, lse, delta, tok_list, sh, sn, sb, slo, shi,
                 seqs.q_start, seqs.k_start, seqs.Tq, seqs.Tk, scale, scale * LOG2E, q.stride(0), k.stride(0), Hq,
-                G=G, GP=GP, BT=BT, D=D, BS=cfg["block_size"])
+                G=G, GP=GP, BT=BTK, D=D, BS=cfg["block_size"])
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 

@@ -15,8 +15,6 @@ Blocks after the query's own get the smallest int64, which marks them as never s
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -177,9 +175,10 @@ def _pool_width(block_size: int, kernel_size: int, stride: int) -> int:
     return best
 
 
-# None: fused top-k on the GPU; under the interpreter the sort network's many small ops are slow,
-# so there the key path runs unless a test asks for the fused one (test_select_fused_topk).
-FUSED_TOPK: bool | None = None
+# The fused top-k is exact but slower on an H100 (248 ms vs 69 ms for stage 1 at 128K, run 1 in
+# benchmarks/notes-infllmv2.md: the bitonic merge of 2·128 int64 keys per chunk costs more than
+# writing the keys and calling torch.topk), so the key path is the default; tests keep both right.
+FUSED_TOPK = False
 
 
 def select_blocks(q: torch.Tensor, kc: torch.Tensor, seqs: Seqs, *, block_size: int, topk: int,
@@ -205,9 +204,7 @@ def select_blocks(q: torch.Tensor, kc: torch.Tensor, seqs: Seqs, *, block_size: 
     sl2 = scale * 1.4426950408889634
     common = dict(G=G, GP=GP, BT=BT, D=D, BC=64, P=P, BS=block_size, KS=kernel_size, ST=stride,
                   INIT=init_blocks, LOCAL=local_blocks)
-    if fused is None:
-        fused = FUSED_TOPK if FUSED_TOPK is not None else os.environ.get("TRITON_INTERPRET") != "1"
-    if fused:
+    if FUSED_TOPK if fused is None else fused:
         KP = max(16, next_pow2(topk))
         out = layout.empty((Nq, Hkv, topk), torch.int32, q.device)
         _select_topk_kernel[(tile_n.numel(), Hkv)](
