@@ -60,3 +60,32 @@ def test_bad_input_exits_2_with_one_line(dirs, tmp_path, args):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1, result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_a_failing_length_is_recorded_and_the_others_still_run():
+    import torch
+
+    from salaconvert.bench.report import markdown
+    from salaconvert.bench.run import BenchSettings, bench_model
+    from tiny import tiny_teacher
+
+    class FailsPast64(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_teacher("llama")
+            self.config = self.inner.config
+
+        def forward(self, input_ids, past_key_values=None, **kw):
+            seen = 0 if past_key_values is None else past_key_values.get_seq_length()
+            if seen + input_ids.shape[1] > 64:
+                raise RuntimeError("kernel said no")
+            return self.inner(input_ids=input_ids, past_key_values=past_key_values, **kw)
+
+    result = bench_model(FailsPast64(), BenchSettings([16, 96, 32], decode_tokens=2, chunk=32).validate())
+    rows = {r["length"]: r for r in result["rows"]}
+    assert "kernel said no" in rows[96]["error"] and rows[16]["prefill_s"] > 0 and rows[32]["prefill_s"] > 0
+    report = {"model": "m", "teacher": None, "device": "cpu", "dtype": "float32", "date": "d",
+              "settings": {"chunk": 32, "decode_tokens": 2, "repeats": 1}, "cuda_graphs": "no",
+              "results": {"hybrid": result}, "versions": {"salaconvert": "0", "torch": "0", "transformers": "0"}}
+    md = markdown(report)
+    assert "| hybrid | 96 | failed |" in md and "kernel said no" in md

@@ -88,3 +88,32 @@ def test_a_copying_model_finds_every_needle_and_a_constant_one_none(haystack, co
 def test_answers_are_matched_on_their_digits():
     assert passed(" 12345. Remember", "12345") and passed("1 2 3 4 5", "12345")
     assert not passed("The key is 54321", "12345") and not passed("", "12345")
+
+
+def test_a_failing_length_is_recorded_and_a_passed_deadline_skips_the_rest(haystack, copy_model, tmp_path):
+    import time
+
+    from salaconvert.eval.report import tables, write_report
+
+    class FailsPast700(copy_model):
+        def forward(self, input_ids, past_key_values=None, **kw):
+            seen = 0 if past_key_values is None else past_key_values.numel()
+            if seen + input_ids.shape[1] > 700:
+                raise RuntimeError("kernel said no")
+            return super().forward(input_ids, past_key_values, **kw)
+
+    tok, _, _ = haystack
+    settings = EvalSettings(tasks=["ppl", "passkey"], lengths=[600, 900], depths=[0.5], ppl_tokens=900)
+    prepared = prepare(tok, settings, ["pydoc"])
+    r = evaluate_model(FailsPast700(128), tok, prepared, settings)
+    assert r["passkey"]["accuracy"] == [[1.0, None]] and r["passkey"]["mean"] == 1.0
+    assert "kernel said no" in r["passkey"]["cases"][1]["error"]
+    assert list(r["ppl"]) == ["600"] and any("ppl 900" in n for n in r["incomplete"])
+
+    late = evaluate_model(copy_model(128), tok, prepared, settings, deadline=time.monotonic() - 1)
+    assert late["ppl"] == {} and late["passkey"]["mean"] is None and len(late["incomplete"]) == 4
+    report = {"model": "m", "teacher": None, "device": "cpu", "data": prepared["data"], "results": {"hybrid": late},
+              "settings": {"lengths": settings.lengths}}
+    assert len(tables(report)) == 3  # perplexity, retrieval, not measured: all render
+    write_report(report, tmp_path)
+    assert (tmp_path / "eval_heatmaps.png").exists()

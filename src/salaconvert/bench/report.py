@@ -24,7 +24,7 @@ def _human_bytes(n: float) -> str:
 
 def _cell(row: dict, key: str, fmt: str | None) -> str:
     if "error" in row or "skipped" in row:
-        return row.get("error") or "skipped"
+        return "failed" if "error" in row else "skipped"
     if key not in row:
         return "–"
     return fmt.format(row[key]) if fmt else _human_bytes(row[key])
@@ -47,6 +47,11 @@ def markdown(report: dict) -> str:
     for label in (m for m in MODELS if m in report["results"]):
         for row in report["results"][label]["rows"]:
             lines.append(f"| {label} | {_short(row['length'])} | " + " | ".join(_cell(row, k, f) for k, _, f in cols) + " |")
+    notes = [f"- {label} at {_short(row['length'])}: {row.get('error') or row.get('skipped')}"
+             for label in (m for m in MODELS if m in report["results"])
+             for row in report["results"][label]["rows"] if "error" in row or "skipped" in row]
+    if notes:
+        lines += ["", "Not measured:", *notes]
     v = report["versions"]
     lines += ["", f"salaconvert {v['salaconvert']}, torch {v['torch']}, transformers {v['transformers']}."]
     return "\n".join(lines) + "\n"

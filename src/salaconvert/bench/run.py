@@ -38,12 +38,15 @@ class BenchSettings:
     chunk: int = DEFAULT_CHUNK
     repeats: int = 1  # runs per length; the last is reported (earlier ones absorb Triton compiles)
     seed: int = 0
+    time_budget_s: float | None = None  # per model: lengths not started by then are skipped
 
     def validate(self) -> "BenchSettings":
         if not self.lengths or any(n < 1 for n in self.lengths):
             raise InputError(f"--lengths: every length must be a positive token count, got {self.lengths}")
         if self.decode_tokens < 1 or self.chunk < 1 or self.repeats < 1:
             raise InputError("--decode-tokens, --chunk and --repeats must be positive")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise InputError(f"--time-budget {self.time_budget_s}: must be positive")
         self.lengths = sorted(set(self.lengths))
         return self
 
@@ -107,14 +110,17 @@ def measure(model, length: int, settings: BenchSettings) -> dict:
 
 
 def bench_model(model, settings: BenchSettings, step=lambda what: None) -> dict:
-    """Every length on one loaded model; lengths past the first out-of-memory are skipped."""
+    """Every length on one loaded model, shortest first. Lengths past the first out-of-memory, or
+    not started within the time budget, are skipped; a length that fails otherwise (a kernel
+    error) is recorded with its error and the others still run."""
     device = next(model.parameters()).device
+    deadline = time.monotonic() + settings.time_budget_s if settings.time_budget_s else None
     step("warm-up")
     measure(model, min(settings.chunk, settings.lengths[0]), BenchSettings([1], 2, settings.chunk, seed=settings.seed))
     rows, failed = [], None
     for n in settings.lengths:
-        if failed:
-            rows.append({"length": n, "skipped": f"after out of memory at {failed}"})
+        if failed or (deadline is not None and time.monotonic() > deadline):
+            rows.append({"length": n, "skipped": f"after out of memory at {failed}" if failed else "time budget"})
             continue
         step(f"{n} tokens")
         try:
@@ -124,6 +130,9 @@ def bench_model(model, settings: BenchSettings, step=lambda what: None) -> dict:
         except torch.OutOfMemoryError:
             failed = n
             rows.append({"length": n, "error": "out of memory"})
+        except Exception as e:  # noqa: BLE001  (recorded in the report; the other lengths still run)
+            rows.append({"length": n, "error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"})
+        if "error" in rows[-1]:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()

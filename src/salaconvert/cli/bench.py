@@ -18,6 +18,7 @@ def bench(
     decode_tokens: Annotated[int, typer.Option(help="Decode steps timed after each prefill.")] = 16,
     repeats: Annotated[int, typer.Option(help="Runs per length; the last is reported (the first may include kernel compiles).")] = 1,
     chunk: Annotated[int, typer.Option(help="Prefill chunk length: longer inputs go through the model in chunks sharing one cache.")] = 4096,
+    time_budget: Annotated[float | None, typer.Option(help="Seconds per model; lengths not started by then are skipped (shortest first).", show_default=False)] = None,
     dtype: Annotated[DType, typer.Option(help="Weight dtype (auto: bfloat16 on GPU, float32 on CPU).")] = DType.auto,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1... (default: cuda when available).", show_default=False)] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice); 1 is often fastest on a busy machine.", show_default=False)] = None,
@@ -43,7 +44,7 @@ def bench(
         from salaconvert.eval.run import default_teacher
         from salaconvert.io.load import resolve_source
 
-        settings = BenchSettings(parse_lengths(lengths), decode_tokens, chunk, repeats).validate()
+        settings = BenchSettings(parse_lengths(lengths), decode_tokens, chunk, repeats, time_budget_s=time_budget).validate()
         if teacher is None and not no_teacher:
             teacher = sidecar_teacher(model, default_teacher, resolve_source)
         with steps("bench") as step:

@@ -32,6 +32,7 @@ def eval_cmd(
     chunk: Annotated[int, typer.Option(help="Prefill chunk length: longer inputs go through the model in chunks sharing one cache.")] = 4096,
     lm_tasks: Annotated[str, typer.Option(help="lm-eval task names (with --tasks lmeval).")] = "arc_easy,hellaswag",
     lm_limit: Annotated[int, typer.Option(help="Examples per lm-eval task (0: all).")] = 200,
+    time_budget: Annotated[float | None, typer.Option(help="Seconds per model; lengths not started by then are skipped (shortest lengths run first).", show_default=False)] = None,
     dtype: Annotated[DType, typer.Option(help="Weight dtype (auto: bfloat16 on GPU, float32 on CPU).")] = DType.auto,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1... (default: cuda when available).", show_default=False)] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice); 1 is often fastest on a busy machine.", show_default=False)] = None,
@@ -65,7 +66,7 @@ def eval_cmd(
         settings = EvalSettings(tasks=list(dict.fromkeys(expanded)), lengths=parse_lengths(lengths),
                                 depths=parse_floats(depths, "--depths"), trials=trials, ppl_tokens=ppl_tokens,
                                 chunk=chunk, lm_tasks=parse_names(lm_tasks, "--lm-tasks"),
-                                lm_limit=lm_limit or None, heldout_fraction=heldout_fraction, seed=seed).validate()
+                                lm_limit=lm_limit or None, heldout_fraction=heldout_fraction, time_budget_s=time_budget, seed=seed).validate()
         if teacher is None and not no_teacher:
             teacher = sidecar_teacher(model, default_teacher, resolve_source)
         with steps("eval") as step:

@@ -33,7 +33,7 @@ def write_report(report: dict, out: Path, stem: str = "eval") -> dict:
     else:
         if any(t in r for r in report["results"].values() for t in RETRIEVAL_TASKS):
             files["heatmaps"] = str(atomic_write(out / f"{stem}_heatmaps.png", lambda p: heatmaps(report, p)))
-        if any("ppl" in r for r in report["results"].values()):
+        if any(r.get("ppl") for r in report["results"].values()):
             files["ppl_plot"] = str(atomic_write(out / f"{stem}_ppl.png", lambda p: ppl_plot(report, p)))
     text = json.dumps({**report, "files": files}, indent=2, default=str) + "\n"
     atomic_write(out / f"{stem}.json", lambda p: p.write_text(text))
@@ -61,7 +61,8 @@ def heatmaps(report: dict, path: Path) -> None:
             for y, row in enumerate(acc):
                 for x, a in enumerate(row):
                     ax.text(x, y, "" if a != a else f"{a:.0%}", ha="center", va="center", fontsize=8)
-            ax.set_title(f"{task} — {label} (mean {g['mean']:.0%})", fontsize=10)
+            mean = "–" if g["mean"] is None else f"{g['mean']:.0%}"
+            ax.set_title(f"{task} — {label} (mean {mean})", fontsize=10)
             ax.set_xlabel("context length (tokens)")
             ax.set_ylabel("needle depth")
     if image is not None:
@@ -126,7 +127,8 @@ def tables(report: dict) -> list:
                 if g is None:
                     continue
                 cols = [[row[j] for row in g["accuracy"] if row[j] is not None] for j in range(len(g["lengths"]))]
-                t.add_row(task, m, *[f"{sum(c) / len(c):.0%}" if c else "–" for c in cols], f"{g['mean']:.0%}")
+                t.add_row(task, m, *[f"{sum(c) / len(c):.0%}" if c else "–" for c in cols],
+                          "–" if g["mean"] is None else f"{g['mean']:.0%}")
         out.append(t)
     if any("lmeval" in results[m] for m in models):
         t = Table(title="lm-eval")
@@ -142,6 +144,16 @@ def tables(report: dict) -> list:
             for task, metrics in r["results"].items():
                 shown = ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if "stderr" not in k)
                 t.add_row(m, f"{task}: {shown}")
+        out.append(t)
+    notes = [(m, n) for m in models for n in results[m].get("incomplete", [])]
+    if notes:
+        t = Table(title="Not measured (skipped or failed)")
+        t.add_column("model")
+        t.add_column("what")
+        for m, n in notes[:12]:
+            t.add_row(m, escape(n))
+        if len(notes) > 12:
+            t.add_row("…", f"{len(notes) - 12} more in the JSON")
         out.append(t)
     return out
 

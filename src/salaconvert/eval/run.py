@@ -34,6 +34,7 @@ class EvalSettings:
     chunk: int = DEFAULT_CHUNK  # prefill chunk length
     lm_tasks: list[str] = field(default_factory=lambda: list(LM_TASKS))
     lm_limit: int | None = 200  # examples per lm-eval task
+    time_budget_s: float | None = None  # per model: lengths not started by then are skipped
     heldout_fraction: float | None = None  # None: the checkpoint's distill recipe's, else 0.02 (see data.py)
     seed: int = 0
 
@@ -47,6 +48,8 @@ class EvalSettings:
             raise InputError(f"--depths: every depth must be between 0 and 1, got {self.depths}")
         if self.trials < 1 or self.ppl_tokens < 2 or self.chunk < 1:
             raise InputError("--trials, --ppl-tokens and --chunk must be positive")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise InputError(f"--time-budget {self.time_budget_s}: must be positive")
         if self.heldout_fraction is not None and not 0 <= self.heldout_fraction < 1:
             raise InputError(f"--heldout-fraction {self.heldout_fraction}: must be in [0, 1)")
         self.lengths = sorted(set(self.lengths))
@@ -97,39 +100,75 @@ def prepare(tokenizer, settings: EvalSettings, data: list[str]) -> dict:
             "text_repeated": repeated}
 
 
-def evaluate_model(model, tokenizer, prepared: dict, settings: EvalSettings, step=lambda what: None) -> dict:
-    """Every task of `settings` on one loaded model."""
+def evaluate_model(model, tokenizer, prepared: dict, settings: EvalSettings, step=lambda what: None,
+                   deadline: float | None = None) -> dict:
+    """Every task of `settings` on one loaded model, shortest length first across all tasks, so that
+    a `deadline` (time.monotonic()) cuts off the longest lengths, never a whole task.
+
+    A case that fails (out of memory, a kernel error) is recorded with its error and the run goes
+    on: one bad length must not cost the results of the others. Skipped and failed cases count as
+    neither passed nor failed.
+    """
     result, t0 = {}, time.perf_counter()
-    if "ppl" in settings.tasks:
-        result["ppl"] = {}
-        for length in settings.lengths:
+    retrieval = [t for t in settings.tasks if t in RETRIEVAL_TASKS]
+    rows = {task: [] for task in retrieval}
+    ppl, notes = {}, []
+    for length in settings.lengths:
+        late = deadline is not None and time.monotonic() > deadline
+        if "ppl" in settings.tasks:
             step(f"perplexity at {length}")
-            result["ppl"][str(length)] = perplexity(model, prepared["stream"], length, settings.ppl_tokens, settings.chunk)
-    for task in (t for t in settings.tasks if t in RETRIEVAL_TASKS):
-        rows = []
-        for case in (c for c in prepared["cases"] if c.task == task):
-            step(f"{task} {case.length} tokens, depth {case.depth:g}")
-            new = greedy(model, case.ids, case.max_new_tokens, settings.chunk)
-            answer = tokenizer.decode(new, skip_special_tokens=True)
-            rows.append({"length": case.length, "depth": case.depth, "trial": case.trial, "value": case.value,
-                         "answer": answer, "passed": passed(answer, case.value), "needle_at": case.needle_at})
-        result[task] = grid(rows, settings)
+            ppl[str(length)] = _guarded(lambda: perplexity(model, prepared["stream"], length, settings.ppl_tokens,
+                                                           settings.chunk), late, notes, f"ppl {length}")
+        for case in (c for c in prepared["cases"] if c.length == length):
+            step(f"{case.task} {length} tokens, depth {case.depth:g}")
+            row = {"length": length, "depth": case.depth, "trial": case.trial, "value": case.value,
+                   "needle_at": case.needle_at}
+            new = _guarded(lambda: greedy(model, case.ids, case.max_new_tokens, settings.chunk), late, notes,
+                           f"{case.task} {length} depth {case.depth:g}")
+            if isinstance(new, list):
+                answer = tokenizer.decode(new, skip_special_tokens=True)
+                row.update(answer=answer, passed=passed(answer, case.value))
+            else:
+                row.update(new)
+            rows[case.task].append(row)
+    if "ppl" in settings.tasks:
+        result["ppl"] = {n: r for n, r in ppl.items() if "ppl" in r}
+    for task in retrieval:
+        result[task] = grid(rows[task], settings)
     if "lmeval" in settings.tasks:
         step("lm-eval")
         result["lmeval"] = run_lmeval(model, tokenizer, settings.lm_tasks, settings.lm_limit)
+    if notes:
+        result["incomplete"] = notes
     result["seconds"] = time.perf_counter() - t0
     return result
+
+
+def _guarded(work, late: bool, notes: list[str], what: str):
+    """work(), or {"skipped": why} / {"error": what went wrong} (also appended to `notes`)."""
+    if late:
+        notes.append(f"{what}: skipped (time budget)")
+        return {"skipped": "time budget"}
+    try:
+        return work()
+    except Exception as e:  # noqa: BLE001  (recorded in the report; see evaluate_model)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        message = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        notes.append(f"{what}: {message}")
+        return {"error": message}
 
 
 def grid(rows: list[dict], settings: EvalSettings) -> dict:
     """Accuracy per (depth, length) cell: accuracy[i][j] is depth i at length j."""
     acc = [[None] * len(settings.lengths) for _ in settings.depths]
+    done = [r for r in rows if "passed" in r]
     for i, d in enumerate(settings.depths):
         for j, n in enumerate(settings.lengths):
-            cell = [r["passed"] for r in rows if r["depth"] == d and r["length"] == n]
+            cell = [r["passed"] for r in done if r["depth"] == d and r["length"] == n]
             acc[i][j] = sum(cell) / len(cell) if cell else None
     return {"lengths": settings.lengths, "depths": settings.depths, "accuracy": acc,
-            "mean": sum(r["passed"] for r in rows) / len(rows) if rows else None, "cases": rows}
+            "mean": sum(r["passed"] for r in done) / len(done) if done else None, "cases": rows}
 
 
 def default_teacher(model_dir: str) -> str | None:
@@ -170,7 +209,9 @@ def run_eval(model: str, teacher: str | None = None, data: list[str] | None = No
     for label, source in runs:
         step(f"loading {label}")
         m = load_model(source, dtype, device)
-        results[label] = evaluate_model(m, tokenizer, prepared, settings, lambda what, lb=label: step(f"{lb}: {what}"))
+        deadline = time.monotonic() + settings.time_budget_s if settings.time_budget_s else None
+        results[label] = evaluate_model(m, tokenizer, prepared, settings, lambda what, lb=label: step(f"{lb}: {what}"),
+                                        deadline)
         del m
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
