@@ -3,8 +3,8 @@ of smollm2-135m's converted hybrid beside the teacher, through the same library 
 
 Run on the device after the two bundle calls of /work/shared/tools/device-bundle.sh:
     source /tmp/device-env.sh && pip install -q --no-deps --no-build-isolation . &&
-    python3 benchmarks/eval_device.py --stage prepare,bench --out $OUT
-    python3 benchmarks/eval_device.py --stage eval --out $OUT     (a second call, machine still warm)
+    python3 benchmarks/eval_device.py --stage prepare,eval --out $OUT
+    python3 benchmarks/eval_device.py --stage bench --out $OUT    (a second call, machine still warm)
 `prepare` de-quantizes the GGUF teacher once into an HF directory (bfloat16) and converts it
 (ratio 1:3, first/last sparse), so that later loads take seconds. Results go to --out as
 eval.json, eval_heatmaps.png, eval_ppl.png, bench.json, bench.md, bench.png.
@@ -55,6 +55,8 @@ def main() -> None:
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1")
     p.add_argument("--trials", type=int, default=1)
     p.add_argument("--ppl-tokens", type=int, default=32768)
+    p.add_argument("--eval-budget", type=float, default=150, help="seconds per model (shortest lengths first)")
+    p.add_argument("--bench-budget", type=float, default=100, help="seconds per model (shortest lengths first)")
     args = p.parse_args()
     from salaconvert.cli.common import quiet_transformers
     from salaconvert.eval.options import parse_floats, parse_lengths
@@ -70,7 +72,8 @@ def main() -> None:
         from salaconvert.bench import BenchSettings, run_bench
         from salaconvert.bench.report import markdown
 
-        report = run_bench(hybrid, teacher, BenchSettings(parse_lengths(args.bench_lengths), decode_tokens=32, repeats=2),
+        report = run_bench(hybrid, teacher, BenchSettings(parse_lengths(args.bench_lengths), decode_tokens=32, repeats=2,
+                                                   time_budget_s=args.bench_budget),
                            out, step=log)
         print(markdown(report), flush=True)
     if "eval" in stages:
@@ -81,7 +84,7 @@ def main() -> None:
 
         settings = EvalSettings(tasks=["ppl", "passkey", "niah_single", "niah_multi", "lmeval"],
                                 lengths=parse_lengths(args.eval_lengths), depths=parse_floats(args.depths, "--depths"),
-                                trials=args.trials, ppl_tokens=args.ppl_tokens)
+                                trials=args.trials, ppl_tokens=args.ppl_tokens, time_budget_s=args.eval_budget)
         report = run_eval(hybrid, teacher, args.data, settings, out, step=log)
         console = Console(file=sys.stdout, width=140)
         for t in tables(report):
