@@ -88,8 +88,8 @@ def analyze_model(model: str, method: str = "entropy", data: list[str] | None = 
     t_load = time.perf_counter()
 
     step(f"scoring layers ({method})")
-    ctx = ScoreContext(teacher, tokenizer, calibration, num_layers, seq_len, seed, ratio, first_last,
-                       dict(options or {}), progress)
+    options = {"batch_size": 8 if device and device.startswith("cuda") else 2, **(options or {})}
+    ctx = ScoreContext(teacher, tokenizer, calibration, num_layers, seq_len, seed, ratio, first_last, options, progress)
     try:
         result = scorer.fn(ctx)
     except FloatingPointError as e:
