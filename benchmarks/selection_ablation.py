@@ -104,16 +104,8 @@ def main() -> None:
             f"{sorted(r[1] for r in align_report[kind])[L // 2]:.3f}")
     del rec
 
-    # 3. evaluate every plan (and the teacher) on the held-out split
-    rows = {"teacher": evaluate(teacher, heldout.ids_NT, probe, args.device)}
-    for name, plan in plans.items():
-        with contextlib.ExitStack() as stack:
-            for i, ty in enumerate(plan.layer_types):
-                stack.enter_context(swapped(teacher, i, aligned[ty][i]))
-            rows[name] = evaluate(teacher, heldout.ids_NT, probe, args.device)
-        rows[name]["sparse_layers"] = [i for i, ty in enumerate(plan.layer_types) if ty == SPARSE]
-        rows[name]["score_seconds"] = timings[name]
-        log(f"{name}: {rows[name]}")
+    # 3. evaluate every plan (and the teacher) on the held-out split; the results are rewritten
+    # after each row, so a run cut short still leaves what it measured.
     report = {
         "what": "layer-selection ablation: same stage-1 budget for every plan, recall and perplexity held out",
         "model": args.model, "data": args.data, "heldout_split": "documents with index % 10 == 0", "ratio": args.ratio,
@@ -123,12 +115,22 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
                      "python": platform.python_version()},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "seconds": time.perf_counter() - t0, "align_rel_mse": align_report, "rows": rows,
-        "plans": {k: p.to_dict() for k, p in plans.items()},
+        "align_rel_mse": align_report, "plans": {k: p.to_dict() for k, p in plans.items()}, "rows": {},
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    rows = report["rows"]
+    rows["teacher"] = evaluate(teacher, heldout.ids_NT, probe, args.device)
+    for name, plan in plans.items():
+        with contextlib.ExitStack() as stack:
+            for i, ty in enumerate(plan.layer_types):
+                stack.enter_context(swapped(teacher, i, aligned[ty][i]))
+            rows[name] = evaluate(teacher, heldout.ids_NT, probe, args.device)
+        rows[name]["sparse_layers"] = [i for i, ty in enumerate(plan.layer_types) if ty == SPARSE]
+        rows[name]["score_seconds"] = timings[name]
+        log(f"{name}: {rows[name]}")
+        report["seconds"] = time.perf_counter() - t0
+        out.write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(rows)
     out.with_suffix(".md").write_text(f"# Selection ablation ({args.model}, {report['card']}, {report['date']})\n\n{table}\n")
     print(table)
