@@ -129,11 +129,11 @@ def forward_rows(lengths, hkv=HKV, with_nsa=True, with_16=True):
             if T <= 131072 and hkv == HKV:
                 from salaconvert.kernels.infllmv2 import parallel as par
                 from salaconvert.kernels.infllmv2.select import keys_to_blocks
-                rows = par.ATTN_ROWS
-                for r in (16, 64):
-                    par.ATTN_ROWS = r
-                    safe(f"ours_96_attend_rows{r}", ours_fn(q, k, v, OURS96, block_indices=idx), **meta)
-                par.ATTN_ROWS = rows
+                tokens = par.ATTN_TOKENS
+                for t in (1, 4):
+                    par.ATTN_TOKENS = t
+                    safe(f"ours_96_attend_rows{t * 16}", ours_fn(q, k, v, OURS96, block_indices=idx), **meta)
+                par.ATTN_TOKENS = tokens
                 keys = torch.randint(-2 ** 62, 2 ** 62, (T, hkv, T // 64), device="cuda")
                 safe("ours_96_select_topk_part", lambda: keys_to_blocks(keys, 96), **meta)
                 del keys

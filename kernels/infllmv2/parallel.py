@@ -228,16 +228,16 @@ def _dkv_kernel(q, k, v, do, dk, dv, lse, delta, tok_list, seg_h, seg_n, seg_b, 
     tl.atomic_add(dv + o_kd, b_dv, mask=m_k[:, None])
 
 
-# Rows (tokens × padded group heads) of a forward / dq query tile. Every token of a tile walks the
-# union of the tile's block lists, so taller tiles fill the tensor cores better but waste rows on
-# blocks only some of their tokens picked; 16 rows = one token per tile at group size 16.
-ATTN_ROWS = 16
+# Tokens of a forward / dq query tile. Every token of a tile walks the union of the tile's block
+# lists: more tokens fill the tensor cores better but waste rows on blocks only some of them
+# picked. H100 run 2 (notes-infllmv2.md), group 16, 128K: 4 tokens (64 rows) 127 ms, 1 token
+# (16 rows) 144 ms; at 32K 22 vs 33 ms. Group 4 at 4 tokens (16 rows): 384 ms at 128K.
+ATTN_TOKENS = 4
 
 
-def _tile_tokens(G: int, Tq_max: int, rows: int) -> tuple[int, int]:
+def _tile_tokens(G: int, Tq_max: int, tokens: int) -> tuple[int, int]:
     GP = next_pow2(G)
-    BT = max(1, rows // GP)
-    BT = min(BT, max(next_pow2(Tq_max), 1))
+    BT = min(tokens, max(next_pow2(Tq_max), 1))
     BT = max(BT, (16 + GP - 1) // GP)  # tl.dot needs ≥ 16 rows
     return GP, BT
 
@@ -307,7 +307,7 @@ class InfLLMv2Function(torch.autograd.Function):
         Nq, Hq, D = q.shape
         Hkv = k.shape[1]
         G = Hq // Hkv
-        GP, BT = _tile_tokens(G, max(seqs.Tq_list), ATTN_ROWS)
+        GP, BT = _tile_tokens(G, max(seqs.Tq_list), ATTN_TOKENS)
         tile_n, tile_i = make_tiles(seqs, BT, q.device)
         o = layout.empty(q.shape, q.dtype, q.device)
         lse = layout.empty((Nq, Hq), torch.float32, q.device)
@@ -338,7 +338,7 @@ class InfLLMv2Function(torch.autograd.Function):
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         tok_list, sh, sn, sb, slo, shi = _dkv_segments(idx, seqs, Hkv, cfg["block_size"], cfg["dense_len"], seg=256)
         if sh.numel():
-            _, BTK = _tile_tokens(G, max(seqs.Tq_list), layout.tile_rows())  # exact rows here: tall tiles
+            _, BTK = _tile_tokens(G, max(seqs.Tq_list), max(1, layout.tile_rows() // GP))  # no wasted rows: tall
             _dkv_kernel[(sh.numel(),)](
                 q, k, v, do, dk, dv, lse, delta, tok_list, sh, sn, sb, slo, shi,
                 seqs.q_start, seqs.k_start, seqs.Tq, seqs.Tk, scale, scale * LOG2E, q.stride(0), k.stride(0), Hq,
