@@ -37,7 +37,7 @@ def require_matplotlib():
     try:
         import matplotlib
     except ImportError:
-        raise InputError("--plot needs matplotlib, which is not installed (pip install 'salaconvert[plot]')") from None
+        raise InputError("--plot needs matplotlib, which is not installed (pip install matplotlib)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt

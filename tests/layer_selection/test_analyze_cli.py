@@ -73,3 +73,13 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, teacher_dir, t
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.output
     assert os.listdir(work) == []
+
+
+def test_plot_without_matplotlib_is_a_clear_error_before_any_work(teacher_dir, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib → ImportError
+    result = _run("analyze", teacher_dir, "--plot", tmp_path / "p.png", "--out", tmp_path / "p.json")
+    assert result.exit_code == 2
+    assert "--plot needs matplotlib" in result.output and "(pip install matplotlib)" in result.output
+    assert list(tmp_path.iterdir()) == []
