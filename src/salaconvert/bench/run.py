@@ -9,7 +9,9 @@ chunks sharing one cache, then decode `decode_tokens` tokens one at a time, gree
                        compressed keys), as allocated: a growable buffer counts its whole capacity
   peak_memory_bytes    GPU: torch.cuda.max_memory_allocated over prefill + decode (weights included)
   rss_bytes            CPU: the process's resident memory after decode; peak_rss_bytes is the
-                       process's peak so far (monotone over the run, so only its growth is telling)
+                       process's peak so far (monotone over the run, so only its growth is telling).
+                       Models run one after the other in one process, so the second one's RSS
+                       also holds what the allocator kept from the first
 Decode is plain eager PyTorch: the cache is a growing DynamicCache, which a CUDA graph cannot
 capture (it needs static shapes and addresses), so no CUDA graphs are used; the report says so.
 """
