@@ -3,7 +3,7 @@ panels against context length) and the rich table; files are written atomically.
 import json
 from pathlib import Path
 
-from salaconvert.eval.report import MODELS, _short, atomic_write
+from salaconvert.eval.report import MODELS, atomic_write, short_length
 
 # (key, heading, format) of the per-length columns, in table order.
 COLUMNS = (
@@ -46,8 +46,8 @@ def markdown(report: dict) -> str:
              "| --- | ---: | " + " | ".join("---:" for _ in cols) + " |"]
     for label in (m for m in MODELS if m in report["results"]):
         for row in report["results"][label]["rows"]:
-            lines.append(f"| {label} | {_short(row['length'])} | " + " | ".join(_cell(row, k, f) for k, _, f in cols) + " |")
-    notes = [f"- {label} at {_short(row['length'])}: {row.get('error') or row.get('skipped')}"
+            lines.append(f"| {label} | {short_length(row['length'])} | " + " | ".join(_cell(row, k, f) for k, _, f in cols) + " |")
+    notes = [f"- {label} at {short_length(row['length'])}: {row.get('error') or row.get('skipped')}"
              for label in (m for m in MODELS if m in report["results"])
              for row in report["results"][label]["rows"] if "error" in row or "skipped" in row]
     if notes:
@@ -68,7 +68,7 @@ def table(report: dict):
         t.add_column(heading, justify="right")
     for label in (m for m in MODELS if m in report["results"]):
         for row in report["results"][label]["rows"]:
-            t.add_row(label, _short(row["length"]), *[_cell(row, k, f) for k, _, f in cols])
+            t.add_row(label, short_length(row["length"]), *[_cell(row, k, f) for k, _, f in cols])
     return t
 
 

@@ -56,7 +56,7 @@ def heatmaps(report: dict, path: Path) -> None:
                 continue
             acc = [[float("nan") if a is None else a for a in row] for row in g["accuracy"]]
             image = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
-            ax.set_xticks(range(len(g["lengths"])), [_short(n) for n in g["lengths"]])
+            ax.set_xticks(range(len(g["lengths"])), [short_length(n) for n in g["lengths"]])
             ax.set_yticks(range(len(g["depths"])), [f"{d:.0%}" for d in g["depths"]])
             for y, row in enumerate(acc):
                 for x, a in enumerate(row):
@@ -111,7 +111,7 @@ def tables(report: dict) -> list:
             for m in models:
                 p = results[m].get("ppl", {}).get(str(n))
                 cells.append(f"{p['ppl']:.2f} / {p['ppl_last_quarter']:.2f}" if p else "–")
-            t.add_row(_short(n), *cells)
+            t.add_row(short_length(n), *cells)
         out.append(t)
     tasks = [task for task in RETRIEVAL_TASKS if any(task in results[m] for m in models)]
     if tasks:
@@ -119,7 +119,7 @@ def tables(report: dict) -> list:
         t.add_column("task")
         t.add_column("model")
         for n in report["settings"]["lengths"]:
-            t.add_column(_short(n), justify="right")
+            t.add_column(short_length(n), justify="right")
         t.add_column("mean", justify="right")
         for task in tasks:
             for m in models:
@@ -158,5 +158,5 @@ def tables(report: dict) -> list:
     return out
 
 
-def _short(n: int) -> str:
+def short_length(n: int) -> str:
     return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
