@@ -151,6 +151,35 @@ def forward_rows(lengths, hkv=HKV, with_nsa=True, with_16=True):
         torch.cuda.empty_cache()
 
 
+def variant_rows(T=131072):
+    """Launch/tile variants of the same work, for choosing defaults (attend-only on fixed blocks)."""
+    from salaconvert.kernels.infllmv2 import parallel as par
+    from salaconvert.kernels.infllmv2 import select as sel
+    from salaconvert.kernels.infllmv2.parallel import parallel_infllmv2_select
+    q, k, v = inputs(T)
+    meta = dict(T=T, Hkv=HKV, mode="fwd")
+    with torch.no_grad():
+        idx = parallel_infllmv2_select(q, k, **OURS96)
+        saved = (par.ATTN_TOKENS, par.ATTN_WARPS, sel.SELECT_BC)
+        for tokens in (1, 4):
+            for warps in (4, 8):
+                par.ATTN_TOKENS, par.ATTN_WARPS = tokens, warps
+                safe(f"variant_attend_tokens{tokens}_warps{warps}", ours_fn(q, k, v, OURS96, block_indices=idx), **meta)
+        par.ATTN_TOKENS, par.ATTN_WARPS, _ = saved
+        for bc in (64, 128):
+            sel.SELECT_BC = bc
+            safe(f"variant_select_bc{bc}", lambda: parallel_infllmv2_select(q, k, **OURS96), **meta)
+        sel.SELECT_BC = saved[2]
+    meta = dict(T=32768, Hkv=HKV, mode="fwd+bwd")
+    q, k, v = inputs(32768)
+    for tokens in (1, 4):
+        par.ATTN_TOKENS = tokens
+        safe(f"variant_fwdbwd_tokens{tokens}", ours_fn(q, k, v, OURS96, backward=True), **meta)
+    par.ATTN_TOKENS = saved[0]
+    del q, k, v, idx
+    torch.cuda.empty_cache()
+
+
 def fwd_bwd_rows(lengths):
     for T in lengths:
         q, k, v = inputs(T)
@@ -185,6 +214,19 @@ def decode_rows(lengths):
             safe("ours_96_decode_graph", graph.replay, **meta)
         except Exception as ex:
             rec(what="ours_96_decode_graph", error=repr(ex)[:300], **meta)
+        if T == 1048576:  # the split sizes of run 2, for the before/after
+            from salaconvert.kernels.infllmv2 import decode as dec
+            saved = (dec.DECODE_CH, dec.DECODE_SPP)
+            dec.DECODE_CH, dec.DECODE_SPP = 1024, 8
+            try:
+                step()
+                g2 = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g2):
+                    step()
+                safe("ours_96_decode_graph_ch1024_spp8", g2.replay, **meta)
+            except Exception as ex:
+                rec(what="ours_96_decode_graph_ch1024_spp8", error=repr(ex)[:300], **meta)
+            dec.DECODE_CH, dec.DECODE_SPP = saved
         qh = q.transpose(1, 2)
         kh, vh = kc_.transpose(1, 2), vc_.transpose(1, 2)
         safe("sdpa_dense_decode", lambda: F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=True), **meta)
@@ -270,6 +312,8 @@ def main():
     sections = args.only.split(",")
     fwd_T = [32768, 65536] if args.quick else [32768, 131072, 262144]
     try:
+        if "variants" in sections:
+            variant_rows()
         if "fused" in sections:
             check_fused_select()
         if "check" in sections:

@@ -7,11 +7,11 @@ keys of L tokens, NB = blocks of Tmax tokens.
 Every launch has a grid fixed by the cache's capacity, and the current length is read on the
 device, so the whole step (select + attend) can be captured in a CUDA graph and replayed while L
 grows. Work is split so that a 1M-token cache still fills the GPU:
-  1. stats:  (B·Hkv, splits of CH compressed keys) -> partial softmax max/sum per head row;
+  1. stats:  (B·Hkv, splits of DECODE_CH compressed keys) -> partial softmax max/sum per head row;
   2. scores: (B·Hkv, chunks of BNB blocks) -> merges the partials, group-summed max-pooled block
              scores, forced/causal rules, int64 sort keys (select.py explains the key);
   3. torch.topk over the keys (fixed shape);
-  4. attend: (B·Hkv, splits of SPP block slots) -> partial flash-decoding states;
+  4. attend: (B·Hkv, splits of DECODE_SPP block slots) -> partial flash-decoding states;
   5. merge:  (B·Hkv) -> the output.
 `update_compressed_cache` appends the compressed key that the newest token completes.
 """
@@ -28,6 +28,11 @@ from salaconvert.kernels.infllmv2.select import _pool_width, keys_to_blocks
 
 fix_interpreter_index()
 LOG2E = 1.4426950408889634
+# Split sizes: compressed keys per stats program and selected blocks per attention program. Run 2
+# (1024 / 8) left a 1M step latency-bound in a few long programs (0.152 ms); smaller splits give
+# more, shorter programs.
+DECODE_CH = 256
+DECODE_SPP = 2
 
 
 @triton.jit
@@ -238,7 +243,7 @@ def triton_infllmv2_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     lens = cache_seqlens.to(torch.int32)
     NBMAX = (Tmax + block_size - 1) // block_size
     TcMAX = max(1, kc_cache.shape[1])
-    CH = 1024 if TcMAX > 1024 else max(16, next_pow2(TcMAX))
+    CH = DECODE_CH if TcMAX > DECODE_CH else max(16, next_pow2(TcMAX))
     NSP = (TcMAX + CH - 1) // CH
     sl2 = scale * LOG2E
     dev = q.device
@@ -256,7 +261,7 @@ def triton_infllmv2_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     K = min(topk, NBMAX)
     idx = keys_to_blocks(keys, K).contiguous()
     n_slots = max(K, min(NBMAX, (dense_len + block_size - 1) // block_size + 1))
-    SPP = 8
+    SPP = DECODE_SPP
     NSP2 = triton.cdiv(n_slots, SPP)
     m2 = layout.empty(B * Hkv * NSP2 * BM, torch.float32, dev)
     l2 = layout.empty(B * Hkv * NSP2 * BM, torch.float32, dev)

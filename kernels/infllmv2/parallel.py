@@ -37,7 +37,7 @@ def _attend_fwd(b_q, b_m, b_l, b_acc, k, v, i_h, ks, Tk, blk, pos, rowsel, strid
     o_d = tl.arange(0, D)
     p_k = k + (ks + o_k).to(tl.int64)[:, None] * stride_kt + i_h * D + o_d[None, :]
     p_v = v + (ks + o_k).to(tl.int64)[:, None] * stride_kt + i_h * D + o_d[None, :]
-    m_k = (o_k < Tk)[:, None]
+    m_k = ((o_k >= 0) & (o_k < Tk))[:, None]  # blk = -1 (padding) loads nothing
     b_k = tl.load(p_k, mask=m_k, other=0.)
     b_v = tl.load(p_v, mask=m_k, other=0.)
     b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
@@ -59,7 +59,7 @@ def _attend_dq(b_q, b_do, b_lse, b_delta, b_dq, k, v, i_h, ks, Tk, blk, pos, row
     o_d = tl.arange(0, D)
     p_k = k + (ks + o_k).to(tl.int64)[:, None] * stride_kt + i_h * D + o_d[None, :]
     p_v = v + (ks + o_k).to(tl.int64)[:, None] * stride_kt + i_h * D + o_d[None, :]
-    m_k = (o_k < Tk)[:, None]
+    m_k = ((o_k >= 0) & (o_k < Tk))[:, None]  # blk = -1 (padding) loads nothing
     b_k = tl.load(p_k, mask=m_k, other=0.)
     b_v = tl.load(p_v, mask=m_k, other=0.)
     b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
@@ -110,6 +110,13 @@ def _fwd_kernel(q, k, v, o, lse, idx, tile_n, tile_i, q_start, k_start, seq_Tq, 
         qb_hi = (Tk - Tq + tl.minimum(i0 + BT, Tq) - 1) // BS
         for blk in range(0, qb_hi + 1):
             b_m, b_l, b_acc = _attend_fwd(b_q, b_m, b_l, b_acc, k, v, i_h, ks, Tk, blk, pos, m_row,
+                                          stride_kt, scale_log2, BS, D)
+    elif BT == 1:
+        # one token per tile: a plain loop over its K slots, which Triton software-pipelines
+        p_i = idx + (qs + i0).to(tl.int64) * stride_it + i_h * K
+        for i in range(0, K):
+            blk = tl.load(p_i + i)
+            b_m, b_l, b_acc = _attend_fwd(b_q, b_m, b_l, b_acc, k, v, i_h, ks, Tk, blk, pos, m_row & (blk >= 0),
                                           stride_kt, scale_log2, BS, D)
     else:
         o_t = tl.arange(0, BT)
@@ -164,6 +171,12 @@ def _dq_kernel(q, k, v, do, dq, lse, delta, idx, tile_n, tile_i, q_start, k_star
         qb_hi = (Tk - Tq + tl.minimum(i0 + BT, Tq) - 1) // BS
         for blk in range(0, qb_hi + 1):
             b_dq = _attend_dq(b_q, b_do, b_lse, b_delta, b_dq, k, v, i_h, ks, Tk, blk, pos, m_row,
+                              stride_kt, scale_log2, BS, D)
+    elif BT == 1:
+        p_i = idx + (qs + i0).to(tl.int64) * stride_it + i_h * K
+        for i in range(0, K):
+            blk = tl.load(p_i + i)
+            b_dq = _attend_dq(b_q, b_do, b_lse, b_delta, b_dq, k, v, i_h, ks, Tk, blk, pos, m_row & (blk >= 0),
                               stride_kt, scale_log2, BS, D)
     else:
         o_t = tl.arange(0, BT)
@@ -233,6 +246,7 @@ def _dkv_kernel(q, k, v, do, dk, dv, lse, delta, tok_list, seg_h, seg_n, seg_b, 
 # picked. H100 run 2 (notes-infllmv2.md), group 16, 128K: 4 tokens (64 rows) 127 ms, 1 token
 # (16 rows) 144 ms; at 32K 22 vs 33 ms. Group 4 at 4 tokens (16 rows): 384 ms at 128K.
 ATTN_TOKENS = 4
+ATTN_WARPS = 4  # num_warps of the forward and dq launches
 
 
 def _tile_tokens(G: int, Tq_max: int, tokens: int) -> tuple[int, int]:
@@ -314,7 +328,7 @@ class InfLLMv2Function(torch.autograd.Function):
         _fwd_kernel[(tile_n.numel(), Hkv)](
             q, k, v, o, lse, idx, tile_n, tile_i, seqs.q_start, seqs.k_start, seqs.Tq, seqs.Tk,
             scale * LOG2E, cfg["dense_len"], q.stride(0), k.stride(0), idx.stride(0), Hq,
-            G=G, GP=GP, BT=BT, D=D, BS=cfg["block_size"], K=idx.shape[2])
+            G=G, GP=GP, BT=BT, D=D, BS=cfg["block_size"], K=idx.shape[2], num_warps=ATTN_WARPS)
         ctx.save_for_backward(q, k, v, o, lse, idx, tile_n, tile_i)
         ctx.cfg, ctx.seqs, ctx.scale = cfg, seqs, scale
         ctx.meta = (G, GP, BT)
@@ -333,7 +347,7 @@ class InfLLMv2Function(torch.autograd.Function):
         _dq_kernel[(tile_n.numel(), Hkv)](
             q, k, v, do, dq, lse, delta, idx, tile_n, tile_i, seqs.q_start, seqs.k_start, seqs.Tq, seqs.Tk,
             scale, scale * LOG2E, cfg["dense_len"], q.stride(0), k.stride(0), idx.stride(0), Hq,
-            G=G, GP=GP, BT=BT, D=D, BS=cfg["block_size"], K=idx.shape[2])
+            G=G, GP=GP, BT=BT, D=D, BS=cfg["block_size"], K=idx.shape[2], num_warps=ATTN_WARPS)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         tok_list, sh, sn, sb, slo, shi = _dkv_segments(idx, seqs, Hkv, cfg["block_size"], cfg["dense_len"], seg=256)

@@ -179,6 +179,7 @@ def _pool_width(block_size: int, kernel_size: int, stride: int) -> int:
 # benchmarks/notes-infllmv2.md: the bitonic merge of 2·128 int64 keys per chunk costs more than
 # writing the keys and calling torch.topk), so the key path is the default; tests keep both right.
 FUSED_TOPK = False
+SELECT_BC = 64  # compressed keys per step of the normaliser pass
 
 
 def select_blocks(q: torch.Tensor, kc: torch.Tensor, seqs: Seqs, *, block_size: int, topk: int,
@@ -202,7 +203,7 @@ def select_blocks(q: torch.Tensor, kc: torch.Tensor, seqs: Seqs, *, block_size: 
         kc = kc.new_zeros(1, Hkv, D)
     P = _pool_width(block_size, kernel_size, stride)
     sl2 = scale * 1.4426950408889634
-    common = dict(G=G, GP=GP, BT=BT, D=D, BC=64, P=P, BS=block_size, KS=kernel_size, ST=stride,
+    common = dict(G=G, GP=GP, BT=BT, D=D, BC=SELECT_BC, P=P, BS=block_size, KS=kernel_size, ST=stride,
                   INIT=init_blocks, LOCAL=local_blocks)
     if FUSED_TOPK if fused is None else fused:
         KP = max(16, next_pow2(topk))

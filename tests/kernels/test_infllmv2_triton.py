@@ -17,6 +17,7 @@ import torch
 
 from salaconvert.kernels.infllmv2 import infllmv2_attn, infllmv2_decode, infllmv2_select, layout
 from salaconvert.kernels.infllmv2 import parallel as parallel_mod
+from salaconvert.kernels.infllmv2 import decode as decode_mod
 from salaconvert.kernels.infllmv2 import select as select_mod
 from salaconvert.kernels.infllmv2.decode import triton_infllmv2_decode, update_compressed_cache
 from salaconvert.kernels.infllmv2.naive import (compress_k, dense_causal_attn, naive_infllmv2_attn,
@@ -111,6 +112,13 @@ def test_sparse_fwd_bwd_equals_reference(G):
     _compare_fwd_bwd(q, k, v, RTOL_FP32, f"G={G}", topk=3, dense_len=0, **SMALL)
 
 
+def test_one_token_tiles_fwd_bwd(monkeypatch):
+    # ATTN_TOKENS = 1 at group 16: the per-token loop over K slots (−1 padding included) instead of the merge
+    monkeypatch.setattr(parallel_mod, "ATTN_TOKENS", 1)
+    q, k, v = _qkv(1, 50, 50, 16, 1, 16, seed=21)
+    _compare_fwd_bwd(q, k, v, RTOL_FP32, "1-token tiles", topk=4, dense_len=0, **SMALL)
+
+
 def test_dense_below_dense_len_fwd_bwd():
     q, k, v = _qkv(1, 45, 45, 6, 2, 32)
     _compare_fwd_bwd(q, k, v, RTOL_FP32, "dense", topk=3, dense_len=45, **SMALL)
@@ -156,7 +164,8 @@ def test_fp16_runs_in_the_interpreter():
 # ---- decode ----
 
 @pytest.mark.parametrize("G,dense_len", [(1, 0), (3, 0), (16, 0), (4, 64)])
-def test_decode_equals_last_row_of_prefill(G, dense_len):
+def test_decode_equals_last_row_of_prefill(G, dense_len, monkeypatch):
+    monkeypatch.setattr(decode_mod, "DECODE_CH", 16)  # several stats splits even at this size
     Hkv = 1 if G == 16 else 2
     B, Tmax = 2, 120
     q, k, v = _qkv(B, Tmax, Tmax, G * Hkv, Hkv, 16, seed=G)
