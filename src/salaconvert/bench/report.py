@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 from salaconvert.eval.report import MODELS, atomic_write, short_length
+from salaconvert.units import human_bytes
 
 # (key, heading, format) of the per-length columns, in table order.
 COLUMNS = (
@@ -16,18 +17,12 @@ COLUMNS = (
 )
 
 
-def _human_bytes(n: float) -> str:
-    from salaconvert.cli.common import human_bytes
-
-    return human_bytes(n)
-
-
 def _cell(row: dict, key: str, fmt: str | None) -> str:
     if "error" in row or "skipped" in row:
         return "failed" if "error" in row else "skipped"
     if key not in row:
         return "–"
-    return fmt.format(row[key]) if fmt else _human_bytes(row[key])
+    return fmt.format(row[key]) if fmt else human_bytes(row[key])
 
 
 def _columns(report: dict) -> list:

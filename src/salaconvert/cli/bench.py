@@ -5,8 +5,8 @@ from typing import Annotated
 
 import typer
 
-from salaconvert.cli.common import MODEL_HELP, err, out, steps, user_errors
-from salaconvert.cli.eval import DType, sidecar_teacher
+from salaconvert.cli.common import MODEL_HELP, DType, err, out, steps, user_errors
+from salaconvert.cli.eval import sidecar_teacher
 from salaconvert.errors import InputError
 
 

@@ -2,9 +2,12 @@
 import contextlib
 import logging
 import os
+from enum import Enum
 
 import typer
 from rich.console import Console
+
+from salaconvert.units import human_bytes, human_count  # noqa: F401  (re-exported for the verbs)
 
 # Set before transformers (and its tqdm) is imported by any verb: the GGUF loader's bar ignores
 # transformers' own switch. The CLI shows its own progress instead.
@@ -12,6 +15,15 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 err = Console(stderr=True)  # tables, progress and messages
 out = Console()  # data: generated text, --json output
+
+class DType(str, Enum):
+    """Weight dtype choices of the verbs that load a model."""
+
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
 
 MODEL_HELP = ("a local Hugging Face directory, a hub id in the local cache, a .gguf file, "
               "or the built-in 'smollm2-135m'")
@@ -45,19 +57,3 @@ def quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     logging.getLogger("transformers").setLevel(logging.ERROR)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def human_count(n: float) -> str:
-    for unit in ("", "K", "M", "B"):
-        if abs(n) < 1000 or unit == "B":
-            return f"{n:.0f}" if unit == "" else f"{n:.1f}{unit}"
-        n /= 1000
-    return f"{n:.1f}B"

@@ -1,20 +1,12 @@
 """`salaconvert convert MODEL --ratio 1:3 --out DIR`"""
 import json
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from salaconvert.cli.common import MODEL_HELP, err, human_bytes, human_count, out, steps, user_errors
-
-
-class DType(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
+from salaconvert.cli.common import MODEL_HELP, DType, err, human_bytes, human_count, out, steps, user_errors
 
 
 def convert(

@@ -1,21 +1,13 @@
 """`salaconvert eval DIR [--teacher MODEL]`"""
 import json
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from salaconvert.cli.common import MODEL_HELP, err, out, steps, user_errors
+from salaconvert.cli.common import MODEL_HELP, DType, err, out, steps, user_errors
 
 TASK_NAMES = ("ppl", "passkey", "niah", "niah_single", "niah_multi", "lmeval")
-
-
-class DType(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
 
 
 def eval_cmd(
