@@ -38,6 +38,7 @@ class Stage:
     # converted: only the replaced attention modules; attention: every layer's attention; all: everything
     trainable: str = "converted"
     kl_chunk: int = 512  # stage 2: positions per chunk of the KL (bounded logits memory)
+    max_seconds: float | None = None  # end the stage early after this much training time (schedule unchanged)
     temperature: float = 1.0  # stage 2
 
     def num_steps(self) -> int:

@@ -51,11 +51,14 @@ def load_pair(checkpoint: str | Path, teacher: str, step=lambda what: None):
     if s.config.num_hidden_layers != t.config.num_hidden_layers or s.config.vocab_size != t.config.vocab_size:
         raise InputError(f"{teacher}: does not match {checkpoint} (layers or vocabulary differ); "
                          "pass the model the checkpoint was converted from")
-    tok = load_tokenizer(source, required=False)
-    if tok is None:
+    # convert saved the teacher's tokenizer in the checkpoint: reading it there is much faster than
+    # parsing a GGUF's vocabulary again. The teacher's own is the fallback.
+    tok = None
+    if any((ckpt / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(ckpt))
+    tok = tok or load_tokenizer(source)
     t.requires_grad_(False)
     s.requires_grad_(False)
     return t, s, tok, share_frozen(s, t)

@@ -167,6 +167,9 @@ def run_stage(s: Session, n: int, resumed: dict | None = None) -> bool:
     t_start, tokens_start, t_last = time.perf_counter(), s.state.tokens.get(str(n), 0), time.perf_counter()
     key = str(n)
     while s.state.step < total:
+        if cfg.max_seconds is not None and s.state.seconds.get(key, 0.0) >= cfg.max_seconds:
+            s.state.losses.setdefault(key, {})["ended_by_time_after_steps"] = s.state.step
+            break
         if s.stop_after is not None and s.steps_taken >= s.stop_after:
             save_state(s, optimizer, scheduler)
             return False
