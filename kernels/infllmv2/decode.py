@@ -28,9 +28,9 @@ from salaconvert.kernels.infllmv2.select import _pool_width, keys_to_blocks
 
 fix_interpreter_index()
 LOG2E = 1.4426950408889634
-# Split sizes: compressed keys per stats program and selected blocks per attention program. Run 2
-# (1024 / 8) left a 1M step latency-bound in a few long programs (0.152 ms); smaller splits give
-# more, shorter programs.
+# Split sizes: compressed keys per stats program and selected blocks per attention program. At 1M,
+# 256 / 2 and 1024 / 8 replay in 0.155 vs 0.158 ms (H100 run 3): the split kernels are not what
+# bounds the step (the top-k and its small torch ops are the next suspects, not yet profiled).
 DECODE_CH = 256
 DECODE_SPP = 2
 

@@ -243,8 +243,9 @@ def _dkv_kernel(q, k, v, do, dk, dv, lse, delta, tok_list, seg_h, seg_n, seg_b, 
 
 # Tokens of a forward / dq query tile. Every token of a tile walks the union of the tile's block
 # lists: more tokens fill the tensor cores better but waste rows on blocks only some of them
-# picked. H100 run 2 (notes-infllmv2.md), group 16, 128K: 4 tokens (64 rows) 127 ms, 1 token
-# (16 rows) 144 ms; at 32K 22 vs 33 ms. Group 4 at 4 tokens (16 rows): 384 ms at 128K.
+# picked. H100, group 16, attention alone at 128K (notes-infllmv2.md): 4 tokens (64 rows, merge)
+# 127-128 ms; 1 token with the merge loop 144 ms (run 2); 1 token with the plain slot loop 206 ms,
+# 4 tokens with 8 warps 246 ms (run 3). 1 token takes the slot loop (kept, tested, not default).
 ATTN_TOKENS = 4
 ATTN_WARPS = 4  # num_warps of the forward and dq launches
 
