@@ -217,6 +217,18 @@ def update_compressed_cache(k_cache: torch.Tensor, kc_cache: torch.Tensor, cache
                                   kc_cache.stride(0), kc_cache.stride(1), D=D, KS=kernel_size, ST=stride)
 
 
+def check_decode_shapes(q, k_cache, v_cache, cache_seqlens) -> None:
+    if q.dim() != 4 or q.shape[1] != 1:
+        raise ValueError(f"decode takes q [B, 1, Hq, d], got {tuple(q.shape)}")
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must be equal [B, Tmax, Hkv, d]")
+    B, _, Hq, D = q.shape
+    if k_cache.shape[0] != B or k_cache.shape[3] != D or Hq % k_cache.shape[2]:
+        raise ValueError(f"q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)}")
+    if cache_seqlens.shape != (B,):
+        raise ValueError(f"cache_seqlens must be [B={B}], got {tuple(cache_seqlens.shape)}")
+
+
 def triton_infllmv2_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                            kc_cache: torch.Tensor | None = None, *, block_size: int = 64, topk: int = 96,
                            init_blocks: int = 1, local_blocks: int = 32, kernel_size: int = 32, stride: int = 16,
@@ -227,8 +239,8 @@ def triton_infllmv2_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     keys kept up to date with update_compressed_cache (computed from k_cache here when None, which
     costs a pass over the whole cache). For CUDA-graph capture pass the full-capacity buffers.
     """
-    B, one, Hq, D = q.shape
-    assert one == 1, "decode takes one query token per sequence"
+    check_decode_shapes(q, k_cache, v_cache, cache_seqlens)
+    B, _, Hq, D = q.shape
     _, Tmax, Hkv, _ = k_cache.shape
     G = Hq // Hkv
     BM = max(16, next_pow2(G))

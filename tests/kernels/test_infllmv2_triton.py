@@ -128,8 +128,30 @@ def test_dense_below_dense_len_fwd_bwd():
 
 def test_every_block_selected_is_dense():
     q, k, v = _qkv(1, 60, 60, 4, 2, 16, seed=3)
-    o = parallel_infllmv2_attn(q, k, v, topk=4, dense_len=0, **SMALL)  # 60 tokens = 4 blocks
+    o = parallel_infllmv2_attn(q, k, v, topk=6, dense_len=0, **SMALL)  # 60 tokens = 4 blocks < topk
     assert_close(o, dense_causal_attn(q, k, v), rtol=RTOL_FP32, what="all blocks")
+    idx = parallel_infllmv2_select(q, k, topk=6, **SMALL)
+    assert (idx[0, -1, :, :4] == torch.arange(4)).all() and (idx[..., 4:] == -1).all()
+
+
+def test_sequences_shorter_than_a_window():
+    # no compressed key exists (T < kernel_size) or only a few: forced blocks and −∞ candidates
+    cu = torch.tensor([0, 1, 6, 30])
+    q, k, v = _qkv(1, 30, 30, 4, 2, 16, seed=17)
+    kw = dict(topk=3, dense_len=0, **SMALL)
+    _compare_fwd_bwd(q, k, v, RTOL_FP32, "short varlen", cu_seqlens=cu, **kw)
+    assert torch.equal(parallel_infllmv2_select(q, k, cu_seqlens=cu, **kw), naive_infllmv2_select(q, k, cu_seqlens=cu, **kw))
+
+
+def test_bad_shapes_raise():
+    q, k, v = _qkv(1, 20, 20, 6, 4, 16)
+    with pytest.raises(ValueError):
+        parallel_infllmv2_attn(q, k, v, topk=3, **SMALL)  # 6 query heads over 4 KV heads
+    q, k, v = _qkv(1, 20, 20, 4, 2, 16)
+    with pytest.raises(ValueError):
+        infllmv2_attn(q, k, v, topk=2, **SMALL)  # topk < init + local
+    with pytest.raises(ValueError):
+        triton_infllmv2_decode(q[:, :2], k, v, torch.tensor([20], dtype=torch.int32), topk=3, **SMALL)
 
 
 def test_chunked_queries_are_last_rows():
