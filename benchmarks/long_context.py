@@ -33,7 +33,7 @@ LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32
 # A small shape on the CPU, to check the script end to end before spending device time.
 SMOKE = dict(LLAMA3_8B, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=1024)
-ONE_PASS_TEACHER_MAX = 262144  # beyond this the teacher's one-pass activations + K/V exceed 80 GB
+ONE_PASS_TEACHER_MAX = 262144  # beyond this the teacher's one-pass activations + K/V cannot fit in 80 GB
 
 
 def build_models(shape: dict, device: str):
@@ -67,8 +67,8 @@ def main():
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--lengths", default="32768,131072,262144,524288,1048576")
     ap.add_argument("--decode", type=int, default=128)
-    ap.add_argument("--chunk", type=int, default=65536, help="hybrid prefill chunk (and the teacher's past one pass)")
-    ap.add_argument("--teacher-chunk", type=int, default=16384)
+    ap.add_argument("--chunk", type=int, default=16384, help="hybrid prefill chunk")
+    ap.add_argument("--teacher-chunk", type=int, default=16384, help="teacher prefill chunk where one pass does not fit")
     ap.add_argument("--smoke", action="store_true", help="a small model on the CPU at the given (short) lengths")
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -80,8 +80,12 @@ def main():
     rows = []
     teacher_failed = False
     for n in lengths:
-        t_chunk = n if n <= ONE_PASS_TEACHER_MAX else args.teacher_chunk
-        t = {"length": n, "skipped": "after out of memory"} if teacher_failed else run(teacher, n, t_chunk, args.decode)
+        if teacher_failed:
+            t = {"length": n, "skipped": "after out of memory"}
+        else:  # one pass (flash, no mask) where it may fit, else chunks; an OOM in one pass retries in chunks
+            t = run(teacher, n, n, args.decode) if n <= ONE_PASS_TEACHER_MAX else {"error": "not tried"}
+            if "error" in t and args.teacher_chunk < n:
+                t = run(teacher, n, args.teacher_chunk, args.decode)
         teacher_failed = teacher_failed or "error" in t
         h = run(hybrid, n, min(args.chunk, n), args.decode)
         rows.append({"length": n, "teacher": t, "hybrid": h})
