@@ -69,6 +69,8 @@ def main():
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--chunk", type=int, default=16384, help="hybrid prefill chunk")
     ap.add_argument("--teacher-chunk", type=int, default=16384, help="teacher prefill chunk where one pass does not fit")
+    ap.add_argument("--teacher-max", type=int, default=None,
+                    help="record longer lengths as not run for the teacher (an earlier run's out-of-memory)")
     ap.add_argument("--smoke", action="store_true", help="a small model on the CPU at the given (short) lengths")
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -76,11 +78,15 @@ def main():
     teacher, hybrid = build_models(SMOKE if args.smoke else LLAMA3_8B, device)
     warm = min(4096, lengths[0])
     run(teacher, warm, warm, 4)  # warm-up: kernels compiled, allocator primed
-    run(hybrid, warm, warm, 4)
+    # The hybrid's sparse path (above dense_len, chunked queries) compiles its own kernels: warm it too.
+    sparse_warm = min(2 * hybrid.config.sparse["dense_len"] + 1024, lengths[0])
+    run(hybrid, sparse_warm, min(args.chunk, sparse_warm // 2), 4)
     rows = []
     teacher_failed = False
     for n in lengths:
-        if teacher_failed:
+        if args.teacher_max is not None and n > args.teacher_max:
+            t = {"length": n, "skipped": f"not run above {args.teacher_max} (out of memory there in an earlier run)"}
+        elif teacher_failed:
             t = {"length": n, "skipped": "after out of memory"}
         else:  # one pass (flash, no mask) where it may fit, else chunks; an OOM in one pass retries in chunks
             t = run(teacher, n, n, args.decode) if n <= ONE_PASS_TEACHER_MAX else {"error": "not tried"}
@@ -107,7 +113,9 @@ def main():
 
 
 def _get(row, key, scale=1.0):
-    return f"{row[key] * scale:.1f}" if key in row else row.get("error", row.get("skipped", "–"))
+    if key in row:
+        return f"{row[key] * scale:.1f}"
+    return "OOM" if "memory" in row.get("error", "") else "–"
 
 
 def print_table(report):

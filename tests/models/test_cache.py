@@ -49,3 +49,15 @@ def test_hybrid_cache_has_one_layer_kind_per_plan_entry():
     assert isinstance(cache, DynamicCache)
     assert [type(layer).__name__ for layer in cache.layers] == [
         SparseAttentionCacheLayer.__name__, LinearAttentionLayer.__name__, "DynamicLayer"]
+
+
+def test_reserved_cache_holds_the_whole_run_without_regrowing():
+    config = SalaHybridConfig(teacher={"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 32,
+                                       "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 10},
+                              layer_types=["sparse_attention", "linear_attention"])
+    layer = make_hybrid_cache(config, reserve=300, batch_size=2, dtype=torch.float32).layers[0]
+    buffer = layer.keys
+    k = torch.randn(2, 300, 2, 8)
+    keys, _ = layer.append(k, k, config.sparse["kernel_size"], config.sparse["stride"])
+    assert layer.keys is buffer and torch.equal(keys, k)
+    assert torch.allclose(layer.compressed_keys(), compress_k(k), atol=1e-6)

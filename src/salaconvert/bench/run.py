@@ -82,7 +82,7 @@ def measure(model, length: int, settings: BenchSettings) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
     t0 = time.perf_counter()
-    logits, cache = prefill(model, ids, settings.chunk)
+    logits, cache = prefill(model, ids, settings.chunk, cache=_reserved_cache(model, length + settings.decode_tokens))
     _sync(device)
     prefill_s = time.perf_counter() - t0
     cache_after_prefill = cache_nbytes(cache)
@@ -109,6 +109,16 @@ def measure(model, length: int, settings: BenchSettings) -> dict:
         row["peak_rss_bytes"] = peak_rss_bytes()
     del cache
     return row
+
+
+def _reserved_cache(model, tokens: int):
+    """A hybrid's cache with room for the whole run (None for other models: they make their own)."""
+    if getattr(model.config, "model_type", None) != "sala_hybrid":
+        return None
+    from salaconvert.models.cache import make_hybrid_cache
+
+    p = next(model.parameters())
+    return make_hybrid_cache(model.config, reserve=tokens, dtype=p.dtype, device=p.device)
 
 
 def bench_model(model, settings: BenchSettings, step=lambda what: None) -> dict:

@@ -121,6 +121,19 @@ class SparseAttentionCacheLayer(CacheLayerMixin):
             self.seqlens.zero_()
 
 
-def make_hybrid_cache(config) -> DynamicCache:
-    """A fresh cache with one layer per entry of `config.layer_types`."""
-    return DynamicCache(config=config)
+def make_hybrid_cache(config, reserve: int | None = None, batch_size: int = 1, dtype=None, device=None) -> DynamicCache:
+    """A fresh cache with one layer per entry of `config.layer_types`.
+
+    With `reserve`, the sparse layers allocate room for that many tokens now: a long prefill then
+    never regrows them (no copies, no transient 2× of a layer's K/V) and holds no spare capacity.
+    """
+    cache = DynamicCache(config=config)
+    if reserve:
+        shape = (batch_size, 0, config.num_key_value_heads, config.head_dim)
+        for layer in cache.layers:
+            if isinstance(layer, SparseAttentionCacheLayer):
+                empty = torch.empty(shape, dtype=dtype, device=device)
+                layer.lazy_initialization(empty, empty)
+                layer.kernel_size, layer.stride = config.sparse["kernel_size"], config.sparse["stride"]
+                layer.reserve(reserve)
+    return cache
