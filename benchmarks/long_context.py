@@ -52,6 +52,57 @@ def empty_cache():
         torch.cuda.empty_cache()
 
 
+def profile_prefill(model, length: int, chunk: int) -> dict:
+    """Seconds of one chunked prefill spent in each kind of module (CUDA events around each call)."""
+    from salaconvert.bench.run import _reserved_cache
+    from salaconvert.eval.forward import prefill
+    from salaconvert.layers import LightningAttention, SparseAttention
+
+    layers = getattr(model.model, "layers")
+    kinds = {}
+    for layer in layers:
+        attn = layer.self_attn
+        kinds[attn] = {LightningAttention: "lightning", SparseAttention: "sparse"}.get(type(attn), "softmax attention")
+        kinds[layer.mlp] = "mlp"
+    cuda = next(model.parameters()).is_cuda
+    events = {k: [] for k in set(kinds.values())}
+    handles = []
+
+    def mark():
+        if not cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(a, b):
+        return a.elapsed_time(b) / 1e3 if cuda else b - a
+
+    for module, kind in kinds.items():
+        def pre(mod, args, kind=kind):
+            events[kind].append([mark(), None])
+
+        def post(mod, args, out, kind=kind):
+            events[kind][-1][1] = mark()
+
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    ids = torch.randint(0, model.config.vocab_size, (length,))
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    try:
+        prefill(model, ids, chunk, cache=_reserved_cache(model, length))
+        sync()
+    finally:
+        for h in handles:
+            h.remove()
+    total = time.perf_counter() - t0
+    split = {k: sum(seconds(a, b) for a, b in v) for k, v in events.items()}
+    split["other (embeddings, norms, lm_head, Python)"] = total - sum(split.values())
+    empty_cache()
+    return {"length": length, "chunk": chunk, "total_s": total, "seconds": split}
+
+
 def run(model, length: int, chunk: int, decode: int) -> dict:
     try:
         row = measure(model, length, BenchSettings([length], decode, chunk))
@@ -71,15 +122,17 @@ def main():
     ap.add_argument("--teacher-chunk", type=int, default=16384, help="teacher prefill chunk where one pass does not fit")
     ap.add_argument("--teacher-max", type=int, default=None,
                     help="record longer lengths as not run for the teacher (an earlier run's out-of-memory)")
+    ap.add_argument("--profile", type=int, default=None,
+                    help="also split one chunked prefill of this many tokens by module kind, teacher and hybrid")
     ap.add_argument("--smoke", action="store_true", help="a small model on the CPU at the given (short) lengths")
     args = ap.parse_args()
-    lengths = [int(x) for x in args.lengths.split(",")]
+    lengths = [int(x) for x in args.lengths.split(",") if x]
     device = "cpu" if args.smoke else "cuda"
     teacher, hybrid = build_models(SMOKE if args.smoke else LLAMA3_8B, device)
-    warm = min(4096, lengths[0])
+    warm = min([4096, *lengths])
     run(teacher, warm, warm, 4)  # warm-up: kernels compiled, allocator primed
     # The hybrid's sparse path (above dense_len, chunked queries) compiles its own kernels: warm it too.
-    sparse_warm = min(2 * hybrid.config.sparse["dense_len"] + 1024, lengths[0])
+    sparse_warm = min([2 * hybrid.config.sparse["dense_len"] + 1024, *lengths])
     run(hybrid, sparse_warm, min(args.chunk, sparse_warm // 2), 4)
     rows = []
     teacher_failed = False
@@ -96,6 +149,11 @@ def main():
         h = run(hybrid, n, min(args.chunk, n), args.decode)
         rows.append({"length": n, "teacher": t, "hybrid": h})
         print(json.dumps(rows[-1]), flush=True)
+    profile = None
+    if args.profile:
+        profile = {"teacher": profile_prefill(teacher, args.profile, args.teacher_chunk),
+                   "hybrid": profile_prefill(hybrid, args.profile, args.chunk)}
+        print(json.dumps(profile), flush=True)
     card_name = "cpu-smoke" if args.smoke else torch.cuda.get_device_name()
     card = card_name.replace(" ", "-")
     report = {
@@ -104,12 +162,13 @@ def main():
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
         "layer_types": hybrid.config.layer_types, "decode_tokens": args.decode,
-        "cache_bytes_per_token": hybrid.config.cache_bytes_per_token(2), "rows": rows,
+        "cache_bytes_per_token": hybrid.config.cache_bytes_per_token(2), "rows": rows, "profile": profile,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"long_context-{card}.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, args.out / f"long_context-{card}.png")
-    print_table(report)
+    if rows:
+        plot(report, args.out / f"long_context-{card}.png")
+        print_table(report)
 
 
 def _get(row, key, scale=1.0):
