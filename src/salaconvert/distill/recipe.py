@@ -83,6 +83,9 @@ class Runtime:
     checkpoint_every: int = 500  # steps between resumable checkpoints (0: only at the end of a stage)
     log_every: int = 10  # steps between metrics lines
     eval: bool = True  # held-out perplexity of teacher and student before and after
+    # CPU only: torch's intra-op threads for the run (None: torch's default). 1 is much faster on
+    # cores shared with other jobs: no thread waits at every op for a descheduled sibling.
+    cpu_threads: int | None = None
 
 
 @dataclass
@@ -117,6 +120,7 @@ class Recipe:
             _check(s.lr > 0 and 0 <= s.min_lr_ratio <= 1, f"{where}: lr must be > 0 and min_lr_ratio in [0, 1]")
             _check(s.kl_chunk >= 1 and s.temperature > 0, f"{where}: kl_chunk must be ≥ 1 and temperature > 0")
         _check(0 <= self.data.heldout_fraction < 1, "data.heldout_fraction: must be in [0, 1)")
+        _check(self.runtime.cpu_threads is None or self.runtime.cpu_threads >= 1, "runtime.cpu_threads: must be ≥ 1")
         _check(self.runtime.precision in ("auto", "bf16", "fp32"), "runtime.precision: expected auto, bf16 or fp32")
         _check(self.runtime.gradient_checkpointing in ("auto", "on", "off"),
                "runtime.gradient_checkpointing: expected auto, on or off")

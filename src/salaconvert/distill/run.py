@@ -94,6 +94,19 @@ def distill(checkpoint, teacher: str, data: list, out, recipe: str | Recipe | No
     train_docs, heldout_docs = split_documents(docs, recipe.data.heldout_fraction)
 
     accelerator = make_accelerator(recipe, cpu)
+    threads = torch.get_num_threads()
+    if accelerator.device.type == "cpu" and recipe.runtime.cpu_threads:
+        torch.set_num_threads(recipe.runtime.cpu_threads)
+    try:
+        return _run(checkpoint, teacher, data, out, recipe, stage_list, stages, resume, overwrite, stop_after, run_dir,
+                    progress, step, pair, accelerator, train_docs, heldout_docs, t0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(checkpoint, teacher, data, out, recipe, stage_list, stages, resume, overwrite, stop_after, run_dir, progress,
+         step, pair, accelerator, train_docs, heldout_docs, t0) -> dict:
+    resolved = recipe.to_yaml()
     if pair is None:
         teacher_m, student, tokenizer, shared_bytes = load_pair(checkpoint, teacher, step)
     else:
