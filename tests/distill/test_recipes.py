@@ -58,3 +58,10 @@ def test_bad_recipes_fail_with_one_line_naming_the_field(override, words):
 def test_unknown_recipe_name_is_an_input_error():
     with pytest.raises(InputError, match="no such file"):
         load_recipe("no-such-recipe")
+
+
+def test_fields_a_recipe_leaves_out_keep_that_stages_halo_defaults():
+    halo, one = load_recipe("halo"), load_recipe("halo-stage1")
+    assert one.stage1.micro_batch_size == halo.stage1.micro_batch_size == 4
+    assert one.stage2.lr == halo.stage2.lr == 1e-4 and not one.stage2.enabled
+    assert load_recipe("debug/tiny").stage3.trainable == "all" == halo.stage3.trainable

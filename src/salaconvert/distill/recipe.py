@@ -132,22 +132,26 @@ def _check(ok: bool, message: str) -> None:
         raise InputError(f"recipe: {message}")
 
 
-def from_dict(cls, data: dict, where: str = "recipe"):
-    """Build dataclass `cls` from `data`, refusing unknown keys and values of the wrong type."""
+def from_dict(cls, data: dict, where: str = "recipe", base=None):
+    """Build dataclass `cls` from `data`, refusing unknown keys and values of the wrong type.
+
+    Fields that `data` leaves out keep `base`'s values (default: `cls()`); nested sections start
+    from the parent's own default, so a recipe file only overrides the HALO settings it names.
+    """
     if not isinstance(data, dict):
         raise InputError(f"{where}: expected a mapping, got {type(data).__name__}")
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise InputError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
-    base = cls()
+    base = cls() if base is None else base
     values = {}
     for name, f in known.items():
         if name not in data:
             continue
         hint = typing.get_type_hints(cls)[name]
         if dataclasses.is_dataclass(hint):
-            values[name] = from_dict(hint, data[name], f"{where}.{name}")
+            values[name] = from_dict(hint, data[name], f"{where}.{name}", base=getattr(base, name))
         else:
             values[name] = _coerce(data[name], hint, f"{where}.{name}")
     return dataclasses.replace(base, **values)

@@ -75,9 +75,9 @@ def distill(checkpoint, teacher: str, data: list, out, recipe: str | Recipe | No
     """
     t0 = time.perf_counter()
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
-    stage_list = [n for n in (1, 2, 3) if recipe.stage(n).enabled] if stages == "all" else [int(stages)]
     if stages not in ("all", "1", "2", "3"):
         raise InputError(f"--stage {stages}: expected 1, 2, 3 or all")
+    stage_list = [n for n in (1, 2, 3) if recipe.stage(n).enabled] if stages == "all" else [int(stages)]
     out = Path(out)
     if not resume:
         check_output_dir(out, overwrite)
