@@ -39,10 +39,11 @@ def test_debug_recipe_lowers_the_stage1_and_stage2_losses(tmp_path, text_file):
     mse0, kl0 = _losses(teacher, student, ids)
     distill(None, "tiny", [text_file], tmp_path / "s1", recipe=recipe, pair=(teacher, student, tok), stages="1")
     mse1, kl1 = _losses(teacher, student, ids)
+    recipe = load_recipe("debug/tiny", ["stage2.steps=12"])  # a longer stage 2, for a clear drop
     report = distill(None, "tiny", [text_file], tmp_path / "s2", recipe=recipe, pair=(teacher, student, tok), stages="2")
     mse2, kl2 = _losses(teacher, student, ids)
-    assert mse1 < 0.5 * mse0, (mse0, mse1)  # measured 0.0031 → 0.0010
-    assert kl2 < 0.9 * kl1, (kl1, kl2)  # measured 0.0203 → 0.0169
+    assert mse1 < 0.5 * mse0, (mse0, mse1)  # measured 0.0031 → 0.0012
+    assert kl2 < 0.85 * kl1, (kl1, kl2)  # measured 0.0201 → 0.0162
     assert all(math.isfinite(v) for v in report["perplexity"].values())
 
 

@@ -113,8 +113,11 @@ def _run(checkpoint, teacher, data, out, recipe, stage_list, stages, resume, ove
         teacher_m, student, tokenizer = pair
         shared_bytes = share_frozen(student, teacher_m)
     step("tokenising")
-    need = max([recipe.stage(n).num_steps() * recipe.stage(n).batch_size * recipe.stage(n).seq_len for n in stage_list] + [0])
-    stream = tokenize(train_docs, tokenizer, max_tokens=need + max(recipe.stage(n).seq_len for n in (1, 2, 3)))
+    # Tokenise what the longest stage reads (later epochs reuse it); the same stream whichever
+    # stages this invocation runs, so `--stage 2` sees the batches a full run's stage 2 sees.
+    sized = [recipe.stage(n) for n in sorted(set(stage_list) | {n for n in (1, 2, 3) if recipe.stage(n).enabled})]
+    need = max(s.num_steps() * s.batch_size * s.seq_len + s.seq_len for s in sized)
+    stream = tokenize(train_docs, tokenizer, max_tokens=need)
     ev = recipe.data
     heldout = pack(tokenize(heldout_docs, tokenizer, max_tokens=ev.eval_tokens), ev.eval_seq_len)
 
