@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--align-steps", type=int, default=200)
     ap.add_argument("--halo-steps", type=int, default=200)
     ap.add_argument("--eval-seqs", type=int, default=32, help="held-out sequences for perplexity")
+    ap.add_argument("--probe-draws", type=int, default=3, help="recall probe draws of 10 items each")
     ap.add_argument("--methods", default="halo,kl,entropy,long_range,retrieval,uniform,random")
     ap.add_argument("--seeds", default="0,1,2", help="seeds of the random baseline")
     ap.add_argument("--out", default="benchmarks/results/selection_ablation.json")
@@ -67,8 +68,11 @@ def main() -> None:
     T = args.seq_len
     calib = build_calibration(tokenizer, train, data_name, T, args.calib_seqs, 0, spare_tokens=2 * T)
     align_cal = build_calibration(tokenizer, train, data_name, T, args.align_seqs, 1234)
-    heldout = build_calibration(tokenizer, held, data_name + " (held out)", T, args.eval_seqs, 0, spare_tokens=8 * T)
-    probe = recall_items(tokenizer, heldout, T, seed=7)
+    heldout = build_calibration(tokenizer, held, data_name + " (held out)", T, args.eval_seqs, 0)
+    # The recall probe has its own held-out packing, so it does not change with --eval-seqs; each
+    # draw is 10 items (pass key and span repeat at 5 depths), --probe-draws of them.
+    probe_text = build_calibration(tokenizer, held, data_name + " (held out)", T, 2, 99, spare_tokens=8 * T)
+    probe = [item for d in range(args.probe_draws) for item in recall_items(tokenizer, probe_text, T, seed=7 + d)]
     log = lambda *a: print(f"[{time.perf_counter() - t0:7.1f}s]", *a, file=sys.stderr, flush=True)  # noqa: E731
     log(f"{args.model}: {L} layers on {args.device}; {len(train)}/{len(held)} train/held-out documents")
 
