@@ -78,12 +78,15 @@ def main() -> None:
 
     # 1. plans
     plans, timings = {}, {}
-    for method in args.methods.split(","):
+    for spec in args.methods.split(","):
+        # "halo:halo_recall=acc" is a variant: scorer options after the colon, k=v joined by "+".
+        method, _, extra = spec.partition(":")
+        opts = dict(kv.split("=", 1) for kv in extra.split("+") if kv)
         seeds = [int(s) for s in args.seeds.split(",")] if method == "random" else [0]
         for seed in seeds:
-            name = f"random(seed={seed})" if method == "random" else method
+            name = f"random(seed={seed})" if method == "random" else spec
             ctx = ScoreContext(teacher, tokenizer, calib, L, T, seed, args.ratio, True,
-                               {"halo_steps": args.halo_steps, "batch_size": 4})
+                               {"halo_steps": args.halo_steps, "batch_size": 4, **opts})
             t = time.perf_counter()
             result = get_scorer(method).fn(ctx)
             timings[name] = time.perf_counter() - t

@@ -9,7 +9,7 @@
 Probes (from the calibration text, `probes.py`): R = mean log-probability of the tokens to
 recall (span repeats and pass keys at five depths; log-probability rather than accuracy because a
 small model's accuracy saturates or floors and then cannot rank layers; accuracy is reported
-too); C = −next-token loss on held-out packed text (nats/token).
+too; `halo_recall="acc"` uses accuracy, as HALO did); C = −next-token loss on held-out packed text (nats/token).
 ε: 5% of the spread of C over layers, so one layer whose general drop happens to be ~0 does not
 win on noise alone; `halo_eps` sets it absolutely.
 """
@@ -48,16 +48,19 @@ def halo(ctx: ScoreContext) -> ScoreResult:
     items = recall_items(ctx.tokenizer, ctx.calibration, ctx.seq_len, ctx.seed)
     teacher, per = evaluate_swaps(ctx, aligned, ids[n_align:], items, "one-layer swaps (recall, general)")
     L = ctx.num_layers
-    R = [per[i].recall_logp for i in range(L)]
+    recall = o.get("halo_recall", "logp")
+    if recall not in ("logp", "acc"):
+        raise InputError(f"halo_recall {recall!r}: expected 'logp' or 'acc'")
+    R = [per[i].recall_logp if recall == "logp" else per[i].recall_acc for i in range(L)]
     C = [-per[i].nll for i in range(L)]
     eps = float(o["halo_eps"]) if "halo_eps" in o else 0.05 * (max(C) - min(C)) + 1e-8
     scores = [(max(R) - R[i]) / (max(C) - C[i] + eps) for i in range(L)]
     details = {
         "teacher": {"nll": teacher.nll, "recall_logp": teacher.recall_logp, "recall_acc": teacher.recall_acc},
-        "recall_logp": R, "recall_acc": [per[i].recall_acc for i in range(L)], "nll": [-c for c in C],
+        "recall_metric": recall, "recall_logp": [per[i].recall_logp for i in range(L)], "recall_acc": [per[i].recall_acc for i in range(L)], "nll": [-c for c in C],
         "eps": eps, "align_steps": steps, "align_lr": lr, "align_seqs": n_align,
         "align_rel_mse": [[reports[i].rel_mse_before, reports[i].rel_mse_after] for i in range(L)],
     }
-    columns = {"recall Δlogp": [teacher.recall_logp - r for r in R], "Δloss": [per[i].nll - teacher.nll for i in range(L)],
+    columns = {"recall Δlogp": [teacher.recall_logp - per[i].recall_logp for i in range(L)], "Δloss": [per[i].nll - teacher.nll for i in range(L)],
                "align rel-MSE": [reports[i].rel_mse_after for i in range(L)]}
     return ScoreResult(scores, details, columns)
