@@ -91,3 +91,38 @@ def test_stage3_long_context_cross_entropy_runs_and_lowers_the_loss(tmp_path, te
     loss = report["losses"]["3"]
     assert report["stages_done"] == [3] and loss["steps"] == 4 and report["tokens"]["3"] == 4 * 2 * 64
     assert loss["last"] < loss["first"]  # next-token CE of a random tiny model on real text: falls at once
+
+
+BF16_RUN = """
+import sys, torch
+sys.path[:0] = [{tests!r}, {here!r}]
+from test_train import _pair
+from salaconvert.distill import distill, load_recipe
+t, s, tok = _pair()
+r = load_recipe("debug/tiny", ["runtime.precision=bf16", "stage2.steps=2", "runtime.eval=false"])
+seen = []
+t.model.layers[0].mlp.register_forward_hook(lambda m, i, o: seen.append((m.up_proj.weight.dtype, o.dtype)))
+rep = distill(None, "x", [{data!r}], {out!r}, recipe=r, pair=(t, s, tok), stages="1", cpu=True)
+assert rep["precision"] == "bf16", rep["precision"]
+assert (torch.bfloat16, torch.bfloat16) in seen, seen  # frozen weights in bf16 during training, bf16 activations
+assert s.model.layers[0].mlp.up_proj.weight is t.model.layers[0].mlp.up_proj.weight  # still one shared copy
+assert t.model.rotary_emb.inv_freq.dtype == torch.float32  # buffers are not cast
+print("ok", rep["losses"]["1"]["last"] < rep["losses"]["1"]["first"])
+"""
+
+
+def test_bf16_autocast_path_on_the_cpu(tmp_path, text_file):
+    """What the GPU runs (bf16 autocast, frozen weights in bf16, fp32 trainable copies), in a fresh
+    process: accelerate keeps one precision per process, and the other tests use fp32."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    script = tmp_path / "run.py"
+    script.write_text(BF16_RUN.format(tests=str(here.parent), here=str(here), data=str(text_file), out=str(tmp_path / "o")))
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ok True" in result.stdout

@@ -57,6 +57,8 @@ def distill(
         step = lambda what: err.print(f"[dim]distill: {what}…[/]")  # noqa: E731 (training has its own bars)
         report = run(checkpoint, teacher, [str(d) for d in data], out_dir, recipe=r, stages=stage.value, resume=resume,
                      overwrite=overwrite, stop_after=stop_after, progress=_progress(), step=step)
+    if not report.get("main_process", True):
+        return  # under `accelerate launch`, the main process reports
     print_report(report)
     if as_json:
         out.print_json(json.dumps(report, default=str))

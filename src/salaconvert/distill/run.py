@@ -134,7 +134,12 @@ def _run(checkpoint, teacher, data, out, recipe, stage_list, stages, resume, ove
     student.to(accelerator.device)
     teacher_m.to(accelerator.device)
     if accelerator.mixed_precision == "bf16":
-        teacher_m.to(torch.bfloat16)  # frozen shared tensors in bf16; trainable ones get fp32 copies per stage
+        # Frozen weights in bf16, in place, so the student's shared ones follow; trainable ones get
+        # fp32 copies per stage. Parameters only: buffers such as the rotary inv_freq stay fp32.
+        for p in teacher_m.parameters():
+            p.data = p.data.to(torch.bfloat16)
+    if not accelerator.is_main_process:
+        progress = None  # one set of bars under `accelerate launch`
     session = train.Session(teacher_m, student, recipe, accelerator, stream, run_dir, state, progress=progress,
                             stop_after=stop_after, metrics_path=run_dir / "metrics.jsonl")
     if recipe.runtime.eval and "teacher" not in state.perplexity:
@@ -150,6 +155,7 @@ def _run(checkpoint, teacher, data, out, recipe, stage_list, stages, resume, ove
                       "heldout_tokens": heldout.numel(), "train_tokens_available": stream.numel()},
         "shared_frozen_bytes": shared_bytes, "device": str(accelerator.device),
         "precision": accelerator.mixed_precision, "processes": accelerator.num_processes,
+        "main_process": accelerator.is_main_process,
     }
     step("training")
     with (progress if progress is not None else _null()):
@@ -186,7 +192,10 @@ def _run(checkpoint, teacher, data, out, recipe, stage_list, stages, resume, ove
                 shutil.copy(run_dir / "metrics.jsonl", folder / "metrics.jsonl")
             (folder / REPORT).write_text(json.dumps(report, indent=2, default=str) + "\n")
 
-        student.to(device="cpu", dtype=_stored_dtype(checkpoint))
+        student.to("cpu")
+        dtype = _stored_dtype(checkpoint)
+        for p in student.parameters():  # parameters only: fp32 buffers (decays, inv_freq) stay fp32
+            p.data = p.data.to(dtype)
         save_checkpoint(student, tokenizer, out, sidecar, overwrite=out.exists(), extra=extra)
         shutil.rmtree(run_dir / train.STATE, ignore_errors=True)
     accelerator.wait_for_everyone()
