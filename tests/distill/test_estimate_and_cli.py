@@ -98,3 +98,21 @@ def test_bad_input_is_exit_2_one_line_and_nothing_written(converted, text_file, 
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and words in errors[0] and result.output.strip().endswith(errors[0])  # one line, last
     assert not (tmp_path / "o").exists()
+
+
+def test_stop_after_then_resume_from_the_command_line(converted, text_file, tmp_path):
+    teacher, hybrid = converted
+    out = tmp_path / "d"
+    args = ["distill", str(hybrid), "--teacher", str(teacher), "--data", str(text_file), "--recipe", "debug/tiny",
+            "--out", str(out)]
+    stopped = runner.invoke(app, [*args, "--stop-after", "3"])
+    assert stopped.exit_code == 0, stopped.output
+    assert "--resume" in stopped.output and not out.exists()
+    again = runner.invoke(app, args)  # an unfinished run is neither resumed nor clobbered silently
+    assert again.exit_code == 2 and "unfinished run" in again.output
+    changed = runner.invoke(app, [*args, "--resume", "--set", "stage2.lr=0.5"])
+    assert changed.exit_code == 2 and "recipe differs" in changed.output
+    resumed = runner.invoke(app, [*args, "--resume", "--json"])
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout[resumed.stdout.index("{"):])["stages_done"] == [1, 2]
+    assert json.loads((out / "salaconvert.json").read_text())["distillation"]["tokens"] == {"1": 768, "2": 768}
