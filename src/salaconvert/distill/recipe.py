@@ -175,6 +175,8 @@ def _coerce(value, hint, where: str):
                 pass
         if t is str and isinstance(value, str):
             return value
+        if t is str and isinstance(value, bool):  # YAML 1.1 reads a bare on/off as a boolean
+            return "on" if value else "off"
     names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
     raise InputError(f"{where}: expected {names}, got {value!r}")
 
