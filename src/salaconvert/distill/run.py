@@ -107,6 +107,10 @@ def distill(checkpoint, teacher: str, data: list, out, recipe: str | Recipe | No
 def _run(checkpoint, teacher, data, out, recipe, stage_list, stages, resume, overwrite, stop_after, run_dir, progress,
          step, pair, accelerator, train_docs, heldout_docs, t0) -> dict:
     resolved = recipe.to_yaml()
+    for n in stage_list:
+        if recipe.stage(n).batch_size % accelerator.num_processes:
+            raise InputError(f"recipe: stage{n}.batch_size={recipe.stage(n).batch_size} does not split evenly "
+                             f"over {accelerator.num_processes} processes")
     if pair is None:
         teacher_m, student, tokenizer, shared_bytes = load_pair(checkpoint, teacher, step)
     else:
@@ -152,7 +156,8 @@ def _run(checkpoint, teacher, data, out, recipe, stage_list, stages, resume, ove
         "recipe": recipe.name, "stages": stage_list, "run_dir": str(run_dir),
         "documents": {"train": len(train_docs), "heldout": len(heldout_docs),
                       "heldout_rule": f"sha1(text)[:8] < {ev.heldout_fraction} of 2^64",
-                      "heldout_tokens": heldout.numel(), "train_tokens_available": stream.numel()},
+                      "heldout_tokens": heldout.numel(), "train_tokens_available": stream.numel(),
+                      "heldout_sources": [d.source for d in heldout_docs[:100]]},
         "shared_frozen_bytes": shared_bytes, "device": str(accelerator.device),
         "precision": accelerator.mixed_precision, "processes": accelerator.num_processes,
         "main_process": accelerator.is_main_process,
