@@ -15,7 +15,9 @@ class RMSNorm(nn.Module):
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # In the input's dtype even when the weight is fp32 (trainable under bf16 autocast), so the
+        # kernels after it see bf16, not a promoted fp32.
+        return (self.weight * x).to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
