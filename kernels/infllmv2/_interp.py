@@ -1,29 +1,9 @@
-"""Let Triton 3.6's interpreter (TRITON_INTERPRET=1) run loops with runtime bounds under NumPy ≥ 2.4.
-
-The interpreter keeps scalars as 1-element arrays and turns them into Python ints with
-`int(array)`, which NumPy 2.4 rejects, so `range(0, n)` over a runtime `n` fails. We wrap the
-interpreter's tensor patcher so `__index__` reads the single element. Idempotent; harmless when
-the Lightning kernels' identical fix is already installed; a no-op without the interpreter.
-"""
+"""Interpreter-safe reductions for the InfLLM-V2 kernels (see below); the NumPy index fix is
+`salaconvert.kernels._interpreter`."""
 from __future__ import annotations
 
-
-def fix_interpreter_index() -> None:
-    try:
-        import triton.runtime.interpreter as interp
-    except Exception:
-        return
-    orig = getattr(interp, "_patch_lang_tensor", None)
-    if orig is None or getattr(orig, "_index_fixed", False) or getattr(orig, "_salaconvert_patched", False):
-        return
-
-    def patched(tensor, scope):
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._index_fixed = True
-    interp._patch_lang_tensor = patched
-
+import triton
+import triton.language as tl
 
 # Reductions through tl.reduce with triton.language's own combine functions. tl.sum / tl.max /
 # tl.min are @jit functions of triton.language, so they are compiled-mode objects whenever triton
@@ -31,8 +11,6 @@ def fix_interpreter_index() -> None:
 # the interpreter then refuses to call them. tl.reduce is a builtin and always patched; with these
 # exact combine functions the interpreter takes its NumPy fast path (any other combine function
 # falls back to a per-element Python loop), and compiled code is the same as tl.sum / tl.max.
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 
 
 @triton.jit

@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from salaconvert.kernels.infllmv2._interp import fix_interpreter_index, rmax, rmin, rsum
+from salaconvert.kernels._interpreter import fix_interpreter_index
+from salaconvert.kernels.infllmv2._interp import rmax, rmin, rsum
 
 from salaconvert.kernels.infllmv2 import layout
 from salaconvert.kernels.infllmv2.layout import Seqs, compress_k_flat, make_seqs, make_tiles, next_pow2

@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from salaconvert.kernels.infllmv2._interp import fix_interpreter_index, rmax, rsum, sort_rows
+from salaconvert.kernels._interpreter import fix_interpreter_index
+from salaconvert.kernels.infllmv2._interp import rmax, rsum, sort_rows
 
 from salaconvert.kernels.infllmv2 import layout
 from salaconvert.kernels.infllmv2.layout import Seqs, make_tiles, next_pow2

@@ -18,9 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from salaconvert.kernels.lightning._triton_compat import patch_interpreter
+from salaconvert.kernels._interpreter import fix_interpreter_index
 
-patch_interpreter()
+fix_interpreter_index()
 
 __all__ = ["chunk_lightning_attn"]
 
