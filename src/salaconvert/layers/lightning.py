@@ -32,7 +32,9 @@ class LightningAttention(nn.Module):
         self.z_proj = nn.Linear(D, H * d, bias=False)  # output gate; init in SalaHybridForCausalLM._init_weights
         self.register_buffer("log_decay", torch.tensor(config.layer_log_decay(layer_idx), dtype=torch.float32))
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, cache=None,
+                **kwargs):
+        past_key_values = cache if cache is not None else past_key_values  # transformers ≥ 5.24 says `cache`
         x_BTD = hidden_states
         B, T, _ = x_BTD.shape
         d = self.head_dim

@@ -34,7 +34,9 @@ class SparseAttention(nn.Module):
         self.rope = config.sparse["rope"]
         self.kernel_kwargs = {key: config.sparse[key] for key in _KERNEL_KEYS}
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, cache=None,
+                **kwargs):
+        past_key_values = cache if cache is not None else past_key_values  # transformers ≥ 5.24 says `cache`
         x_BTD = hidden_states
         B, T, _ = x_BTD.shape
         d = self.head_dim

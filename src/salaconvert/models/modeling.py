@@ -5,6 +5,8 @@ the teacher's base model rebuilt from the nested teacher config, and every layer
 is not "full_attention" gets a `LightningAttention` or `SparseAttention` in place of its
 attention. Parameter names stay the teacher's, so conversion can reuse the teacher's tensors.
 """
+import inspect
+
 import torch
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
@@ -53,6 +55,8 @@ class SalaHybridForCausalLM(SalaHybridPreTrainedModel, GenerationMixin):
             if layer_type in _LAYER_CLASSES:
                 setattr(layers[idx], self.arch.attention, _LAYER_CLASSES[layer_type](config, idx))
         self._no_split_modules = [type(layers[0]).__name__]
+        # transformers ≥ 5.24 names the cache argument `cache` (`past_key_values` is deprecated there).
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -83,8 +87,11 @@ class SalaHybridForCausalLM(SalaHybridPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        if cache is not None:  # transformers ≥ 5.24 renamed past_key_values to cache
+            past_key_values = cache
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if use_cache and past_key_values is None:
@@ -97,9 +104,9 @@ class SalaHybridForCausalLM(SalaHybridPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            **{self._cache_kwarg: past_key_values},
             **kwargs,
         )
         hidden = out.last_hidden_state
@@ -111,7 +118,7 @@ class SalaHybridForCausalLM(SalaHybridPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=out.past_key_values,
+            past_key_values=past_key_values,
             hidden_states=out.hidden_states,
             attentions=out.attentions,
         )
