@@ -33,7 +33,7 @@ def analyze(
     Higher score = keep softmax. The first and last layers are kept by SALA's rule; the best-scoring
     others fill the ratio. The plan feeds `salaconvert convert MODEL --plan plan.json`.
     """
-    quiet_transformers()  # before the heavy imports: tqdm reads TQDM_DISABLE when it is imported
+    quiet_transformers()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from salaconvert.analyze import analyze_model

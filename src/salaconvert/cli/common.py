@@ -1,5 +1,6 @@
 """What every verb shares: the consoles, the one-line error exit, progress for long steps."""
 import contextlib
+import functools
 import logging
 import os
 from enum import Enum
@@ -8,10 +9,6 @@ import typer
 from rich.console import Console
 
 from salaconvert.units import human_bytes, human_count  # noqa: F401  (re-exported for the verbs)
-
-# Set before transformers (and its tqdm) is imported by any verb: the GGUF loader's bar ignores
-# transformers' own switch. The CLI shows its own progress instead.
-os.environ.setdefault("TQDM_DISABLE", "1")
 
 err = Console(stderr=True)  # tables, progress and messages
 out = Console()  # data: generated text, --json output
@@ -57,3 +54,9 @@ def quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    # The GGUF loader calls tqdm directly, ignoring the switch above (and tqdm was imported, with
+    # its environment defaults, before any verb ran): give that module a silent tqdm.
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    if not isinstance(gguf_utils.tqdm, functools.partial):
+        gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
