@@ -24,19 +24,12 @@ def log(what: str) -> None:
 def prepare(gguf: str, work: Path) -> None:
     from salaconvert.cli.common import quiet_transformers
     from salaconvert.convert import convert_model
-    from salaconvert.io.load import load_model, load_tokenizer, resolve_source
+    from salaconvert.io.load import resolve_source, save_as_hf_directory
 
     quiet_transformers()
     teacher = work / "teacher"
     if not (teacher / "config.json").exists():
-        source = resolve_source(gguf)
-        model = load_model(source, "bfloat16")
-        # transformers de-quantizes a GGUF on load but keeps the GGUF marker, which refuses to save.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(teacher)
-        load_tokenizer(source).save_pretrained(teacher)
+        save_as_hf_directory(resolve_source(gguf), teacher, "bfloat16")
         log(f"teacher saved to {teacher}")
     if not (work / "hybrid" / "config.json").exists():
         report = convert_model(str(teacher), work / "hybrid", ratio="1:3", step=log)

@@ -106,6 +106,17 @@ def load_tokenizer(source: ModelSource, required: bool = True):
         raise InputError(f"{source.spec}: cannot load its tokenizer ({_first_line(e)})") from None
 
 
+def save_as_hf_directory(source: ModelSource, folder, dtype: str = "float32") -> None:
+    """Write MODEL (a GGUF included, de-quantised) as a plain Hugging Face directory with its tokenizer."""
+    model = load_model(source, dtype)
+    # transformers de-quantises a GGUF on load but keeps its quantizer marker, which refuses to save.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(folder)
+    load_tokenizer(source).save_pretrained(folder)
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0][:200] if text else type(e).__name__
