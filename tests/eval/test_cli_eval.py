@@ -53,7 +53,8 @@ def test_eval_writes_json_and_heatmaps_teacher_beside_hybrid(dirs, tmp_path):
     assert "Held-out perplexity" in result.output and "passkey" in result.output
 
 
-@pytest.mark.parametrize("case", ["tasks", "lengths", "depths", "too short", "model", "teacher", "data", "out", "trials"])
+@pytest.mark.parametrize("case", ["tasks", "lengths", "depths", "too short", "model", "teacher", "data", "out", "trials",
+                                  "threads", "lm-limit"])
 def test_bad_input_exits_2_with_one_line(case, dirs, tmp_path):
     teacher_dir, hybrid_dir = dirs
     a_file = tmp_path / "file.txt"
@@ -68,6 +69,8 @@ def test_bad_input_exits_2_with_one_line(case, dirs, tmp_path):
         "data": ["--data", tmp_path / "missing.jsonl.xz"],
         "out": ["--out", a_file],
         "trials": ["--trials", "0"],
+        "threads": ["--threads", "0"],
+        "lm-limit": ["--lm-limit", "-1"],
     }[case]
     model = tmp_path / "no-model" if case == "model" else hybrid_dir
     result = _run("eval", model, "--out", tmp_path / "o", *args)

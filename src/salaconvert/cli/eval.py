@@ -6,6 +6,7 @@ from typing import Annotated
 import typer
 
 from salaconvert.cli.common import MODEL_HELP, DType, err, out, steps, user_errors
+from salaconvert.errors import InputError
 
 TASK_NAMES = ("ppl", "passkey", "niah", "niah_single", "niah_multi", "lmeval")
 
@@ -71,8 +72,6 @@ def eval_cmd(
 
 
 def sidecar_teacher(model: str, default_teacher, resolve_source) -> str | None:
-    from salaconvert.errors import InputError
-
     teacher = default_teacher(model)
     if teacher is None:
         return None
