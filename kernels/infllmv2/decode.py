@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from salaconvert.kernels._interpreter import fix_interpreter_index
-from salaconvert.kernels.infllmv2._interp import rmax, rmin, rsum
+from salaconvert.kernels.infllmv2._interp import rmax, rsum
 from salaconvert.kernels.infllmv2 import layout
 from salaconvert.kernels.infllmv2.layout import next_pow2
 from salaconvert.kernels.infllmv2.select import _pool_width, keys_to_blocks

@@ -46,7 +46,7 @@ def naive_lightning_attn(q, k, v, decay, scale=None, initial_state=None, output_
     Returns o [B, T, H, V] in q's dtype and final_state [N, H, K, V] fp32 (None unless output_final_state).
     With cu_seqlens ([N+1] int, B == 1) the N sequences are packed along T and each starts from its own state.
     """
-    N = _check(q, k, v, decay, initial_state, cu_seqlens)
+    _check(q, k, v, decay, initial_state, cu_seqlens)
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else scale
@@ -119,9 +119,8 @@ def chunk_lightning_attn_torch(q, k, v, decay, scale=None, initial_state=None, o
     Internal math in fp32; o is returned in q's dtype, final_state in fp32. This is the CPU path for
     prefill and training.
     """
-    N = _check(q, k, v, decay, initial_state, cu_seqlens)
+    _check(q, k, v, decay, initial_state, cu_seqlens)
     B, T, H, K = q.shape
-    V = v.shape[-1]
     scale = K ** -0.5 if scale is None else scale
     qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))          # [B, H, T, *]
     outs, finals = [], []

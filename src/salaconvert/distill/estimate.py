@@ -77,7 +77,6 @@ def estimate_memory(config, recipe: Recipe, stages=(1, 2), bf16: bool = True, gr
         if n == 1:
             captures = n_conv * 2 * N * D * w
             new_modules = n_conv * N * (10 * H * d * w + 2 * D * 4) + n_lin * lightning_extra  # + fp32 MSE inputs
-            acts = captures + new_modules + one_layer  # the teacher's forward is transient, one layer at a time
             detail = {"captured teacher inputs/outputs": captures, "new modules' saved tensors": new_modules,
                       "teacher forward (one layer)": one_layer}
         else:
@@ -87,7 +86,6 @@ def estimate_memory(config, recipe: Recipe, stages=(1, 2), bf16: bool = True, gr
             logits = 6 * micro * chunk * V * 4  # fp32: logits, log-softmax of both, exp, grad (one chunk)
             hidden = 3 * N * D * w  # student and teacher final hidden states, grad
             teacher_fwd = one_layer
-            acts = stored + logits + hidden + teacher_fwd
             detail = {"layer activations" + (" (checkpointed)" if gradient_checkpointing else ""): stored,
                       "logits (one chunk)": logits, "final hidden states": hidden, "teacher forward (one layer)": teacher_fwd}
         parts = {
