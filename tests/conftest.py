@@ -8,7 +8,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tiny import ARCHS  # noqa: E402
+from tiny import ARCHS, save_tiny_teacher  # noqa: E402
 
 # Tiny tensors: one thread is faster than two that wait on each other, and CI machines are small.
 torch.set_num_threads(1)
@@ -18,3 +18,9 @@ torch.set_num_threads(1)
 def arch(request):
     """Each registered architecture in turn."""
     return request.param
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory):
+    """A tiny llama teacher saved as a local Hugging Face directory, with a tokenizer."""
+    return save_tiny_teacher(tmp_path_factory.mktemp("teacher") / "tiny-llama")

@@ -15,3 +15,12 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, a
     max_abs = diff.max().item() if diff.numel() else 0.0
     rel = (diff.norm() / e.norm().clamp_min(1e-30)).item() if diff.numel() else 0.0
     assert rel <= rtol or max_abs <= atol, f"{what}: rel err {rel:.3e} > {rtol:.1e}, max abs diff {max_abs:.3e} > {atol:.1e}"
+
+
+def run_cli(*args):
+    """`salaconvert ARGS...` in-process, as a user would type it (paths and numbers become strings)."""
+    from typer.testing import CliRunner
+
+    from salaconvert.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])

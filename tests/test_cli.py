@@ -3,26 +3,13 @@ import json
 import os
 
 import pytest
-from typer.testing import CliRunner
 
-from salaconvert.cli import app
-from tiny import save_tiny_teacher
-
-runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    return save_tiny_teacher(tmp_path_factory.mktemp("teacher") / "tiny-llama")
-
-
-def _run(*args):
-    return runner.invoke(app, [str(a) for a in args])
+from helpers import run_cli
 
 
 def test_convert_writes_a_checkpoint_and_report(teacher_dir, tmp_path):
     out = tmp_path / "hybrid"
-    result = _run("convert", teacher_dir, "--out", out, "--ratio", "1:3", "--json")
+    result = run_cli("convert", teacher_dir, "--out", out, "--ratio", "1:3", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads((out / "conversion_report.json").read_text())
     assert report["layer_types"] == ["sparse_attention", "linear_attention", "linear_attention", "sparse_attention"]
@@ -31,11 +18,11 @@ def test_convert_writes_a_checkpoint_and_report(teacher_dir, tmp_path):
     assert json.loads(result.stdout[result.stdout.index("{"):])["counts"]["sparse_attention"] == 2
     assert (out / "tokenizer.json").exists()
 
-    info = _run("info", out, "--json")
+    info = run_cli("info", out, "--json")
     assert info.exit_code == 0, info.output
     assert json.loads(info.stdout[info.stdout.index("{"):])["layer_types"] == report["layer_types"]
 
-    gen = _run("generate", out, "hello", "--max-new-tokens", "5", "--teacher", teacher_dir)
+    gen = run_cli("generate", out, "hello", "--max-new-tokens", "5", "--teacher", teacher_dir)
     assert gen.exit_code == 0, gen.output
     assert "teacher" in gen.output and "tokens/s" in gen.output
 
@@ -44,7 +31,7 @@ def test_convert_uses_a_plan_file_exactly(teacher_dir, tmp_path):
     plan = tmp_path / "plan.json"
     types = ["linear_attention", "sparse_attention", "full_attention", "linear_attention"]
     plan.write_text(json.dumps({"layer_types": types, "method": "manual"}))
-    result = _run("convert", teacher_dir, "--out", tmp_path / "h", "--plan", plan)
+    result = run_cli("convert", teacher_dir, "--out", tmp_path / "h", "--plan", plan)
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "h" / "config.json").read_text())["layer_types"] == types
 
@@ -69,7 +56,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, teacher_dir, t
         "out exists": [teacher_dir, "--out", work],
     }[case]
     before = sorted(os.listdir(work))
-    result = _run("convert", *args)
+    result = run_cli("convert", *args)
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.output
@@ -87,6 +74,6 @@ def _bert_dir(tmp_path):
 
 def test_help_explains_each_verb():
     for verb in ("convert", "generate", "info"):
-        result = _run(verb, "--help")
+        result = run_cli(verb, "--help")
         assert result.exit_code == 0 and "Usage" in result.output
-    assert "--ratio" in _run("convert", "--help").output
+    assert "--ratio" in run_cli("convert", "--help").output

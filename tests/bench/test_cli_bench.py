@@ -3,12 +3,9 @@ bad input → exit 2, one line."""
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from salaconvert.cli import app
 from tiny import save_tiny_teacher, tiny_tokenizer
-
-runner = CliRunner()
+from helpers import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +24,9 @@ def dirs(tmp_path_factory):
     return teacher_dir, root / "hybrid"
 
 
-def _run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
 def test_bench_writes_json_markdown_and_plot(dirs, tmp_path):
     teacher_dir, hybrid_dir = dirs
-    result = _run("bench", hybrid_dir, "--teacher", teacher_dir, "--lengths", "32,96", "--decode-tokens", "3", "--repeats", "2",
+    result = run_cli("bench", hybrid_dir, "--teacher", teacher_dir, "--lengths", "32,96", "--decode-tokens", "3", "--repeats", "2",
                   "--chunk", "64", "--out", tmp_path)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "bench.json").read_text())
@@ -55,7 +48,7 @@ def test_bench_writes_json_markdown_and_plot(dirs, tmp_path):
 @pytest.mark.parametrize("args", [["--lengths", "12x"], ["--lengths", ""], ["--teacher", "/no/such/model"],
                                   ["--decode-tokens", "0"], ["--threads", "0"]])
 def test_bad_input_exits_2_with_one_line(dirs, tmp_path, args):
-    result = _run("bench", dirs[1], "--out", tmp_path / "o", *args)
+    result = run_cli("bench", dirs[1], "--out", tmp_path / "o", *args)
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1, result.output

@@ -3,12 +3,9 @@ bad input → exit 2, one line."""
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from salaconvert.cli import app
 from tiny import save_tiny_teacher, tiny_tokenizer
-
-runner = CliRunner()
+from helpers import run_cli
 
 
 def make_hybrid(root):
@@ -30,14 +27,10 @@ def dirs(tmp_path_factory):
     return make_hybrid(tmp_path_factory.mktemp("eval"))
 
 
-def _run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
 def test_eval_writes_json_and_heatmaps_teacher_beside_hybrid(dirs, tmp_path):
     teacher_dir, hybrid_dir = dirs
     out = tmp_path / "report"
-    result = _run("eval", hybrid_dir, "--tasks", "ppl,passkey,lmeval", "--lengths", "400", "--depths", "0.5",
+    result = run_cli("eval", hybrid_dir, "--tasks", "ppl,passkey,lmeval", "--lengths", "400", "--depths", "0.5",
                   "--ppl-tokens", "400", "--out", out, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads((out / "eval.json").read_text())
@@ -73,7 +66,7 @@ def test_bad_input_exits_2_with_one_line(case, dirs, tmp_path):
         "lm-limit": ["--lm-limit", "-1"],
     }[case]
     model = tmp_path / "no-model" if case == "model" else hybrid_dir
-    result = _run("eval", model, "--out", tmp_path / "o", *args)
+    result = run_cli("eval", model, "--out", tmp_path / "o", *args)
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.output
@@ -86,7 +79,7 @@ def test_a_missing_sidecar_teacher_is_a_warning_and_the_model_runs_alone(dirs, t
     hybrid = tmp_path / "moved-hybrid"
     shutil.copytree(dirs[1], hybrid)
     (hybrid / "salaconvert.json").write_text(json.dumps({"source": {"model": str(tmp_path / "gone")}}))
-    result = _run("eval", hybrid, "--tasks", "ppl", "--lengths", "16", "--ppl-tokens", "32", "--out", tmp_path / "r")
+    result = run_cli("eval", hybrid, "--tasks", "ppl", "--lengths", "16", "--ppl-tokens", "32", "--out", tmp_path / "r")
     assert result.exit_code == 0, result.output
     assert "warning" in result.output and "gone" in result.output
     report = json.loads((tmp_path / "r" / "eval.json").read_text())

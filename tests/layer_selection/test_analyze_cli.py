@@ -4,27 +4,14 @@ import json
 import os
 
 import pytest
-from typer.testing import CliRunner
 
-from salaconvert.cli import app
 from salaconvert.layer_selection import LayerPlan
-from tiny import save_tiny_teacher
-
-runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    return save_tiny_teacher(tmp_path_factory.mktemp("teacher") / "tiny-llama")
-
-
-def _run(*args):
-    return runner.invoke(app, [str(a) for a in args])
+from helpers import run_cli
 
 
 def test_analyze_writes_plan_plot_and_summary_and_convert_follows_the_plan(teacher_dir, tmp_path):
     plan_path, png = tmp_path / "plan.json", tmp_path / "plan.png"
-    result = _run("analyze", teacher_dir, "--method", "kl", "--seq-len", "96", "--ratio", "1:1",
+    result = run_cli("analyze", teacher_dir, "--method", "kl", "--seq-len", "96", "--ratio", "1:1",
                   "--out", plan_path, "--plot", png, "--json")
     assert result.exit_code == 0, result.output
     plan = LayerPlan.load(plan_path).validate(4)
@@ -39,14 +26,14 @@ def test_analyze_writes_plan_plot_and_summary_and_convert_follows_the_plan(teach
     types = ["sparse_attention", "sparse_attention", "linear_attention", "full_attention"]
     LayerPlan(types, scores=plan.scores, method=plan.method, ratio="1:3").save(plan_path)
     out = tmp_path / "hybrid"
-    converted = _run("convert", teacher_dir, "--plan", plan_path, "--out", out, "--ratio", "1:3")
+    converted = run_cli("convert", teacher_dir, "--plan", plan_path, "--out", out, "--ratio", "1:3")
     assert converted.exit_code == 0, converted.output
     assert json.loads((out / "config.json").read_text())["layer_types"] == types
     assert json.loads((out / "salaconvert.json").read_text())["plan"]["layer_types"] == types
 
 
 def test_help_lists_the_options():
-    result = _run("analyze", "--help")
+    result = run_cli("analyze", "--help")
     assert result.exit_code == 0
     for option in ("--method", "--data", "--ratio", "--seed", "--out", "--plot"):
         assert option in result.output
@@ -68,7 +55,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, teacher_dir, t
         "halo seqs": ["--method", "halo", "--num-seqs", "1", "--seq-len", "96", "--plot", work / "plan.png"],  # fails mid-run
     }[case]
     model = tmp_path / "no-such-model" if case == "model" else teacher_dir
-    result = _run("analyze", model, "--out", plan, *args) if case != "out dir" else _run("analyze", model, *args)
+    result = run_cli("analyze", model, "--out", plan, *args) if case != "out dir" else run_cli("analyze", model, *args)
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.output
@@ -79,7 +66,7 @@ def test_plot_without_matplotlib_is_a_clear_error_before_any_work(teacher_dir, t
     import sys
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib → ImportError
-    result = _run("analyze", teacher_dir, "--plot", tmp_path / "p.png", "--out", tmp_path / "p.json")
+    result = run_cli("analyze", teacher_dir, "--plot", tmp_path / "p.png", "--out", tmp_path / "p.json")
     assert result.exit_code == 2
     assert "--plot needs matplotlib" in result.output and "(pip install matplotlib)" in result.output
     assert list(tmp_path.iterdir()) == []

@@ -92,7 +92,7 @@ def test_unsupported_attention_is_a_clear_error():
 
 
 def test_generic_detection_converts_an_unregistered_rotary_decoder():
-    from transformers import Qwen3Config, Qwen3ForCausalLM, OlmoConfig, OlmoForCausalLM
+    from transformers import OlmoConfig, OlmoForCausalLM
     from salaconvert.surgery.convert import teacher_arch
 
     torch.manual_seed(0)
