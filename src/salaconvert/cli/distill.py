@@ -74,14 +74,18 @@ def _progress():
 
 def print_report(report: dict) -> None:
     table = Table(title=f"Distillation of {report['checkpoint']}")
-    for col in ("stage", "steps", "tokens", "loss first", "loss last (mean of 10)", "time", "tokens/s"):
+    peaks = report.get("peak_memory_bytes_per_stage") or {}
+    cols = ("stage", "steps", "tokens", "loss first", "loss last (mean of 10)", "time", "tokens/s")
+    for col in cols + (("peak GPU memory",) if peaks else ()):
         table.add_column(col, justify="right")
     names = {"1": "1 attention MSE", "2": "2 logits KL", "3": "3 long-context CE"}
     for key, loss in report["losses"].items():
         secs = report["train_seconds"].get(key, 0.0)
         tokens = report["tokens"].get(key, 0)
+        peak = (human_bytes(peaks[key]) if key in peaks else "–",) if peaks else ()
         table.add_row(names[key], str(loss["steps"]), human_count(tokens), f"{loss['first']:.4g}",
-                      f"{loss['last']:.4g} ({loss['mean_last']:.4g})", f"{secs:.1f}s", f"{tokens / max(secs, 1e-9):,.0f}")
+                      f"{loss['last']:.4g} ({loss['mean_last']:.4g})", f"{secs:.1f}s", f"{tokens / max(secs, 1e-9):,.0f}",
+                      *peak)
     err.print(table)
     ppl = report.get("perplexity") or {}
     if ppl:

@@ -135,13 +135,14 @@ def _run(checkpoint, teacher, data, out, recipe, stage_list, stages, resume, ove
     state, resumed = (train.load_state(run_dir, student, teacher_m) if resume else (train.RunState(), None))
     if resume and accelerator.is_main_process:
         _truncate_metrics(run_dir / "metrics.jsonl", state)
-    student.to(accelerator.device)
-    teacher_m.to(accelerator.device)
     if accelerator.mixed_precision == "bf16":
-        # Frozen weights in bf16, in place, so the student's shared ones follow; trainable ones get
-        # fp32 copies per stage. Parameters only: buffers such as the rotary inv_freq stay fp32.
+        # Frozen weights in bf16, in place and before the move, so the student's shared ones follow
+        # and the device never holds an fp32 copy; trainable ones get fp32 copies per stage.
+        # Parameters only: buffers such as the rotary inv_freq stay fp32.
         for p in teacher_m.parameters():
             p.data = p.data.to(torch.bfloat16)
+    student.to(accelerator.device)
+    teacher_m.to(accelerator.device)
     if not accelerator.is_main_process:
         progress = None  # one set of bars under `accelerate launch`
     session = train.Session(teacher_m, student, recipe, accelerator, stream, run_dir, state, progress=progress,
@@ -227,7 +228,8 @@ def _stored_dtype(checkpoint) -> torch.dtype:
 
 def _fill(report: dict, state) -> dict:
     return {"stages_done": list(state.stages_done), "tokens": dict(state.tokens), "losses": dict(state.losses),
-            "perplexity": dict(state.perplexity), "train_seconds": dict(state.seconds)}
+            "perplexity": dict(state.perplexity), "train_seconds": dict(state.seconds),
+            "peak_memory_bytes_per_stage": dict(state.peak_memory)}
 
 
 class _null:

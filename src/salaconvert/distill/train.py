@@ -34,6 +34,7 @@ class RunState:
     recent: list[float] = field(default_factory=list)  # the stage's last losses, for `mean_last`
     perplexity: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # per stage wall time, summed over resumes
+    peak_memory: dict[str, int] = field(default_factory=dict)  # per stage peak GPU bytes allocated (CUDA only)
 
 
 class HiddenStates(torch.nn.Module):
@@ -163,6 +164,8 @@ def run_stage(s: Session, n: int, resumed: dict | None = None) -> bool:
     per_process = cfg.batch_size // acc.num_processes
     head_s, head_t = s.student.lm_head.weight, s.teacher.lm_head.weight
 
+    if acc.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(acc.device)
     task = s.progress.add_task(f"stage {n}", total=total, completed=s.state.step, tps="–", loss="–") if s.progress else None
     t_start, tokens_start, t_last = time.perf_counter(), s.state.tokens.get(str(n), 0), time.perf_counter()
     key = str(n)
@@ -171,6 +174,7 @@ def run_stage(s: Session, n: int, resumed: dict | None = None) -> bool:
             s.state.losses.setdefault(key, {})["ended_by_time_after_steps"] = s.state.step
             break
         if s.stop_after is not None and s.steps_taken >= s.stop_after:
+            _note_peak_memory(s, key)
             save_state(s, optimizer, scheduler)
             return False
         batch = batches.batch(s.state.step, acc.process_index, acc.num_processes).to(acc.device)
@@ -219,6 +223,7 @@ def run_stage(s: Session, n: int, resumed: dict | None = None) -> bool:
         if every and s.state.step % every == 0 and s.state.step < total:
             save_state(s, optimizer, scheduler)
 
+    _note_peak_memory(s, key)
     if n != 1 and _use_checkpointing(s):
         s.student.gradient_checkpointing_disable()
     for p in s.student.parameters():
@@ -228,6 +233,12 @@ def run_stage(s: Session, n: int, resumed: dict | None = None) -> bool:
     s.state.stage, s.state.step, s.state.recent = 0, 0, []
     save_state(s)
     return True
+
+
+def _note_peak_memory(s: Session, key: str) -> None:
+    device = s.accelerator.device
+    if device.type == "cuda":
+        s.state.peak_memory[key] = max(s.state.peak_memory.get(key, 0), torch.cuda.max_memory_allocated(device))
 
 
 def _packed(s: Session, seq_len: int) -> torch.Tensor:
