@@ -55,6 +55,17 @@ def make_seqs(B: int, Tq: int, Tk: int, cu_seqlens: torch.Tensor | None, kernel_
                 torch.tensor(tq, **i32), torch.tensor(tk, **i32), torch.tensor(tc, **i32), tq, tk, tc)
 
 
+def with_windows(seqs: Seqs, kernel_size: int, stride: int) -> Seqs:
+    """The same sequences with the compressed-key rows of another window (the coarse normaliser's)."""
+    tc = [n_compressed(t, kernel_size, stride) for t in seqs.Tk_list]
+    kcs = [0]
+    for c in tc[:-1]:
+        kcs.append(kcs[-1] + c)
+    dev = seqs.Tc.device
+    return Seqs(seqs.q_start, seqs.k_start, torch.tensor(kcs, dtype=torch.int64, device=dev), seqs.Tq, seqs.Tk,
+                torch.tensor(tc, dtype=torch.int32, device=dev), seqs.Tq_list, seqs.Tk_list, tc)
+
+
 def make_tiles(seqs: Seqs, BT: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Query tiles of BT tokens that never cross a sequence: (seq id int32 [M], first local query int32 [M])."""
     ns, i0s = [], []

@@ -70,12 +70,34 @@ def _overlap_table(NB: int, Tc: int, block_size: int, kernel_size: int, stride: 
     return idx.clamp(max=max(Tc - 1, 0)), valid
 
 
-def _block_scores(q: torch.Tensor, kc: torch.Tensor, pos: torch.Tensor, NB: int, cfg: dict, scale: float) -> torch.Tensor:
+def coarse_pool(cfg: dict) -> tuple[int, int]:
+    """Kernel and stride of the coarse keys of the approximate normaliser: 4× the fine ones (128/64)."""
+    return 4 * cfg["kernel_size"], 4 * cfg["stride"]
+
+
+def _softmax_stats(q: torch.Tensor, kn: torch.Tensor, pos: torch.Tensor, ks: int, st: int, scale: float):
+    """Per-row softmax max and sum over the causally visible keys kn [B, Tn, Hkv, d] (window ks/st).
+
+    Returns m, l [B, C, Hkv, G, 1]; m = 0 and l = 0 for rows that see no key."""
+    B, C, Hq, d = q.shape
+    Hkv = kn.shape[2]
+    qg = q.float().view(B, C, Hkv, Hq // Hkv, d)
+    s = torch.einsum("bchgd,bjhd->bchgj", qg, kn.float()) * scale
+    vis = (torch.arange(kn.shape[1], device=q.device)[None, :] * st + ks - 1) <= pos[:, None]  # [C, Tn]
+    s = s.masked_fill(~vis[None, :, None, None, :], float("-inf"))
+    m = s.amax(-1, keepdim=True) if kn.shape[1] else s.new_full(s.shape[:-1] + (1,), float("-inf"))
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    return m, torch.exp(s - m).sum(-1, keepdim=True)
+
+
+def _block_scores(q: torch.Tensor, kc: torch.Tensor, pos: torch.Tensor, NB: int, cfg: dict, scale: float,
+                  kc_norm: torch.Tensor | None = None) -> torch.Tensor:
     """Block scores for one query chunk. q [B, C, Hq, d], kc [B, Tc, Hkv, d], pos [C] absolute.
 
     Returns [B, C, Hkv, NB] fp32: forced blocks +inf, blocks after the query's own -inf, blocks
     with no causally visible compressed key -inf (still candidates), the rest the max-pooled
-    group-summed compressed-attention probability.
+    group-summed compressed-attention probability. `kc_norm` (coarse keys, cfg["coarse_norm"])
+    replaces the softmax normaliser by the one over the coarse keys visible at each position.
     """
     B, C, Hq, d = q.shape
     Tc, Hkv = kc.shape[1], kc.shape[2]
@@ -90,7 +112,11 @@ def _block_scores(q: torch.Tensor, kc: torch.Tensor, pos: torch.Tensor, NB: int,
         # compressed key j is visible to the query at t once its whole window has been seen
         vis = (j[None, :] * st + ks - 1) <= pos[:, None]  # [C, Tc]
         s = s.masked_fill(~vis[None, :, None, None, :], float("-inf"))
-        p = torch.softmax(s, dim=-1).nan_to_num(0.0).sum(3)  # [B, C, Hkv, Tc]; rows with nothing visible -> 0
+        if kc_norm is None:
+            p = torch.softmax(s, dim=-1).nan_to_num(0.0).sum(3)  # [B, C, Hkv, Tc]; rows with nothing visible -> 0
+        else:
+            m, l = _softmax_stats(q, kc_norm, pos, *coarse_pool(cfg), scale)
+            p = torch.where(l > 0, torch.exp(s - m) / torch.where(l > 0, l, 1.0), 0.0).sum(3)
         p = p.masked_fill(~vis[None, :, None, :], float("-inf"))
         idx, valid = _overlap_table(NB, Tc, bs, ks, st, q.device)
         pooled = p[..., idx].masked_fill(~valid, float("-inf")).amax(-1)  # [B, C, Hkv, NB]
@@ -121,9 +147,13 @@ def _topk_blocks(blk: torch.Tensor, qb: torch.Tensor, topk: int) -> torch.Tensor
     return order.to(torch.int32)
 
 
-def _cfg(block_size, topk, init_blocks, local_blocks, kernel_size, stride, dense_len) -> dict:
+def _cfg(block_size, topk, init_blocks, local_blocks, kernel_size, stride, dense_len, coarse_norm=False) -> dict:
     return dict(block_size=block_size, topk=topk, init_blocks=init_blocks, local_blocks=local_blocks,
-                kernel_size=kernel_size, stride=stride, dense_len=dense_len)
+                kernel_size=kernel_size, stride=stride, dense_len=dense_len, coarse_norm=bool(coarse_norm))
+
+
+def _norm_keys(k: torch.Tensor, cfg: dict) -> torch.Tensor | None:
+    return compress_k(k, *coarse_pool(cfg)) if cfg["coarse_norm"] else None
 
 
 def _chunk_len(Hq: int, Tk: int) -> int:
@@ -137,11 +167,12 @@ def _select_one(q, k, cfg, scale, kc=None):
     if kc is None:
         kc = compress_k(k, cfg["kernel_size"], cfg["stride"])
     kc = kc.float()
+    kn = _norm_keys(k, cfg)
     out = []
     C = _chunk_len(Hq, max(kc.shape[1], NB))
     for s0 in range(0, Tq, C):
         pos = torch.arange(Tk - Tq + s0, Tk - Tq + min(Tq, s0 + C), device=q.device)
-        blk = _block_scores(q[:, s0:s0 + C], kc, pos, NB, cfg, scale)
+        blk = _block_scores(q[:, s0:s0 + C], kc, pos, NB, cfg, scale, kn)
         out.append(_topk_blocks(blk, torch.div(pos, cfg["block_size"], rounding_mode="floor"), cfg["topk"]))
     return torch.cat(out, 1)
 
@@ -149,16 +180,18 @@ def _select_one(q, k, cfg, scale, kc=None):
 def naive_infllmv2_select(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 64, topk: int = 96,
                           init_blocks: int = 1, local_blocks: int = 32, kernel_size: int = 32, stride: int = 16,
                           dense_len: int = 8192, scale: float | None = None, cu_seqlens: torch.Tensor | None = None,
-                          kc: torch.Tensor | None = None) -> torch.Tensor:
+                          kc: torch.Tensor | None = None, coarse_norm: bool = False) -> torch.Tensor:
     """Blocks each query token attends to, shared by the query heads of one KV group.
 
     q [B, Tq, Hq, d], k [B, Tk, Hkv, d] (Tq ≤ Tk, queries end-aligned) -> int32 [B, Tq, Hkv, topk],
     each row ascending block ids, −1 padding. `dense_len` is accepted for signature symmetry but
     ignored: selection is always computed. `kc` optionally gives precomputed compressed keys
     [B, Tc, Hkv, d] (a decode cache). With `cu_seqlens` (int [N+1]), B = 1, Tq = Tk and the
-    sequences are packed; block ids are relative to each sequence's start.
+    sequences are packed; block ids are relative to each sequence's start. `coarse_norm` takes the
+    softmax normaliser over coarse compressed keys (4× kernel and stride: 128/64) instead of the
+    exact one (README, step 5).
     """
-    cfg = _cfg(block_size, topk, init_blocks, local_blocks, kernel_size, stride, dense_len)
+    cfg = _cfg(block_size, topk, init_blocks, local_blocks, kernel_size, stride, dense_len, coarse_norm)
     _check(q, k, None, cfg)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     with torch.no_grad():
@@ -206,7 +239,7 @@ def _attn_one(q, k, v, cfg, scale, block_indices=None):
                 NB = (Tk + bs - 1) // bs
                 kc = compress_k(k, cfg["kernel_size"], cfg["stride"])
                 if block_indices is None:
-                    blk = _block_scores(qc, kc, pos, NB, cfg, scale)
+                    blk = _block_scores(qc, kc, pos, NB, cfg, scale, _norm_keys(k, cfg))
                     idx = _topk_blocks(blk, torch.div(pos, bs, rounding_mode="floor"), cfg["topk"]).long()
                 else:
                     idx = block_indices[:, s0:s0 + C].long()
@@ -222,7 +255,7 @@ def naive_infllmv2_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bl
                         init_blocks: int = 1, local_blocks: int = 32, kernel_size: int = 32, stride: int = 16,
                         dense_len: int = 8192, scale: float | None = None,
                         cu_seqlens: torch.Tensor | None = None,
-                        block_indices: torch.Tensor | None = None) -> torch.Tensor:
+                        block_indices: torch.Tensor | None = None, coarse_norm: bool = False) -> torch.Tensor:
     """InfLLM-V2 attention, reference. q [B, Tq, Hq, d], k/v [B, Tk, Hkv, d] -> o [B, Tq, Hq, d].
 
     Queries are the last Tq key positions (end-aligned causal). Tk ≤ dense_len: dense causal
@@ -232,8 +265,9 @@ def naive_infllmv2_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bl
     With `cu_seqlens` (int [N+1]): B = 1, Tq = Tk, packed sequences, each treated independently
     (the dense/sparse switch looks at each sequence's own length). `block_indices`
     ([B, Tq, Hkv, K], −1 padded) replaces the selection on the sparse path (to test stage 2 alone).
+    `coarse_norm`: as in naive_infllmv2_select.
     """
-    cfg = _cfg(block_size, topk, init_blocks, local_blocks, kernel_size, stride, dense_len)
+    cfg = _cfg(block_size, topk, init_blocks, local_blocks, kernel_size, stride, dense_len, coarse_norm)
     _check(q, k, v, cfg)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if cu_seqlens is None:

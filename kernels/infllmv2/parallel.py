@@ -23,7 +23,8 @@ from salaconvert.kernels._interpreter import fix_interpreter_index
 from salaconvert.kernels.infllmv2._interp import rmax, rmin, rsum
 
 from salaconvert.kernels.infllmv2 import layout
-from salaconvert.kernels.infllmv2.layout import Seqs, compress_k_flat, make_seqs, make_tiles, next_pow2
+from salaconvert.kernels.infllmv2.layout import Seqs, compress_k_flat, make_seqs, make_tiles, next_pow2, with_windows
+from salaconvert.kernels.infllmv2.naive import _cfg, coarse_pool
 from salaconvert.kernels.infllmv2.select import select_blocks
 
 fix_interpreter_index()
@@ -376,25 +377,23 @@ def _prepare(q, k, cu_seqlens, cfg):
     return seqs
 
 
-def _cfg(block_size, topk, init_blocks, local_blocks, kernel_size, stride, dense_len):
-    return dict(block_size=block_size, topk=topk, init_blocks=init_blocks, local_blocks=local_blocks,
-                kernel_size=kernel_size, stride=stride, dense_len=dense_len)
-
-
-def _select_flat(qf, kf, seqs, cfg, scale, kc=None):
-    if kc is None:
-        kc = compress_k_flat(kf, seqs, cfg["kernel_size"], cfg["stride"])
+def _select_flat(qf, kf, seqs, cfg, scale):
+    kc = compress_k_flat(kf, seqs, cfg["kernel_size"], cfg["stride"])
+    kn = seqs_n = None
+    if cfg["coarse_norm"]:
+        seqs_n = with_windows(seqs, *coarse_pool(cfg))
+        kn = compress_k_flat(kf, seqs_n, *coarse_pool(cfg)).to(qf.dtype)
     return select_blocks(qf, kc.to(qf.dtype), seqs, block_size=cfg["block_size"], topk=cfg["topk"],
                          init_blocks=cfg["init_blocks"], local_blocks=cfg["local_blocks"],
-                         kernel_size=cfg["kernel_size"], stride=cfg["stride"], scale=scale)
+                         kernel_size=cfg["kernel_size"], stride=cfg["stride"], scale=scale, kn=kn, seqs_n=seqs_n)
 
 
 def parallel_infllmv2_select(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 64, topk: int = 96,
                              init_blocks: int = 1, local_blocks: int = 32, kernel_size: int = 32, stride: int = 16,
                              dense_len: int = 8192, scale: float | None = None,
-                             cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                             cu_seqlens: torch.Tensor | None = None, coarse_norm: bool = False) -> torch.Tensor:
     """Triton stage 1. q [B, Tq, Hq, d], k [B, Tk, Hkv, d] -> int32 [B, Tq, Hkv, topk] (see naive_infllmv2_select)."""
-    cfg = _cfg(block_size, topk, init_blocks, local_blocks, kernel_size, stride, dense_len)
+    cfg = _cfg(block_size, topk, init_blocks, local_blocks, kernel_size, stride, dense_len, coarse_norm)
     seqs = _prepare(q, k, cu_seqlens, cfg)
     B, Tq, Hq, D = q.shape
     scale = D ** -0.5 if scale is None else scale
@@ -408,13 +407,13 @@ def parallel_infllmv2_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                            topk: int = 96, init_blocks: int = 1, local_blocks: int = 32, kernel_size: int = 32,
                            stride: int = 16, dense_len: int = 8192, scale: float | None = None,
                            cu_seqlens: torch.Tensor | None = None,
-                           block_indices: torch.Tensor | None = None) -> torch.Tensor:
+                           block_indices: torch.Tensor | None = None, coarse_norm: bool = False) -> torch.Tensor:
     """Triton InfLLM-V2 attention. q [B, Tq, Hq, d], k/v [B, Tk, Hkv, d] -> o [B, Tq, Hq, d].
 
     Same math and keywords as naive_infllmv2_attn; differentiable in q, k, v. `block_indices`
     ([B, Tq, Hkv, K] from infllmv2_select) skips stage 1 when given.
     """
-    cfg = _cfg(block_size, topk, init_blocks, local_blocks, kernel_size, stride, dense_len)
+    cfg = _cfg(block_size, topk, init_blocks, local_blocks, kernel_size, stride, dense_len, coarse_norm)
     seqs = _prepare(q, k, cu_seqlens, cfg)
     B, Tq, Hq, D = q.shape
     Hkv = k.shape[2]

@@ -54,7 +54,8 @@ def _tile_queries(q, tile_n, tile_i, q_start, kc_start, seq_Tq, seq_Tk, seq_Tc, 
 @triton.jit
 def _normaliser(b_q, kc, kcs, Tc, i_h, pos, pos_hi, stride_kct, scale_log2, BM: tl.constexpr, D: tl.constexpr,
                 BC: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr):
-    """Pass 1: each row's softmax max and 1/sum over its causally visible compressed keys."""
+    """Pass 1: each row's softmax max and 1/sum over its causally visible keys kc (window KS, stride
+    ST): the fine compressed keys (exact) or the coarse ones (coarse_norm)."""
     o_d = tl.arange(0, D)
     # window j is visible at position t once j*ST + KS - 1 <= t
     n_vis = tl.minimum(Tc, tl.where(pos_hi >= KS - 1, (tl.maximum(pos_hi, KS - 1) - KS + 1) // ST + 1, 0))
@@ -77,10 +78,11 @@ def _normaliser(b_q, kc, kcs, Tc, i_h, pos, pos_hi, stride_kct, scale_log2, BM: 
 
 
 @triton.jit
-def _chunk_keys(b_q, kc, kcs, Tc, i_h, b0, m_safe, inv_l, pos, m_row, pos_t, qb_t, qb_hi, stride_kct, scale_log2,
-                BT: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BNB: tl.constexpr, P: tl.constexpr,
-                BS: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr):
-    """Pass 2 for blocks [b0, b0 + BNB): int64 sort keys [BT, BNB] (module docstring)."""
+def _chunk_scores(b_q, kc, kcs, Tc, i_h, b0, m_safe, inv_l, pos, m_row, pos_t, qb_t, qb_hi, stride_kct, scale_log2,
+                  BT: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BNB: tl.constexpr, P: tl.constexpr,
+                  BS: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr):
+    """Pass 2 for blocks [b0, b0 + BNB): fp32 block scores [BT, BNB] (forced +inf, no visible window
+    −inf) and which blocks are causal candidates."""
     o_d = tl.arange(0, D)
     o_b = b0 + tl.arange(0, BNB)
     best = tl.full([BT, BNB], float("-inf"), tl.float32)
@@ -102,7 +104,13 @@ def _chunk_keys(b_q, kc, kcs, Tc, i_h, b0, m_safe, inv_l, pos, m_row, pos_t, qb_
             best = tl.where(vis_t, tl.maximum(best, b_sum), best)
     causal = o_b[None, :] <= qb_t[:, None]
     forced = (o_b[None, :] < INIT) | (o_b[None, :] > qb_t[:, None] - LOCAL)
-    score = tl.where(forced, float("inf"), best)
+    return tl.where(forced, float("inf"), best), causal
+
+
+@triton.jit
+def _int64_keys(score, causal, b0, BNB: tl.constexpr):
+    """orderable_int32(score) << 32 | (2^32 − 1 − block); int64 min where not causal."""
+    o_b = b0 + tl.arange(0, BNB)
     bits = score.to(tl.int32, bitcast=True)
     key32 = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     key = (key32.to(tl.int64) << 32) | (4294967295 - o_b[None, :].to(tl.int64))
@@ -110,41 +118,55 @@ def _chunk_keys(b_q, kc, kcs, Tc, i_h, b0, m_safe, inv_l, pos, m_row, pos_t, qb_
 
 
 @triton.jit
-def _select_keys_kernel(q, kc, keys, tile_n, tile_i, q_start, kc_start, seq_Tq, seq_Tk, seq_Tc,
-                        scale_log2, stride_qt, stride_kct, stride_keyt, NBMAX, key_row0,
+def _select_keys_kernel(q, kc, kn, keys, tile_n, tile_i, q_start, kc_start, kn_start, seq_Tq, seq_Tk, seq_Tc,
+                        seq_Tn, scale_log2, stride_qt, stride_kct, stride_knt, stride_keyt, NBMAX, key_row0,
                         G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BC: tl.constexpr,
                         BNB: tl.constexpr, P: tl.constexpr, BS: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr,
-                        INIT: tl.constexpr, LOCAL: tl.constexpr):
-    """Writes every (token, block) sort key; torch.topk picks the blocks (keys_to_blocks)."""
+                        NKS: tl.constexpr, NST: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
+                        FP32: tl.constexpr):
+    """Writes every (token, block) sort key; torch.topk picks the blocks (keys_to_blocks /
+    scores_to_blocks). kn: the normaliser's keys (window NKS, stride NST), kc itself when exact."""
     i_tile, i_h = tl.program_id(0), tl.program_id(1)
     b_q, m_row, pos, i0, qs, kcs, Tq, Tk, Tc = _tile_queries(q, tile_n, tile_i, q_start, kc_start, seq_Tq, seq_Tk,
                                                              seq_Tc, i_tile, i_h, stride_qt, G, GP, BT, D)
+    n = tl.load(tile_n + i_tile)
     pos_hi = Tk - Tq + tl.minimum(i0 + BT, Tq) - 1
-    m_safe, inv_l = _normaliser(b_q, kc, kcs, Tc, i_h, pos, pos_hi, stride_kct, scale_log2, BT * GP, D, BC, KS, ST)
+    m_safe, inv_l = _normaliser(b_q, kn, tl.load(kn_start + n), tl.load(seq_Tn + n), i_h, pos, pos_hi, stride_knt,
+                                scale_log2, BT * GP, D, BC, NKS, NST)
+    m_row = m_row & (inv_l > 0)  # coarse_norm: a row that sees no coarse key scores 0 (naive.py)
     tok_t = i0 + tl.arange(0, BT)
     pos_t = Tk - Tq + tok_t
     for b0 in range(0, NBMAX, BNB):
-        key = _chunk_keys(b_q, kc, kcs, Tc, i_h, b0, m_safe, inv_l, pos, m_row, pos_t, pos_t // BS, pos_hi // BS,
-                          stride_kct, scale_log2, BT, GP, D, BNB, P, BS, KS, ST, INIT, LOCAL)
+        score, causal = _chunk_scores(b_q, kc, kcs, Tc, i_h, b0, m_safe, inv_l, pos, m_row, pos_t, pos_t // BS,
+                                      pos_hi // BS, stride_kct, scale_log2, BT, GP, D, BNB, P, BS, KS, ST, INIT, LOCAL)
+        if FP32:
+            # visible scores are >= 0: a candidate with no visible window becomes -1, a non-causal block -inf
+            key = tl.where(causal, tl.where(score == float("-inf"), -1., score), float("-inf"))
+        else:
+            key = _int64_keys(score, causal, b0, BNB)
         o_b = b0 + tl.arange(0, BNB)
         p_o = keys + (qs + tok_t - key_row0).to(tl.int64)[:, None] * stride_keyt + i_h * NBMAX + o_b[None, :]
         tl.store(p_o, key, mask=(tok_t < Tq)[:, None] & (o_b[None, :] < NBMAX))
 
 
 @triton.jit
-def _select_topk_kernel(q, kc, out, tile_n, tile_i, q_start, kc_start, seq_Tq, seq_Tk, seq_Tc,
-                        scale_log2, stride_qt, stride_kct, stride_ot, NBMAX, TOPK,
+def _select_topk_kernel(q, kc, kn, out, tile_n, tile_i, q_start, kc_start, kn_start, seq_Tq, seq_Tk, seq_Tc, seq_Tn,
+                        scale_log2, stride_qt, stride_kct, stride_knt, stride_ot, NBMAX, TOPK,
                         G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BC: tl.constexpr,
                         KP: tl.constexpr, LOG_KP: tl.constexpr, P: tl.constexpr, BS: tl.constexpr, KS: tl.constexpr,
-                        ST: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr):
+                        ST: tl.constexpr, NKS: tl.constexpr, NST: tl.constexpr, INIT: tl.constexpr,
+                        LOCAL: tl.constexpr):
     """Fused top-k: a running best-KP list of keys per token, merged with each chunk of KP blocks
     by a bitonic sort of the 2·KP candidates; only causal chunks are visited, nothing but the final
     block ids reaches memory."""
     i_tile, i_h = tl.program_id(0), tl.program_id(1)
     b_q, m_row, pos, i0, qs, kcs, Tq, Tk, Tc = _tile_queries(q, tile_n, tile_i, q_start, kc_start, seq_Tq, seq_Tk,
                                                              seq_Tc, i_tile, i_h, stride_qt, G, GP, BT, D)
+    n = tl.load(tile_n + i_tile)
     pos_hi = Tk - Tq + tl.minimum(i0 + BT, Tq) - 1
-    m_safe, inv_l = _normaliser(b_q, kc, kcs, Tc, i_h, pos, pos_hi, stride_kct, scale_log2, BT * GP, D, BC, KS, ST)
+    m_safe, inv_l = _normaliser(b_q, kn, tl.load(kn_start + n), tl.load(seq_Tn + n), i_h, pos, pos_hi, stride_knt,
+                                scale_log2, BT * GP, D, BC, NKS, NST)
+    m_row = m_row & (inv_l > 0)
     tok_t = i0 + tl.arange(0, BT)
     pos_t = Tk - Tq + tok_t
     qb_hi = pos_hi // BS
@@ -152,8 +174,9 @@ def _select_topk_kernel(q, kc, out, tile_n, tile_i, q_start, kc_start, seq_Tq, s
     half = tl.arange(0, 2)[None, :, None]
     for b0 in range(0, NBMAX, KP):
         if b0 <= qb_hi:
-            key = _chunk_keys(b_q, kc, kcs, Tc, i_h, b0, m_safe, inv_l, pos, m_row, pos_t, pos_t // BS, qb_hi,
-                              stride_kct, scale_log2, BT, GP, D, KP, P, BS, KS, ST, INIT, LOCAL)
+            score, causal = _chunk_scores(b_q, kc, kcs, Tc, i_h, b0, m_safe, inv_l, pos, m_row, pos_t, pos_t // BS,
+                                          qb_hi, stride_kct, scale_log2, BT, GP, D, KP, P, BS, KS, ST, INIT, LOCAL)
+            key = _int64_keys(score, causal, b0, KP)
             both = sort_rows(tl.reshape(tl.join(top, key), [BT, 2 * KP]), LOG_KP + 1, 1)
             top = rsum(tl.reshape(both, [BT, 2, KP]) * (1 - half), 1)  # the larger half, still sorted
     o_c = tl.arange(0, KP)[None, :]
@@ -176,21 +199,31 @@ def _pool_width(block_size: int, kernel_size: int, stride: int) -> int:
     return best
 
 
+# Knobs (README, "Knobs"; benchmarks/infllmv2.py --sweep measures the alternatives).
 # The fused top-k is exact but slower on an H100 (248 ms vs 69 ms for stage 1 at 128K, run 1 in
 # benchmarks/notes-infllmv2.md: the bitonic merge of 2·128 int64 keys per chunk costs more than
 # writing the keys and calling torch.topk), so the key path is the default; tests keep both right.
 FUSED_TOPK = False
-SELECT_BC = 64  # compressed keys per step of the normaliser pass
+SELECT_BC = 64  # compressed keys per step of the normaliser pass (128: −4% in one run, not adopted)
+SELECT_WARPS = 4  # num_warps of the selection launch
+SELECT_STAGES = 2  # num_stages of the selection launch (Triton's default on an H100 would be 3)
+# Sort keys of the key path: "int64" (score bits | reversed block id, one torch.topk, exact) or
+# "fp32" (the scores alone, half the bytes: torch.topk on fp32, then rows whose K-th score is tied
+# with an unselected block are re-ranked by a stable sort; exact too, see scores_to_blocks).
+SELECT_KEYS = "int64"
 
 
 def select_blocks(q: torch.Tensor, kc: torch.Tensor, seqs: Seqs, *, block_size: int, topk: int,
                   init_blocks: int, local_blocks: int, kernel_size: int, stride: int, scale: float,
+                  kn: torch.Tensor | None = None, seqs_n: Seqs | None = None,
                   fused: bool | None = None, chunk_elems: int = 1 << 28) -> torch.Tensor:
     """Selected blocks of every query row. q [Nq, Hq, d], kc [sum Tc, Hkv, d] -> int32 [Nq, Hkv, topk].
 
-    Rows ascending, −1 padded; block ids relative to each sequence's first key. fused (default
-    FUSED_TOPK) keeps the top-k in registers; otherwise the int64 sort keys are materialised for
-    at most `chunk_elems` (row, head, block) triples at a time and reduced by torch.topk.
+    Rows ascending, −1 padded; block ids relative to each sequence's first key. kn / seqs_n: the
+    coarse keys of coarse_norm (4× kernel and stride) and their sequence table; None = exact
+    normaliser over kc. fused (default FUSED_TOPK) keeps the top-k in registers; otherwise the sort
+    keys (SELECT_KEYS) are materialised for at most `chunk_elems` (row, head, block) triples at a
+    time and reduced by torch.topk.
     """
     Nq, Hq, D = q.shape
     Hkv = kc.shape[1]
@@ -202,18 +235,27 @@ def select_blocks(q: torch.Tensor, kc: torch.Tensor, seqs: Seqs, *, block_size: 
     tile_n, tile_i = make_tiles(seqs, BT, q.device)
     if kc.shape[0] == 0:
         kc = kc.new_zeros(1, Hkv, D)
+    if kn is None:
+        kn, seqs_n, NKS, NST = kc, seqs, kernel_size, stride
+    else:
+        NKS, NST = 4 * kernel_size, 4 * stride
+        if kn.shape[0] == 0:
+            kn = kn.new_zeros(1, Hkv, D)
     P = _pool_width(block_size, kernel_size, stride)
     sl2 = scale * 1.4426950408889634
     common = dict(G=G, GP=GP, BT=BT, D=D, BC=SELECT_BC, P=P, BS=block_size, KS=kernel_size, ST=stride,
-                  INIT=init_blocks, LOCAL=local_blocks)
+                  NKS=NKS, NST=NST, INIT=init_blocks, LOCAL=local_blocks, num_warps=SELECT_WARPS,
+                  num_stages=SELECT_STAGES)
+    seq_args = (seqs.q_start, seqs.kc_start, seqs_n.kc_start, seqs.Tq, seqs.Tk, seqs.Tc, seqs_n.Tc)
     if FUSED_TOPK if fused is None else fused:
         KP = max(16, next_pow2(topk))
         out = layout.empty((Nq, Hkv, topk), torch.int32, q.device)
         _select_topk_kernel[(tile_n.numel(), Hkv)](
-            q, kc, out, tile_n, tile_i, seqs.q_start, seqs.kc_start, seqs.Tq, seqs.Tk, seqs.Tc,
-            sl2, q.stride(0), kc.stride(0), out.stride(0), NBMAX, topk, KP=KP, LOG_KP=KP.bit_length() - 1, **common)
+            q, kc, kn, out, tile_n, tile_i, *seq_args, sl2, q.stride(0), kc.stride(0), kn.stride(0), out.stride(0),
+            NBMAX, topk, KP=KP, LOG_KP=KP.bit_length() - 1, **common)
         return out
     K = min(topk, NBMAX)
+    fp32 = SELECT_KEYS == "fp32"
     out = torch.full((Nq, Hkv, topk), -1, dtype=torch.int32, device=q.device)
     # whole tiles in groups, so the key buffer stays bounded
     tiles_per_chunk = max(1, chunk_elems // max(1, BT * Hkv * NBMAX))
@@ -224,11 +266,11 @@ def select_blocks(q: torch.Tensor, kc: torch.Tensor, seqs: Seqs, *, block_size: 
         c1 = min(n_tiles, c0 + tiles_per_chunk)
         r0 = tile_row[c0]
         r1 = tile_row[c1] if c1 < n_tiles else Nq
-        keys = layout.empty((r1 - r0, Hkv, NBMAX), torch.int64, q.device)
+        keys = layout.empty((r1 - r0, Hkv, NBMAX), torch.float32 if fp32 else torch.int64, q.device)
         _select_keys_kernel[(c1 - c0, Hkv)](
-            q, kc, keys, tile_n[c0:c1], tile_i[c0:c1], seqs.q_start, seqs.kc_start, seqs.Tq, seqs.Tk, seqs.Tc,
-            sl2, q.stride(0), kc.stride(0), keys.stride(0), NBMAX, r0, BNB=BNB, **common)
-        out[r0:r1, :, :K] = keys_to_blocks(keys, K)
+            q, kc, kn, keys, tile_n[c0:c1], tile_i[c0:c1], *seq_args, sl2, q.stride(0), kc.stride(0), kn.stride(0),
+            keys.stride(0), NBMAX, r0, BNB=BNB, FP32=fp32, **common)
+        out[r0:r1, :, :K] = scores_to_blocks(keys, K) if fp32 else keys_to_blocks(keys, K)
     return out
 
 
@@ -239,3 +281,38 @@ def keys_to_blocks(keys: torch.Tensor, K: int) -> torch.Tensor:
     ids = torch.where(vals == NEVER, torch.full_like(ids, 2 ** 30), ids)
     ids = torch.sort(ids, dim=-1).values
     return torch.where(ids == 2 ** 30, torch.full_like(ids, -1), ids)
+
+
+def scores_to_blocks(scores: torch.Tensor, K: int) -> torch.Tensor:
+    """Top-K of fp32 block scores [..., NB] (−inf = not causal) by (score desc, id asc) -> int32
+    block ids [..., K], ascending, −1 where unselectable. Exact: see fix_ties."""
+    vals, ids = torch.topk(scores, K, dim=-1, sorted=False)
+    return _ascending(*fix_ties(scores, vals, ids))
+
+
+def fix_ties(scores: torch.Tensor, vals: torch.Tensor, ids: torch.Tensor):
+    """Make an unordered top-K (vals, ids) of `scores` the one ranked by (score desc, id asc).
+
+    Every block above the K-th value v is in any top-K, and so are all blocks equal to v when the
+    top-K holds them all; only rows where blocks equal to v (v > −inf) were left out are
+    ambiguous: those rows (counted on the device, then gathered) are re-ranked by a stable sort.
+    −inf entries become −1 anyway, so which of them were picked does not matter.
+    """
+    K = vals.shape[-1]
+    flat_s, flat_v, flat_i = scores.reshape(-1, scores.shape[-1]), vals.reshape(-1, K), ids.reshape(-1, K)
+    thr = flat_v.min(-1, keepdim=True).values
+    picked_eq = (flat_v == thr).sum(-1)
+    all_eq = (flat_s == thr).sum(-1)
+    bad = torch.nonzero((all_eq > picked_eq) & (thr[:, 0] > float("-inf"))).flatten()
+    if bad.numel():
+        flat_v, flat_i = flat_v.clone(), flat_i.clone()
+        order = torch.sort(flat_s[bad], dim=-1, descending=True, stable=True).indices[:, :K]
+        flat_i[bad] = order
+        flat_v[bad] = torch.gather(flat_s[bad], 1, order)
+    return flat_v.view(vals.shape), flat_i.view(ids.shape)
+
+
+def _ascending(vals: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    ids = torch.where(vals == float("-inf"), 2 ** 30, ids.to(torch.int32))
+    ids = torch.sort(ids, dim=-1).values
+    return torch.where(ids == 2 ** 30, -1, ids)

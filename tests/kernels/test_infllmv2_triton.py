@@ -80,6 +80,51 @@ def test_select_ties_broken_by_lowest_block():
     assert (ours[0, -1, :, :2] == torch.tensor([0, 1])).all(), "among tied blocks the lowest ids win"
 
 
+@pytest.mark.parametrize("G", [1, 3, 16])
+def test_select_coarse_norm_equals_reference(G):
+    # normaliser over the coarse keys (32/16 here, 4× the 8/4 windows): the same sets as the reference
+    # with coarse_norm, and for G > 1 not the exact normaliser's sets (else the option would do
+    # nothing; at G = 1 a per-row normaliser cannot change a ranking)
+    Hkv = 1 if G == 16 else 2
+    q, k, _ = _qkv(1, 150, 150, G * Hkv, Hkv, 16, seed=40 + G)
+    kw = dict(topk=5, **SMALL)
+    coarse = parallel_infllmv2_select(q, k, coarse_norm=True, **kw)
+    assert torch.equal(coarse, naive_infllmv2_select(q, k, coarse_norm=True, **kw))
+    assert torch.equal(coarse, naive_infllmv2_select(q, k, **kw)) == (G == 1), "coarse_norm vs exact"
+    cu = torch.tensor([0, 20, 150])  # the first sequence sees no coarse key for a while
+    assert torch.equal(parallel_infllmv2_select(q, k, cu_seqlens=cu, coarse_norm=True, **kw),
+                       naive_infllmv2_select(q, k, cu_seqlens=cu, coarse_norm=True, **kw))
+
+
+def test_coarse_norm_fwd_bwd():
+    q, k, v = _qkv(1, 90, 90, 8, 2, 16, seed=44)
+    _compare_fwd_bwd(q, k, v, RTOL_FP32, "coarse_norm", topk=3, dense_len=0, coarse_norm=True, **SMALL)
+
+
+@pytest.mark.parametrize("G", [1, 4])
+def test_select_fp32_keys(G, monkeypatch):
+    # SELECT_KEYS = "fp32": torch.topk on the scores plus the tie fix-up, on inputs full of exact ties
+    monkeypatch.setattr(select_mod, "SELECT_KEYS", "fp32")
+    q, k, _ = _qkv(1, 130, 130, 2 * G, 2, 16, seed=50 + G)
+    k[:, 16:112] = k[:, 16:32].repeat(1, 6, 1, 1)
+    kw = dict(topk=4, **SMALL)
+    for coarse in (False, True):
+        assert torch.equal(parallel_infllmv2_select(q, k, coarse_norm=coarse, **kw),
+                           naive_infllmv2_select(q, k, coarse_norm=coarse, **kw))
+
+
+def test_fix_ties_reranks_ambiguous_rows():
+    # a top-K that kept the highest ids among blocks tied at the K-th score must come back lowest-id first
+    scores = torch.tensor([[5., 3., 3., 3., 1., float("-inf")],
+                           [2., 2., 9., -1., 2., 2.],
+                           [1., float("-inf"), float("-inf"), 4., float("-inf"), float("-inf")]])
+    K = 3
+    rev = torch.topk(scores.flip(-1), K, dim=-1)  # ties resolved towards the highest ids
+    vals, ids = select_mod.fix_ties(scores, rev.values, scores.shape[-1] - 1 - rev.indices)
+    assert torch.equal(select_mod._ascending(vals, ids), torch.tensor([[0, 1, 2], [0, 1, 2], [0, 3, -1]],
+                                                                      dtype=torch.int32))
+
+
 @pytest.mark.parametrize("G,T,topk", [(3, 70, 5), (16, 50, 3)])
 def test_select_fused_topk(G, T, topk):
     # the GPU default: top-k kept in registers with a bitonic merge (the other tests take the key path)
