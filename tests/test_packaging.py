@@ -1,4 +1,4 @@
-"""A built wheel ships every subpackage of kernels/ and layer_selection/ (setuptools drops unlisted ones silently)."""
+"""A built wheel ships every subpackage of kernels/ and layer_selection/ and every recipe (setuptools drops unlisted ones silently)."""
 import subprocess
 import sys
 import zipfile
@@ -18,6 +18,7 @@ def test_wheel_contains_every_subpackage(tmp_path):
                             ("src/salaconvert", "salaconvert")):
         for init in (ROOT / folder).rglob("__init__.py"):
             expected.add(f"{package}/{init.relative_to(ROOT / folder).as_posix()}")
+    expected |= {f"salaconvert/recipes/{y.relative_to(ROOT / 'recipes').as_posix()}" for y in (ROOT / "recipes").rglob("*.yaml")}
     missing = sorted(expected - names)
     assert not missing, f"not in the wheel: {missing}"
     assert not any(n.startswith("kernels/") for n in names)  # never a top-level `kernels`

@@ -5,6 +5,7 @@ test checks the two agree), so a wheel without the recipes/ folder still has the
 path to a YAML file or the name of one in the source tree's recipes/ ("halo", "debug/tiny").
 """
 import dataclasses
+import importlib.resources
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ import yaml
 
 from salaconvert.errors import InputError
 
-RECIPES_DIR = Path(__file__).resolve().parents[3] / "recipes"  # present in a source checkout
+RECIPES_DIR = Path(str(importlib.resources.files("salaconvert.recipes")))  # recipes/ of the repository, shipped in the wheel
 TRAINABLE = ("converted", "attention", "all")
 
 

@@ -1,0 +1,1 @@
+"""Distillation recipes (YAML) shipped with salaconvert as `salaconvert.recipes`; no code."""
