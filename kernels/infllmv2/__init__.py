@@ -46,7 +46,8 @@ def infllmv2_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> to
     """InfLLM-V2 attention. q [B, Tq, Hq, d], k/v [B, Tk, Hkv, d] (Tq ≤ Tk, queries end-aligned) -> o [B, Tq, Hq, d].
 
     Keywords (SPEC §6): block_size=64, topk=96, init_blocks=1, local_blocks=32, kernel_size=32,
-    stride=16, dense_len=8192, scale=None, cu_seqlens=None. Differentiable in q, k, v.
+    stride=16, dense_len=8192, scale=None, cu_seqlens=None, coarse_norm=False (selection's softmax
+    normaliser over 4× coarser compressed keys, README). Differentiable in q, k, v.
     See naive_infllmv2_attn for the math.
     """
     if use_triton(q):

@@ -25,7 +25,7 @@ from salaconvert.kernels._interpreter import fix_interpreter_index
 from salaconvert.kernels.infllmv2._interp import rmax, rsum
 from salaconvert.kernels.infllmv2 import layout
 from salaconvert.kernels.infllmv2.layout import next_pow2
-from salaconvert.kernels.infllmv2.select import _pool_width, keys_to_blocks
+from salaconvert.kernels.infllmv2.select import _pool_width
 
 fix_interpreter_index()
 LOG2E = 1.4426950408889634
@@ -53,21 +53,33 @@ def _load_q(q, b, h, stride_qb, G: tl.constexpr, BM: tl.constexpr, D: tl.constex
 @triton.jit
 def _dec_stats_kernel(q, kc, lens, m_buf, l_buf, scale_log2, dense_len, Hkv, stride_qb, stride_kcb, stride_kct,
                       G: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, CH: tl.constexpr, BC: tl.constexpr,
-                      KS: tl.constexpr, ST: tl.constexpr, NSP: tl.constexpr):
+                      KS: tl.constexpr, ST: tl.constexpr, NSP: tl.constexpr, COARSE: tl.constexpr):
     i_bh, i_s = tl.program_id(0), tl.program_id(1)
     b, h = i_bh // Hkv, i_bh % Hkv
     L = tl.load(lens + b)
-    Tc = _n_comp(L, KS, ST)
+    # the normaliser's keys: the compressed keys, or with COARSE the coarse ones (window 4·KS,
+    # stride 4·ST), each the mean of the 4 disjoint compressed windows 4j + m·KS/ST, m = 0..3
+    NKS: tl.constexpr = 4 * KS if COARSE else KS
+    NST: tl.constexpr = 4 * ST if COARSE else ST
+    Tn = _n_comp(L, NKS, NST)
     b_q, m_r = _load_q(q, b, h, stride_qb, G, BM, D)
     o_d = tl.arange(0, D)
     b_m = tl.full([BM], float("-inf"), tl.float32)
     b_l = tl.full([BM], 0, tl.float32)
-    if (L > dense_len) & (i_s * CH < Tc):
+    if (L > dense_len) & (i_s * CH < Tn):
         for j0 in range(0, CH, BC):
             o_j = i_s * CH + j0 + tl.arange(0, BC)
-            m_j = o_j < Tc
-            p_k = kc + b.to(tl.int64) * stride_kcb + o_j.to(tl.int64)[:, None] * stride_kct + h * D + o_d[None, :]
-            b_k = tl.load(p_k, mask=m_j[:, None], other=0.).to(b_q.dtype)
+            m_j = o_j < Tn
+            if COARSE:
+                p_k = kc + b.to(tl.int64) * stride_kcb + (4 * o_j).to(tl.int64)[:, None] * stride_kct + h * D + \
+                    o_d[None, :]
+                b_k = tl.load(p_k, mask=m_j[:, None], other=0.).to(tl.float32)
+                for m in tl.static_range(1, 4):
+                    b_k += tl.load(p_k + m * (KS // ST) * stride_kct, mask=m_j[:, None], other=0.).to(tl.float32)
+                b_k = (b_k * 0.25).to(b_q.dtype)
+            else:
+                p_k = kc + b.to(tl.int64) * stride_kcb + o_j.to(tl.int64)[:, None] * stride_kct + h * D + o_d[None, :]
+                b_k = tl.load(p_k, mask=m_j[:, None], other=0.).to(b_q.dtype)
             b_s = tl.where(m_j[None, :], tl.dot(b_q, tl.trans(b_k)) * scale_log2, float("-inf"))
             m_new = tl.maximum(b_m, rmax(b_s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0., m_new)
@@ -105,6 +117,7 @@ def _dec_score_kernel(q, kc, lens, m_buf, l_buf, keys, scale_log2, dense_len, Hk
         m_safe = tl.where(b_m == float("-inf"), 0., b_m)
         b_l = rsum(sl * tl.exp2(sm - m_safe[None, :]), 0)
         inv_l = tl.where(b_l > 0, 1. / tl.where(b_l > 0, b_l, 1.), 0.)
+        m_r = m_r & (b_l > 0)  # coarse normaliser: a head that sees no coarse key scores 0 (naive.py)
         num = o_b * BS - KS
         lo = tl.where(num < 0, 0, tl.maximum(num, 0) // ST + 1)
         hi = (o_b * BS + BS + ST - 1) // ST - 1
@@ -142,7 +155,9 @@ def _dec_attn_kernel(q, k, v, lens, idx, m_buf, l_buf, acc_buf, scale_log2, dens
     b_acc = tl.full([BM, D], 0, tl.float32)
     for i in range(0, SPP):
         slot = i_s * SPP + i
-        blk = tl.load(idx + i_bh.to(tl.int64) * K + slot, mask=(slot < K) & (~dense), other=-1)
+        # idx holds the top-K sort keys, unordered: the block id is in the low 32 bits
+        key = tl.load(idx + i_bh.to(tl.int64) * K + slot, mask=(slot < K) & (~dense), other=-9223372036854775807 - 1)
+        blk = tl.where(key == -9223372036854775807 - 1, -1, (4294967295 - (key & 4294967295)).to(tl.int32))
         blk = tl.where(dense, tl.where(slot <= qb, slot, -1), blk)
         if blk >= 0:
             o_k = blk * BS + tl.arange(0, BS)
@@ -233,14 +248,17 @@ def check_decode_shapes(q, k_cache, v_cache, cache_seqlens) -> None:
 def triton_infllmv2_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                            kc_cache: torch.Tensor | None = None, *, block_size: int = 64, topk: int = 96,
                            init_blocks: int = 1, local_blocks: int = 32, kernel_size: int = 32, stride: int = 16,
-                           dense_len: int = 8192, scale: float | None = None) -> torch.Tensor:
+                           dense_len: int = 8192, scale: float | None = None, coarse_norm: bool = False) -> torch.Tensor:
     """One decode step. q [B, 1, Hq, d]; k/v_cache [B, Tmax, Hkv, d]; cache_seqlens int32 [B] -> o [B, 1, Hq, d].
 
     kc_cache [B, ≥Tc(L), Hkv, d] (any float dtype; rounded to q's dtype in the kernel): compressed
     keys kept up to date with update_compressed_cache (computed from k_cache here when None, which
     costs a pass over the whole cache). For CUDA-graph capture pass the full-capacity buffers.
+    coarse_norm (naive.py) builds each coarse key from 4 compressed ones: needs kernel_size % stride == 0.
     """
     check_decode_shapes(q, k_cache, v_cache, cache_seqlens)
+    if coarse_norm and kernel_size % stride:
+        raise ValueError(f"coarse_norm in decode needs kernel_size ({kernel_size}) divisible by stride ({stride})")
     B, _, Hq, D = q.shape
     _, Tmax, Hkv, _ = k_cache.shape
     G = Hq // Hkv
@@ -255,16 +273,16 @@ def triton_infllmv2_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     q = q.reshape(B, Hq, D).contiguous()
     lens = cache_seqlens.to(torch.int32)
     NBMAX = (Tmax + block_size - 1) // block_size
-    TcMAX = max(1, kc_cache.shape[1])
-    CH = DECODE_CH if TcMAX > DECODE_CH else max(16, next_pow2(TcMAX))
-    NSP = (TcMAX + CH - 1) // CH
+    TnMAX = max(1, layout.n_compressed(Tmax, 4 * kernel_size, 4 * stride) if coarse_norm else kc_cache.shape[1])
+    CH = DECODE_CH if TnMAX > DECODE_CH else max(16, next_pow2(TnMAX))
+    NSP = (TnMAX + CH - 1) // CH
     sl2 = scale * LOG2E
     dev = q.device
     m_buf = layout.empty(B * Hkv * NSP * BM, torch.float32, dev)
     l_buf = layout.empty(B * Hkv * NSP * BM, torch.float32, dev)
     _dec_stats_kernel[(B * Hkv, NSP)](q, kc_cache, lens, m_buf, l_buf, sl2, dense_len, Hkv, q.stride(0),
                                       kc_cache.stride(0), kc_cache.stride(1), G=G, BM=BM, D=D, CH=CH,
-                                      BC=min(CH, 64), KS=kernel_size, ST=stride, NSP=NSP)
+                                      BC=min(CH, 64), KS=kernel_size, ST=stride, NSP=NSP, COARSE=coarse_norm)
     BNB = 64 if NBMAX >= 64 else max(16, next_pow2(NBMAX))
     keys = layout.empty((B * Hkv, NBMAX), torch.int64, dev)
     _dec_score_kernel[(B * Hkv, triton.cdiv(NBMAX, BNB))](
@@ -272,7 +290,7 @@ def triton_infllmv2_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         kc_cache.stride(1), G=G, BM=BM, D=D, BNB=BNB, P=_pool_width(block_size, kernel_size, stride), BS=block_size,
         KS=kernel_size, ST=stride, INIT=init_blocks, LOCAL=local_blocks, NSP=NSP, NSPP=next_pow2(NSP))
     K = min(topk, NBMAX)
-    idx = keys_to_blocks(keys, K).contiguous()
+    idx = torch.topk(keys, K, dim=-1, sorted=False).values  # the attention decodes the ids itself
     n_slots = max(K, min(NBMAX, (dense_len + block_size - 1) // block_size + 1))
     SPP = DECODE_SPP
     NSP2 = triton.cdiv(n_slots, SPP)

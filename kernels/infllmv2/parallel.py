@@ -250,6 +250,7 @@ def _dkv_kernel(q, k, v, do, dk, dv, lse, delta, tok_list, seg_h, seg_n, seg_b, 
 # 4 tokens with 8 warps 246 ms (run 3). 1 token takes the slot loop (kept, tested, not default).
 ATTN_TOKENS = 4
 ATTN_WARPS = 4  # num_warps of the forward and dq launches
+ATTN_STAGES = 3  # num_stages of the forward and dq launches (Triton's default; pipelines the for loops only: dense and 1-token paths)
 
 
 def _tile_tokens(G: int, Tq_max: int, tokens: int) -> tuple[int, int]:
@@ -331,7 +332,8 @@ class InfLLMv2Function(torch.autograd.Function):
         _fwd_kernel[(tile_n.numel(), Hkv)](
             q, k, v, o, lse, idx, tile_n, tile_i, seqs.q_start, seqs.k_start, seqs.Tq, seqs.Tk,
             scale * LOG2E, cfg["dense_len"], q.stride(0), k.stride(0), idx.stride(0), Hq,
-            G=G, GP=GP, BT=BT, D=D, BS=cfg["block_size"], K=idx.shape[2], num_warps=ATTN_WARPS)
+            G=G, GP=GP, BT=BT, D=D, BS=cfg["block_size"], K=idx.shape[2], num_warps=ATTN_WARPS,
+            num_stages=ATTN_STAGES)
         ctx.save_for_backward(q, k, v, o, lse, idx, tile_n, tile_i)
         ctx.cfg, ctx.seqs, ctx.scale = cfg, seqs, scale
         ctx.meta = (G, GP, BT)
@@ -350,7 +352,8 @@ class InfLLMv2Function(torch.autograd.Function):
         _dq_kernel[(tile_n.numel(), Hkv)](
             q, k, v, do, dq, lse, delta, idx, tile_n, tile_i, seqs.q_start, seqs.k_start, seqs.Tq, seqs.Tk,
             scale, scale * LOG2E, cfg["dense_len"], q.stride(0), k.stride(0), idx.stride(0), Hq,
-            G=G, GP=GP, BT=BT, D=D, BS=cfg["block_size"], K=idx.shape[2], num_warps=ATTN_WARPS)
+            G=G, GP=GP, BT=BT, D=D, BS=cfg["block_size"], K=idx.shape[2], num_warps=ATTN_WARPS,
+            num_stages=ATTN_STAGES)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         tok_list, sh, sn, sb, slo, shi = _dkv_segments(idx, seqs, Hkv, cfg["block_size"], cfg["dense_len"], seg=256)

@@ -230,15 +230,17 @@ def test_fp16_runs_in_the_interpreter():
 
 # ---- decode ----
 
-@pytest.mark.parametrize("G,dense_len", [(1, 0), (3, 0), (16, 0), (4, 64)])
-def test_decode_equals_last_row_of_prefill(G, dense_len, monkeypatch):
+@pytest.mark.parametrize("G,dense_len,coarse", [(1, 0, False), (3, 0, False), (16, 0, False), (4, 64, False),
+                                                (3, 0, True)])
+def test_decode_equals_last_row_of_prefill(G, dense_len, coarse, monkeypatch):
     monkeypatch.setattr(decode_mod, "DECODE_CH", 16)  # several stats splits even at this size
     Hkv = 1 if G == 16 else 2
     B, Tmax = 2, 120
     q, k, v = _qkv(B, Tmax, Tmax, G * Hkv, Hkv, 16, seed=G)
-    kw = dict(topk=3, dense_len=dense_len, **SMALL)
+    kw = dict(topk=5, dense_len=dense_len, coarse_norm=coarse, **SMALL)  # 2 chosen blocks besides the forced 3
     kc = torch.zeros(B, (Tmax - 8) // 4 + 1, Hkv, 16)
-    lens = torch.tensor([100, 57], dtype=torch.int32)
+    # coarse: rows whose selection the coarse normaliser changes (checked below), else one sparse, one short
+    lens = torch.tensor([110, 99] if coarse else [100, 57], dtype=torch.int32)
     for L in range(1, Tmax + 1):  # the cache grows one token at a time
         update_compressed_cache(k, kc, torch.full((B,), L, dtype=torch.int32), kernel_size=8, stride=4)
     assert_close(kc, compress_k(k, 8, 4), rtol=1e-6, what="incremental compressed keys")
@@ -247,6 +249,9 @@ def test_decode_equals_last_row_of_prefill(G, dense_len, monkeypatch):
     for b, L in enumerate(lens.tolist()):
         last = parallel_infllmv2_attn(q[b:b + 1, :L], k[b:b + 1, :L], v[b:b + 1, :L], **kw)[:, -1:]
         assert_close(o[b:b + 1], last, rtol=RTOL_FP32, what=f"decode b={b}")
+        if coarse:
+            sel = [naive_infllmv2_select(q[b:b + 1, :L], k[b:b + 1, :L], **dict(kw, coarse_norm=c))[0, -1] for c in (0, 1)]
+            assert not torch.equal(*sel), f"b={b}: the coarse normaliser must matter at this row"
 
 
 def test_public_dispatch_reaches_triton(monkeypatch):
