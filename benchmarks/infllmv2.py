@@ -1,6 +1,7 @@
 """InfLLM-V2 kernels vs dense SDPA vs fla's NSA, in one run on one GPU (issue 4).
 
-    python benchmarks/infllmv2.py --out DIR [--quick]
+    python benchmarks/infllmv2.py --out DIR [--quick] [--sweep] [--budget S] [--deadline S]
+    TRITON_INTERPRET=1 python benchmarks/infllmv2.py --out DIR --smoke --sweep   # CPU: every row, tiny
 
 Shapes: B = 1, Hq = 32, Hkv = 2 (plus a Hkv = 8 row), d = 128, bf16, causal, block 64.
 Ours at the SPEC budget (96 blocks: init 1 + local 32 + 63 chosen) and at NSA's budget
@@ -8,6 +9,12 @@ Ours at the SPEC budget (96 blocks: init 1 + local 32 + 63 chosen) and at NSA's 
 top-16 selection (gates on, no sliding window), as in ../shared/anchors. SDPA is the flash
 backend over K/V expanded to 32 heads, as in the anchors. Times are medians of CUDA-event timed
 calls after a warm-up call. Writes DIR/infllmv2-<card>.json and prints one JSON line per number.
+
+--sweep adds, at 128K for group 16 (Hkv = 2) and group 4 (Hkv = 8), every knob variant of
+kernels/infllmv2 (selection keys / BC / warps / coarse normaliser, attention tile tokens × warps,
+decode splits), the selection agreement of the coarse normaliser with the exact one, and the
+time split between stages. Past --deadline seconds every further row is recorded as skipped, so
+the JSON is always written. --smoke shrinks every shape (CPU interpreter check of the script).
 """
 from __future__ import annotations
 
@@ -18,15 +25,35 @@ import os
 import signal
 import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
 
 H, HKV, D = 32, 2, 128
 DT = torch.bfloat16
+DEV = "cuda"
 OURS96 = dict(topk=96, init_blocks=1, local_blocks=32)
 OURS16 = dict(topk=16, init_blocks=1, local_blocks=4)
 RESULTS: list[dict] = []
+BUDGET_S = 1.5  # timing budget per row (--budget)
+DEADLINE = float("inf")  # time.time() after which rows are skipped (--deadline)
+LEN = lambda T: T  # noqa: E731  (--smoke maps every length to a tiny one)
+
+
+def smoke_mode():
+    """Tiny shapes for a CPU run under TRITON_INTERPRET=1: every code path of the script, no timing value."""
+    global H, HKV, D, DT, DEV, LEN
+    H, HKV, D, DT, DEV = 4, 2, 16, torch.float32, "cpu"
+    small = dict(block_size=16, kernel_size=8, stride=4, dense_len=0)
+    OURS96.update(small, topk=6, local_blocks=3)
+    OURS16.update(small, topk=4, local_blocks=2)
+    LEN = lambda T: max(96, T // 1024)  # noqa: E731
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
 
 
 def rec(**kw):
@@ -34,43 +61,61 @@ def rec(**kw):
     print(json.dumps(kw), flush=True)
 
 
-def bench(fn, budget_s: float = 1.5, max_reps: int = 30) -> float:
-    """Median ms of fn() over as many calls as fit in budget_s (at least 3), after one warm-up."""
-    fn()
-    torch.cuda.synchronize()
+def timed(fn) -> float:
+    if DEV != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     s.record()
     fn()
     e.record()
     torch.cuda.synchronize()
-    first = s.elapsed_time(e)
-    reps = 1 if first > 2000 else int(min(max_reps, max(3, budget_s * 1e3 / max(first, 1e-3))))
-    times = []
-    for _ in range(reps):
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
+    return s.elapsed_time(e)
+
+
+def bench(fn, budget_s: float | None = None, max_reps: int = 30) -> float:
+    """Median ms of fn() over as many calls as fit in budget_s (at least 3), after one warm-up."""
+    budget_s = BUDGET_S if budget_s is None else budget_s
+    fn()
+    sync()
+    first = timed(fn)
+    reps = 1 if first > 2000 or DEV != "cuda" else int(min(max_reps, max(3, budget_s * 1e3 / max(first, 1e-3))))
+    return statistics.median([timed(fn) for _ in range(reps)])
+
+
+def late(what, **meta) -> bool:
+    """Past the deadline: record the row as skipped."""
+    if time.time() > DEADLINE:
+        rec(what=what, skipped="deadline", **meta)
+        return True
+    return False
+
+
+def empty_cache():
+    if DEV == "cuda":
+        empty_cache()
 
 
 def safe(what, fn, **meta):
+    if late(what, **meta):
+        return None
     try:
         ms = bench(fn)
         rec(what=what, ms=round(ms, 4), **meta)
         return ms
     except Exception as ex:  # keep the run going: one failing row must not lose the others
         rec(what=what, error=repr(ex)[:300], **meta)
-        torch.cuda.empty_cache()
+        empty_cache()
         return None
 
 
-def inputs(T, hkv=HKV, grad=False):
-    g = torch.Generator(device="cuda").manual_seed(T)
-    q = torch.randn(1, T, H, D, device="cuda", dtype=DT, generator=g)
-    k = torch.randn(1, T, hkv, D, device="cuda", dtype=DT, generator=g)
-    v = torch.randn(1, T, hkv, D, device="cuda", dtype=DT, generator=g)
+def inputs(T, hkv=None, grad=False):
+    hkv = HKV if hkv is None else hkv
+    g = torch.Generator(device=DEV).manual_seed(T)
+    q = torch.randn(1, T, H, D, device=DEV, dtype=DT, generator=g)
+    k = torch.randn(1, T, hkv, D, device=DEV, dtype=DT, generator=g)
+    v = torch.randn(1, T, hkv, D, device=DEV, dtype=DT, generator=g)
     if grad:
         q, k, v = (x.requires_grad_() for x in (q, k, v))
     return q, k, v
@@ -93,11 +138,11 @@ def sdpa_fn(q, k, v, backward=False):
 
 
 def nsa_fn(q, k, v, backward=False):
-    from fla.ops.nsa import parallel_nsa
-    gate = torch.rand(1, q.shape[1], H, device="cuda", dtype=DT)
+    gate = torch.rand(1, q.shape[1], H, device=DEV, dtype=DT)
     qq, kk, vv = (x.detach().requires_grad_(backward) for x in (q, k, v))
 
     def run():
+        from fla.ops.nsa import parallel_nsa  # here, so that a missing fla is one failing row
         o = parallel_nsa(qq, kk, vv, g_cmp=gate, g_slc=gate, block_counts=16, block_size=64)
         if backward:
             o.backward(torch.ones_like(o))
@@ -126,7 +171,7 @@ def forward_rows(lengths, hkv=HKV, with_nsa=True, with_16=True):
             sel = safe("ours_96_select", lambda: parallel_infllmv2_select(q, k, **OURS96), **meta)
             idx = parallel_infllmv2_select(q, k, **OURS96)
             att = safe("ours_96_attend", ours_fn(q, k, v, OURS96, block_indices=idx), **meta)
-            if T <= 131072 and hkv == HKV:
+            if T <= LEN(131072) and hkv == HKV:
                 from salaconvert.kernels.infllmv2 import parallel as par
                 from salaconvert.kernels.infllmv2.select import keys_to_blocks
                 tokens = par.ATTN_TOKENS
@@ -134,8 +179,8 @@ def forward_rows(lengths, hkv=HKV, with_nsa=True, with_16=True):
                     par.ATTN_TOKENS = t
                     safe(f"ours_96_attend_rows{t * 16}", ours_fn(q, k, v, OURS96, block_indices=idx), **meta)
                 par.ATTN_TOKENS = tokens
-                keys = torch.randint(-2 ** 62, 2 ** 62, (T, hkv, T // 64), device="cuda")
-                safe("ours_96_select_topk_part", lambda: keys_to_blocks(keys, 96), **meta)
+                keys = torch.randint(-2 ** 62, 2 ** 62, (T, hkv, T // 64), device=DEV)
+                safe("ours_96_select_topk_part", lambda: keys_to_blocks(keys, min(96, T // 64)), **meta)
                 del keys
             del idx
             if sd and ours:
@@ -148,14 +193,15 @@ def forward_rows(lengths, hkv=HKV, with_nsa=True, with_16=True):
                     if o16 and nsa:
                         rec(what="speedup_16_vs_nsa", ratio=round(nsa / o16, 3), **meta)
         del q, k, v
-        torch.cuda.empty_cache()
+        empty_cache()
 
 
-def variant_rows(T=131072):
+def variant_rows(T=None):
     """Launch/tile variants of the same work, for choosing defaults (attend-only on fixed blocks)."""
     from salaconvert.kernels.infllmv2 import parallel as par
     from salaconvert.kernels.infllmv2 import select as sel
     from salaconvert.kernels.infllmv2.parallel import parallel_infllmv2_select
+    T = LEN(131072) if T is None else T
     q, k, v = inputs(T)
     meta = dict(T=T, Hkv=HKV, mode="fwd")
     with torch.no_grad():
@@ -170,14 +216,163 @@ def variant_rows(T=131072):
             sel.SELECT_BC = bc
             safe(f"variant_select_bc{bc}", lambda: parallel_infllmv2_select(q, k, **OURS96), **meta)
         sel.SELECT_BC = saved[2]
-    meta = dict(T=32768, Hkv=HKV, mode="fwd+bwd")
-    q, k, v = inputs(32768)
+    meta = dict(T=LEN(32768), Hkv=HKV, mode="fwd+bwd")
+    q, k, v = inputs(LEN(32768))
     for tokens in (1, 4):
         par.ATTN_TOKENS = tokens
         safe(f"variant_fwdbwd_tokens{tokens}", ours_fn(q, k, v, OURS96, backward=True), **meta)
     par.ATTN_TOKENS = saved[0]
     del q, k, v, idx
-    torch.cuda.empty_cache()
+    empty_cache()
+
+
+class knobs:
+    """Set module knobs for a block, restore them after (even on error)."""
+
+    def __init__(self, mod, **values):
+        self.mod, self.values = mod, values
+
+    def __enter__(self):
+        self.saved = {n: getattr(self.mod, n) for n in self.values}
+        for n, x in self.values.items():
+            setattr(self.mod, n, x)
+
+    def __exit__(self, *exc):
+        for n, x in self.saved.items():
+            setattr(self.mod, n, x)
+
+
+class count_ties:
+    """Count, during a block, the rows that select.fix_ties finds ambiguous (K-th score tied with a
+    block left out): the share of rows that the fp32-keys path re-ranks with a sort."""
+
+    def __init__(self, sel):
+        self.sel, self.rows = sel, []
+
+    def __enter__(self):
+        self.real = self.sel.fix_ties
+
+        def spy(scores, vals, ids):
+            thr = vals.min(-1, keepdim=True).values
+            amb = ((scores == thr).sum(-1) > (vals == thr).sum(-1)) & (thr[..., 0] > float("-inf"))
+            self.rows.append(int(amb.sum()))
+            return self.real(scores, vals, ids)
+        self.sel.fix_ties = spy
+        return self.rows
+
+    def __exit__(self, *exc):
+        self.sel.fix_ties = self.real
+
+
+def agreement(a, b, cfg):
+    """Selections a, b [1, T, H, K] (ascending, −1 padded) -> identical-row fraction, mean Jaccard of the
+    sets, and mean overlap of the chosen (non-forced) blocks."""
+    bs, init, local = cfg.get("block_size", 64), cfg["init_blocks"], cfg["local_blocks"]
+    a, b = a[0], b[0]
+    T, Hh, K = a.shape
+    NB = (T + bs - 1) // bs
+    same = (a == b).all(-1).double().sum().item()
+    jac = chosen = 0.0
+    n_chosen = 0
+    for t0 in range(0, T, 8192):
+        aa, bb = a[t0:t0 + 8192].long(), b[t0:t0 + 8192].long()
+        ma = torch.zeros(aa.shape[0], Hh, NB + 1, dtype=torch.bool, device=a.device)
+        mb = torch.zeros_like(ma)
+        ma.scatter_(-1, torch.where(aa < 0, NB, aa), True)
+        mb.scatter_(-1, torch.where(bb < 0, NB, bb), True)
+        ma, mb = ma[..., :NB], mb[..., :NB]
+        inter = (ma & mb).sum(-1).double()
+        jac += (inter / (ma | mb).sum(-1).clamp(min=1)).sum().item()
+        qb = (torch.arange(t0, t0 + aa.shape[0], device=a.device) // bs)[:, None, None]
+        forced = ((aa >= 0) & ((aa < init) | (aa > qb - local))).sum(-1).double()
+        size = (aa >= 0).sum(-1).double()
+        has = size > forced
+        chosen += ((inter - forced) / (size - forced).clamp(min=1))[has].sum().item()
+        n_chosen += int(has.sum())
+    rows = T * Hh
+    return dict(rows_identical=round(same / rows, 4), jaccard=round(jac / rows, 4),
+                chosen_overlap=round(chosen / max(1, n_chosen), 4))
+
+
+def sweep_rows(T=None):
+    """Every knob variant at 128K for group 16 and group 4, the coarse normaliser's agreement, the
+    stage split (select = scores kernel + top-k; attend = stage 2 alone on fixed blocks)."""
+    from salaconvert.kernels.infllmv2 import decode as dec
+    from salaconvert.kernels.infllmv2 import parallel as par
+    from salaconvert.kernels.infllmv2 import select as sel
+    from salaconvert.kernels.infllmv2.parallel import parallel_infllmv2_select
+    T = LEN(131072) if T is None else T
+    for hkv in (HKV, H // 4):
+        G = H // hkv
+        q, k, v = inputs(T, hkv)
+        meta = dict(T=T, Hkv=hkv, G=G, mode="fwd", sweep=True)
+        with torch.no_grad():
+            for name, cfg in (("96", OURS96), ("16", OURS16)):
+                if name == "16" and hkv != HKV:
+                    continue
+                # selection variants: (label, select knobs, coarse_norm)
+                variants = [("base", {}, False), ("keys_fp32", dict(SELECT_KEYS="fp32"), False),
+                            ("coarse", {}, True), ("coarse_keys_fp32", dict(SELECT_KEYS="fp32"), True)]
+                if name == "96" and hkv == HKV:
+                    variants += [("bc128", dict(SELECT_BC=128), False), ("warps8", dict(SELECT_WARPS=8), False),
+                                 ("stages2", dict(SELECT_STAGES=2), False),
+                                 ("coarse_keys_fp32_bc128", dict(SELECT_KEYS="fp32", SELECT_BC=128), True)]
+                for label, kn, coarse in variants:
+                    with knobs(sel, **kn):
+                        safe(f"sweep_select_{name}_{label}",
+                             lambda: parallel_infllmv2_select(q, k, coarse_norm=coarse, **cfg), **meta)
+                if late(f"sweep_agreement_{name}", **meta):
+                    continue
+                try:
+                    exact = parallel_infllmv2_select(q, k, **cfg)
+                    with knobs(sel, SELECT_KEYS="fp32"), count_ties(sel) as tied:
+                        fp32 = parallel_infllmv2_select(q, k, **cfg)
+                    rec(what=f"sweep_keys_fp32_vs_int64_{name}", rows_equal=(fp32 == exact).all(-1).float().mean().item(),
+                        rows_tied_at_kth=round(sum(tied) / (T * hkv), 4), **meta)
+                    coarse = parallel_infllmv2_select(q, k, coarse_norm=True, **cfg)
+                    rec(what=f"sweep_agreement_coarse_vs_exact_{name}", **agreement(coarse, exact, cfg), **meta)
+                    del exact, fp32, coarse
+                except Exception as ex:
+                    rec(what=f"sweep_agreement_{name}", error=repr(ex)[:300], **meta)
+                empty_cache()
+            # stage 2 alone on fixed blocks: tile tokens × warps (× stages for the 1-token loop)
+            idx = parallel_infllmv2_select(q, k, **OURS96)
+            tiles = [(1, 4, 3), (1, 4, 4), (2, 4, 3), (4, 4, 3), (8, 4, 3), (8, 8, 3)] if hkv == HKV else \
+                [(4, 4, 3), (8, 4, 3), (16, 4, 3), (16, 8, 3), (8, 8, 3)]
+            for tokens, warps, stages in tiles:
+                with knobs(par, ATTN_TOKENS=tokens, ATTN_WARPS=warps, ATTN_STAGES=stages):
+                    safe(f"sweep_attend_96_tokens{tokens}_warps{warps}_stages{stages}",
+                         ours_fn(q, k, v, OURS96, block_indices=idx), **meta)
+            del idx
+        del q, k, v
+        empty_cache()
+    # decode at 1M: the coarse normaliser and the split sizes, graph-captured
+    from salaconvert.kernels.infllmv2.decode import triton_infllmv2_decode
+    from salaconvert.kernels.infllmv2.naive import compress_k
+    T = LEN(1048576)
+    meta = dict(T=T, Hkv=HKV, mode="decode", sweep=True)
+    q = torch.randn(1, 1, H, D, device=DEV, dtype=DT)
+    kc_ = torch.randn(1, T, HKV, D, device=DEV, dtype=DT)
+    vc_ = torch.randn_like(kc_)
+    kcmp = compress_k(kc_, OURS96.get("kernel_size", 32), OURS96.get("stride", 16)).to(DT).contiguous()
+    lens = torch.tensor([T], dtype=torch.int32, device=DEV)
+    for label, kn, coarse in (("coarse", {}, True), ("ch1024_spp4", dict(DECODE_CH=1024, DECODE_SPP=4), False),
+                              ("ch512_spp1", dict(DECODE_CH=512, DECODE_SPP=1), False)):
+        step = lambda: triton_infllmv2_decode(q, kc_, vc_, lens, kcmp, coarse_norm=coarse, **OURS96)  # noqa: E731
+        with knobs(dec, **kn):
+            if DEV != "cuda":
+                safe(f"sweep_decode_eager_{label}", step, **meta)
+                continue
+            try:
+                step()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step()
+                safe(f"sweep_decode_graph_{label}", graph.replay, **meta)
+            except Exception as ex:
+                rec(what=f"sweep_decode_graph_{label}", error=repr(ex)[:300], **meta)
+    del kc_, vc_, kcmp
+    empty_cache()
 
 
 def fwd_bwd_rows(lengths):
@@ -191,7 +386,7 @@ def fwd_bwd_rows(lengths):
         if sd and ours:
             rec(what="speedup_vs_sdpa", ratio=round(sd / ours, 3), **meta)
         del q, k, v
-        torch.cuda.empty_cache()
+        empty_cache()
 
 
 def decode_rows(lengths):
@@ -199,11 +394,11 @@ def decode_rows(lengths):
     from salaconvert.kernels.infllmv2.naive import compress_k
     for T in lengths:
         meta = dict(T=T, Hkv=HKV, mode="decode")
-        q = torch.randn(1, 1, H, D, device="cuda", dtype=DT)
-        kc_ = torch.randn(1, T, HKV, D, device="cuda", dtype=DT)
+        q = torch.randn(1, 1, H, D, device=DEV, dtype=DT)
+        kc_ = torch.randn(1, T, HKV, D, device=DEV, dtype=DT)
         vc_ = torch.randn_like(kc_)
-        kcmp = compress_k(kc_, 32, 16).to(DT).contiguous()
-        lens = torch.tensor([T], dtype=torch.int32, device="cuda")
+        kcmp = compress_k(kc_, OURS96.get("kernel_size", 32), OURS96.get("stride", 16)).to(DT).contiguous()
+        lens = torch.tensor([T], dtype=torch.int32, device=DEV)
         step = lambda: triton_infllmv2_decode(q, kc_, vc_, lens, kcmp, **OURS96)  # noqa: E731
         safe("ours_96_decode_eager", step, **meta)
         try:
@@ -214,7 +409,7 @@ def decode_rows(lengths):
             safe("ours_96_decode_graph", graph.replay, **meta)
         except Exception as ex:
             rec(what="ours_96_decode_graph", error=repr(ex)[:300], **meta)
-        if T == 1048576:  # the split sizes of run 2, for the before/after
+        if T == LEN(1048576):  # the split sizes of run 2, for the before/after
             from salaconvert.kernels.infllmv2 import decode as dec
             saved = (dec.DECODE_CH, dec.DECODE_SPP)
             dec.DECODE_CH, dec.DECODE_SPP = 1024, 8
@@ -231,7 +426,7 @@ def decode_rows(lengths):
         kh, vh = kc_.transpose(1, 2), vc_.transpose(1, 2)
         safe("sdpa_dense_decode", lambda: F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=True), **meta)
         del kc_, vc_, kcmp
-        torch.cuda.empty_cache()
+        empty_cache()
 
 
 def rel(a, b):
@@ -243,7 +438,7 @@ def check_fused_select():
     """The fused top-k selection against the key + torch.topk path; fall back to the latter if it fails."""
     from salaconvert.kernels.infllmv2 import select as sel
     from salaconvert.kernels.infllmv2.parallel import parallel_infllmv2_select
-    q, k, _ = inputs(20000)
+    q, k, _ = inputs(LEN(20000))
     try:
         sel.FUSED_TOPK = True
         a = parallel_infllmv2_select(q, k, **OURS96)
@@ -261,15 +456,15 @@ def check_rows():
     from salaconvert.kernels.infllmv2.decode import triton_infllmv2_decode
     from salaconvert.kernels.infllmv2.naive import compress_k, naive_infllmv2_attn, naive_infllmv2_select
     from salaconvert.kernels.infllmv2.parallel import parallel_infllmv2_attn, parallel_infllmv2_select
-    T = 16384
-    cfg = dict(OURS96, dense_len=8192)
+    T, tail, Tg = LEN(16384), min(1024, LEN(16384)), LEN(4096)
+    cfg = dict(OURS96, dense_len=8192 if DEV == "cuda" else 0)
     q, k, v = inputs(T)
     with torch.no_grad():
         idx = parallel_infllmv2_select(q, k, **cfg)
-        ref_idx = naive_infllmv2_select(q[:, -1024:].float(), k.float(), **cfg)
-    same = (idx[:, -1024:] == ref_idx).all(-1).float().mean().item()
-    small = dict(topk=16, init_blocks=1, local_blocks=4, dense_len=1024)
-    qs, ks, vs = (x[:, :4096].detach().clone().requires_grad_() for x in (q, k, v))
+        ref_idx = naive_infllmv2_select(q[:, -tail:].float(), k.float(), **cfg)
+    same = (idx[:, -tail:] == ref_idx).all(-1).float().mean().item()
+    small = dict(OURS16, dense_len=1024 if DEV == "cuda" else 0)
+    qs, ks, vs = (x[:, :Tg].detach().clone().requires_grad_() for x in (q, k, v))
     sidx = parallel_infllmv2_select(qs, ks, **small)
     o = parallel_infllmv2_attn(qs, ks, vs, **small)
     do = torch.randn_like(o)
@@ -277,17 +472,26 @@ def check_rows():
     qf, kf, vf = (x.detach().float().requires_grad_() for x in (qs, ks, vs))
     of = naive_infllmv2_attn(qf, kf, vf, block_indices=sidx, **small)
     of.backward(do.float())
-    rec(what="check", T=T, select_rows_equal_fp32_last1024=round(same, 4), T_grad=4096, o_rel=rel(o, of),
+    rec(what="check", T=T, select_rows_equal_fp32_last1024=round(same, 4), T_grad=Tg, o_rel=rel(o, of),
         dq_rel=rel(qs.grad, qf.grad), dk_rel=rel(ks.grad, kf.grad), dv_rel=rel(vs.grad, vf.grad),
         o_nan=bool(torch.isnan(o).any()))
     with torch.no_grad():
-        L = 12345
-        kc = compress_k(k[:, :L], 32, 16)  # fp32, as the model's cache keeps them
-        od = triton_infllmv2_decode(q[:, L - 1:L], k, v, torch.tensor([L], dtype=torch.int32, device="cuda"), kc, **cfg)
+        L = LEN(12345)
+        kc = compress_k(k[:, :L], cfg.get("kernel_size", 32), cfg.get("stride", 16))  # fp32, as the model's cache keeps them
+        od = triton_infllmv2_decode(q[:, L - 1:L], k, v, torch.tensor([L], dtype=torch.int32, device=DEV), kc, **cfg)
         last = parallel_infllmv2_attn(q[:, :L], k[:, :L], v[:, :L], **cfg)[:, -1:]
         rec(what="check_decode", T=L, rel_vs_prefill_last_row=rel(od, last))
     del q, k, v, of, qf, kf, vf, qs, ks, vs
-    torch.cuda.empty_cache()
+    empty_cache()
+
+
+def knob_values() -> dict:
+    from salaconvert.kernels.infllmv2 import decode as dec
+    from salaconvert.kernels.infllmv2 import parallel as par
+    from salaconvert.kernels.infllmv2 import select as sel
+    return {f"{m.__name__.rsplit('.', 1)[1]}.{n}": getattr(m, n) for m, names in (
+        (sel, ("FUSED_TOPK", "SELECT_BC", "SELECT_WARPS", "SELECT_STAGES", "SELECT_KEYS")),
+        (par, ("ATTN_TOKENS", "ATTN_WARPS", "ATTN_STAGES")), (dec, ("DECODE_CH", "DECODE_SPP"))) for n in names}
 
 
 def main():
@@ -295,9 +499,17 @@ def main():
     ap.add_argument("--out", default=".")
     ap.add_argument("--quick", action="store_true", help="short lengths only (a smoke run)")
     ap.add_argument("--only", default="check,fwd,fwdbwd,decode,hkv8,fwd512", help="comma list of sections")
+    ap.add_argument("--sweep", action="store_true", help="add the knob sweep (section 'sweep', run after 'check')")
+    ap.add_argument("--budget", type=float, default=1.5, help="seconds of timed calls per row (at least 3 calls)")
+    ap.add_argument("--deadline", type=float, default=450, help="seconds after which further rows are skipped")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1): a script check")
     args = ap.parse_args()
+    global BUDGET_S, DEADLINE
+    BUDGET_S, DEADLINE = args.budget, time.time() + args.deadline
+    if args.smoke:
+        smoke_mode()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))  # a timeout still writes the JSON (finally)
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
     card = "h200" if "H200" in name else "h100" if "H100" in name else name.split()[-1].lower()
     import triton
     try:
@@ -307,10 +519,11 @@ def main():
         fla_v = None
     meta = dict(card=name, torch=torch.__version__, triton=triton.__version__, fla=fla_v,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                shapes=dict(B=1, Hq=H, Hkv=HKV, d=D, dtype="bf16", block=64, ours96=OURS96, ours16=OURS16))
+                shapes=dict(B=1, Hq=H, Hkv=HKV, d=D, dtype=str(DT), block=64, ours96=OURS96, ours16=OURS16),
+                knobs=knob_values(), argv=sys.argv[1:])
     print(json.dumps(meta), flush=True)
-    sections = args.only.split(",")
-    fwd_T = [32768, 65536] if args.quick else [32768, 131072, 262144]
+    sections = args.only.split(",") + (["sweep"] if args.sweep else [])
+    fwd_T = [LEN(t) for t in ([32768, 65536] if args.quick else [32768, 131072, 262144])]
     try:
         if "variants" in sections:
             variant_rows()
@@ -318,16 +531,18 @@ def main():
             check_fused_select()
         if "check" in sections:
             check_rows()
+        if "sweep" in sections:
+            sweep_rows()
         if "fwd" in sections:
             forward_rows(fwd_T)
         if "fwdbwd" in sections:
-            fwd_bwd_rows([16384] if args.quick else [32768, 65536])
+            fwd_bwd_rows([LEN(t) for t in ([16384] if args.quick else [32768, 65536])])
         if "decode" in sections:
-            decode_rows([131072] if args.quick else [131072, 1048576])
-        if "hkv8" in sections:
-            forward_rows([32768] if args.quick else [131072], hkv=8, with_nsa=False, with_16=False)
+            decode_rows([LEN(t) for t in ([131072] if args.quick else [131072, 1048576])])
+        if "hkv8" in sections:  # group 4
+            forward_rows([LEN(32768 if args.quick else 131072)], hkv=H // 4, with_nsa=False, with_16=False)
         if "fwd512" in sections and not args.quick:
-            forward_rows([524288], with_16=False)
+            forward_rows([LEN(524288)], with_16=False)
     finally:
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, f"infllmv2-{card}.json")
