@@ -10,8 +10,9 @@ grows. Work is split so that a 1M-token cache still fills the GPU:
   1. stats:  (B·Hkv, splits of DECODE_CH compressed keys) -> partial softmax max/sum per head row;
   2. scores: (B·Hkv, chunks of BNB blocks) -> merges the partials, group-summed max-pooled block
              scores, forced/causal rules, int64 sort keys (select.py explains the key);
-  3. torch.topk over the keys (fixed shape);
-  4. attend: (B·Hkv, splits of DECODE_SPP block slots) -> partial flash-decoding states;
+  3. torch.topk over the keys (fixed shape, unsorted values);
+  4. attend: (B·Hkv, splits of DECODE_SPP block slots) -> decodes the block ids from the keys,
+             partial flash-decoding states;
   5. merge:  (B·Hkv) -> the output.
 `update_compressed_cache` appends the compressed key that the newest token completes.
 """
@@ -31,7 +32,7 @@ fix_interpreter_index()
 LOG2E = 1.4426950408889634
 # Split sizes: compressed keys per stats program and selected blocks per attention program. At 1M,
 # 256 / 2 and 1024 / 8 replay in 0.155 vs 0.158 ms (H100 run 3): the split kernels are not what
-# bounds the step (the top-k and its small torch ops are the next suspects, not yet profiled).
+# bounds the step (the top-k is the next suspect; its 5 small follow-up torch ops are gone since).
 DECODE_CH = 256
 DECODE_SPP = 2
 

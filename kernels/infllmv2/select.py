@@ -2,7 +2,8 @@
 
 One program scores a tile of BT query tokens × the G query heads of one KV head (BT·GP rows, GP =
 next power of two ≥ G; padded head rows are masked). Pass 1 runs an online softmax over the
-causally visible compressed keys to get each row's exact normaliser (m, l); pass 2 walks the key
+causally visible compressed keys to get each row's exact normaliser (m, l) (or over the coarse
+keys with coarse_norm: README, step 5); pass 2 walks the key
 blocks in chunks of BNB and, for each of the P compressed keys overlapping a block, recomputes the
 row scores, normalises them, sums the G heads of each token in registers (per-head scores never
 reach memory) and keeps the running max: the max-pool. The forced/causal rules are applied in
@@ -12,6 +13,8 @@ the same pass and each (token, block) score is written as one int64 sort key
 
 so that torch.topk over keys is exactly "score descending, block id ascending" (README, ties).
 Blocks after the query's own get the smallest int64, which marks them as never selectable.
+With SELECT_KEYS = "fp32" the scores themselves are written and scores_to_blocks makes
+torch.topk's answer exact (fix_ties).
 """
 from __future__ import annotations
 

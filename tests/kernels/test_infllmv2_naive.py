@@ -137,3 +137,17 @@ def test_defaults_long_sequence_runs():
     assert o.shape == q.shape and torch.isfinite(o).all()
     idx = naive_infllmv2_select(q, k, topk=16, local_blocks=4)
     assert (idx[0, :, :, 0] == 0).all() and (idx >= 0).all()
+
+
+def test_coarse_norm_only_reweights_heads():
+    # the coarse normaliser is one factor per (row, head): with one head per group, or with the heads
+    # of a group identical, it cannot change a ranking (rows that see a coarse key); with distinct
+    # heads it must change some selections
+    kw = dict(topk=5, **SMALL)
+    q, k, _ = _qkv(1, 200, 200, 6, 2, 16, seed=9)
+    seen = slice(4 * SMALL["kernel_size"], None)  # rows that see at least one coarse key
+    same_heads = q[:, :, ::3].repeat_interleave(3, 2)
+    for qq in (q[:, :, ::3], same_heads):
+        assert torch.equal(naive_infllmv2_select(qq, k, coarse_norm=True, **kw)[:, seen],
+                           naive_infllmv2_select(qq, k, **kw)[:, seen])
+    assert not torch.equal(naive_infllmv2_select(q, k, coarse_norm=True, **kw), naive_infllmv2_select(q, k, **kw))
