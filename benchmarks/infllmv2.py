@@ -94,7 +94,7 @@ def late(what, **meta) -> bool:
 
 def empty_cache():
     if DEV == "cuda":
-        empty_cache()
+        torch.cuda.empty_cache()
 
 
 def safe(what, fn, **meta):
