@@ -48,6 +48,12 @@ class SparseAttention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         kw = self.kernel_kwargs
         layer = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
+        if layer is not None and layer.position is not None:
+            # Graph decode: K/V written at a device position, the kernel reads the capacity-sized
+            # buffers and the lengths on the device, so the step can be captured once and replayed.
+            layer.write_token(k, v)
+            o = infllmv2_decode(q, layer.keys, layer.values, layer.seqlens, layer.kc, **kw)
+            return self._output(o, x_BTD), None
         if layer is not None:
             k, v = layer.append(k, v, kw["kernel_size"], kw["stride"])  # all cached K/V, [B, S, Hkv, d]
 
@@ -62,11 +68,14 @@ class SparseAttention(nn.Module):
             o = infllmv2_decode(q, layer.keys, layer.values, layer.seqlens, layer.compressed_keys(), **kw)
         else:
             o = infllmv2_attn(q, k, v, **kw)
+        return self._output(o, x_BTD), None
 
-        o_BTD = o.reshape(B, T, -1)
+    def _output(self, o_BTHD, x_BTD):
+        B, T, _ = x_BTD.shape
+        o_BTD = o_BTHD.reshape(B, T, -1)
         if self.og_proj is not None:
             o_BTD = o_BTD * torch.sigmoid(self.og_proj(x_BTD))
-        return self.o_proj(o_BTD), None
+        return self.o_proj(o_BTD)
 
 
 def _dense_causal(q_BTHD, k_BTHD, v_BTHD) -> torch.Tensor:

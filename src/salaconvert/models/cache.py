@@ -1,16 +1,23 @@
-"""The hybrid cache: transformers' DynamicCache built from `layer_types`.
+"""The hybrid cache: transformers' DynamicCache built from `layer_types`; and the teacher's
+cache for graph decode.
 
 transformers already maps "linear_attention" to `LinearAttentionLayer` (a recurrent state, no
-sequence axis) and "full_attention" to `DynamicLayer`. A sparse layer keeps its own layer type,
-`SparseAttentionCacheLayer`: K/V in [B, T, Hkv, d] buffers that grow geometrically (appending a
-token costs O(1) amortised instead of DynamicLayer's O(T) concatenation, and long-context runs
-can reserve the whole length up front), plus the compressed keys that InfLLM-V2's block
-selection reads, kept up to date as tokens arrive.
+sequence axis, updated in place) and "full_attention" to `DynamicLayer`. A sparse layer keeps its
+own layer type, `SparseAttentionCacheLayer`: K/V in [B, T, Hkv, d] buffers that grow geometrically
+(appending a token costs O(1) amortised instead of DynamicLayer's O(T) concatenation, and
+long-context runs can reserve the whole length up front), plus the compressed keys that
+InfLLM-V2's block selection reads, kept up to date as tokens arrive. With a reserve, full-attention
+layers (the teacher's, or a hybrid's) become `FullAttentionCacheLayer`: K/V allocated once.
+
+Graph decode (salaconvert.models.graph_decode) sets `position` on the sparse and full-attention
+layers: a device tensor holding the new token's position. While it is set, a one-token step
+writes K/V there (no Python int is baked into a captured graph) and the host-side `length` is
+left alone: the decoder advances it with `advance` after each step, without a sync.
 """
 import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicCache
 
-from salaconvert.kernels.infllmv2 import compress_k
+from salaconvert.kernels.infllmv2 import compress_k, update_compressed_cache
 
 _GROWTH = 1.25  # capacity grows by a quarter: at most 25% spare memory, amortised O(1) appends
 
@@ -28,6 +35,7 @@ class SparseAttentionCacheLayer(CacheLayerMixin):
         self.length = 0
         self.kernel_size = self.stride = None
         self.kc = self.seqlens = None
+        self.position = None  # graph decode: int64 [1] device tensor, the position of the token a step writes
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, _, H, d = key_states.shape
@@ -37,6 +45,10 @@ class SparseAttentionCacheLayer(CacheLayerMixin):
         self.kc = key_states.new_empty(B, 0, H, d, dtype=torch.float32)
         self.seqlens = torch.zeros(B, dtype=torch.int32, device=self.device)  # a tensor: decode kernels read it
         self.is_initialized = True
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[1]
 
     def reserve(self, capacity: int) -> None:
         """Allocate room for `capacity` tokens now (long-context runs: no regrowth, no 2× peak)."""
@@ -71,6 +83,21 @@ class SparseAttentionCacheLayer(CacheLayerMixin):
         self.length = end
         self.seqlens.fill_(end)
         return self.keys[:, :end], self.values[:, :end]
+
+    def write_token(self, k_B1HD: torch.Tensor, v_B1HD: torch.Tensor) -> None:
+        """Graph decode: one token's K/V at the device `position`; seqlens and compressed keys follow.
+
+        The whole buffers stay the decode kernel's input (capacity-sized, so a captured step
+        replays at any length); `length` is the decoder's to advance.
+        """
+        self.keys.index_copy_(1, self.position, k_B1HD)
+        self.values.index_copy_(1, self.position, v_B1HD)
+        self.seqlens.copy_(self.position + 1)
+        update_compressed_cache(self.keys, self.kc, self.seqlens, kernel_size=self.kernel_size, stride=self.stride)
+
+    def advance(self, tokens: int) -> None:
+        """Host bookkeeping after graph-decode steps wrote `tokens` tokens."""
+        self.length += tokens
 
     def compressed_keys(self) -> torch.Tensor:
         return self.kc[:, : self._windows(self.length)]
@@ -121,14 +148,96 @@ class SparseAttentionCacheLayer(CacheLayerMixin):
             self.seqlens.zero_()
 
 
+class FullAttentionCacheLayer(CacheLayerMixin):
+    """K/V of one softmax-attention layer in buffers allocated once: [B, Hkv, capacity, d] (transformers' layout).
+
+    Eager updates return views of the tokens so far, as DynamicLayer's concatenation would (same
+    attention, same mask); under graph decode (`position` set) a one-token update writes at the
+    device position and returns the whole buffers, which the decoder's mask limits to the tokens so far.
+    """
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+        self.position = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, H, _, d = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        # Zeros, not empty: masked positions still meet the values (0 × NaN would poison the output).
+        self.keys = key_states.new_zeros(B, H, self.capacity, d)
+        self.values = value_states.new_zeros(B, H, self.capacity, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.position is not None:
+            self.keys.index_copy_(2, self.position, key_states)
+            self.values.index_copy_(2, self.position, value_states)
+            return self.keys, self.values
+        start, end = self.length, self.length + key_states.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"cache full: {end} tokens do not fit the {self.capacity} reserved")
+        self.keys[:, :, start:end] = key_states
+        self.values[:, :, start:end] = value_states
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def advance(self, tokens: int) -> None:
+        """Host bookkeeping after graph-decode steps wrote `tokens` tokens."""
+        self.length += tokens
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self.length = max(0, self.length - abs(tokens_to_remove))
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+def _reserve_full_attention(cache: DynamicCache, layer_types, capacity: int) -> None:
+    for idx, layer_type in enumerate(layer_types):
+        if layer_type == "full_attention":
+            cache.layers[idx] = FullAttentionCacheLayer(capacity)
+
+
+def make_teacher_cache(config, capacity: int) -> DynamicCache:
+    """A teacher's cache with K/V for `capacity` tokens allocated at the first update (graph decode needs it).
+
+    Only full-attention teachers: a sliding-window layer would need a ring buffer.
+    """
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    other = sorted(set(layer_types) - {"full_attention"})
+    if other:
+        raise ValueError(f"a reserved teacher cache holds full-attention layers only, this teacher also has {other}")
+    cache = DynamicCache(config=config)
+    _reserve_full_attention(cache, layer_types, capacity)
+    return cache
+
+
 def make_hybrid_cache(config, reserve: int | None = None, batch_size: int = 1, dtype=None, device=None) -> DynamicCache:
     """A fresh cache with one layer per entry of `config.layer_types`.
 
     With `reserve`, the sparse layers allocate room for that many tokens now: a long prefill then
-    never regrows them (no copies, no transient 2× of a layer's K/V) and holds no spare capacity.
+    never regrows them (no copies, no transient 2× of a layer's K/V) and holds no spare capacity;
+    full-attention layers become `FullAttentionCacheLayer`s of that capacity (allocated at their first update).
     """
     cache = DynamicCache(config=config)
     if reserve:
+        _reserve_full_attention(cache, config.layer_types, reserve)
         shape = (batch_size, 0, config.num_key_value_heads, config.head_dim)
         for layer in cache.layers:
             if isinstance(layer, SparseAttentionCacheLayer):
