@@ -6,7 +6,9 @@ For each context length: time to first token (prefill), decode ms/token over --d
 peak GPU memory and cache bytes, through `salaconvert.bench.run.measure`. The teacher runs with
 SDPA (flash): in one pass while its activations fit (no mask needed, the fastest SDPA path),
 in chunks beyond that; an out-of-memory is recorded, not fatal. The hybrid prefills in chunks of
---chunk tokens that share one cache.
+--chunk tokens that share one cache. Both decode by replaying a CUDA graph of the whole model's
+one-token step (salaconvert.models.graph_decode) on a cache reserved for the whole run, so decode
+ms/token is GPU time, not Python and launch overhead.
 
     python benchmarks/long_context.py --out $OUT [--lengths 32768,131072,262144,524288,1048576]
 Writes long_context-<card>.json and long_context-<card>.png under --out; prints a table last.

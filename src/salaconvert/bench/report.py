@@ -47,6 +47,10 @@ def markdown(report: dict) -> str:
              for row in report["results"][label]["rows"] if "error" in row or "skipped" in row]
     if notes:
         lines += ["", "Not measured:", *notes]
+    eager = [f"- {label} at {short_length(row['length'])}" for label in (m for m in MODELS if m in report["results"])
+             for row in report["results"][label]["rows"] if row.get("decode") == "eager"]
+    if eager and report["cuda_graphs"].startswith("used"):
+        lines += ["", "Decoded eagerly (no CUDA graph: the cache could not be reserved):", *eager]
     v = report["versions"]
     lines += ["", f"salaconvert {v['salaconvert']}, torch {v['torch']}, transformers {v['transformers']}."]
     return "\n".join(lines) + "\n"

@@ -12,8 +12,14 @@ chunks sharing one cache, then decode `decode_tokens` tokens one at a time, gree
                        process's peak so far (monotone over the run, so only its growth is telling).
                        Models run one after the other in one process, so the second one's RSS
                        also holds what the allocator kept from the first
-Decode is plain eager PyTorch: the cache is a growing DynamicCache, which a CUDA graph cannot
-capture (it needs static shapes and addresses), so no CUDA graphs are used; the report says so.
+  decode               "cuda graph" or "eager": how the decode steps ran
+  graph_capture_s      CUDA: seconds to warm up and capture the decode graph (not in the decode timings)
+On CUDA, decode replays a CUDA graph of the whole model's one-token step
+(salaconvert.models.graph_decode), teacher and hybrid alike: their caches are reserved for the
+whole run before prefill (the teacher's K/V allocated once instead of grown by concatenation), so
+a step writes at a device position and the graph replays at every length. A teacher whose cache
+cannot be reserved (sliding-window layers) decodes eagerly on its DynamicCache; its rows say so.
+On the CPU decode is eager.
 """
 import gc
 import resource
@@ -28,9 +34,13 @@ import torch
 from salaconvert.errors import InputError
 from salaconvert.eval.forward import DEFAULT_CHUNK, cache_nbytes, decode_step, prefill
 from salaconvert.eval.run import check_out_dir, default_device, default_dtype
+from salaconvert.models.cache import make_hybrid_cache, make_teacher_cache
+from salaconvert.models.graph_decode import GraphDecoder
 
-CUDA_GRAPHS_NOTE = ("not used: decode runs eagerly on a growing DynamicCache, which CUDA graphs cannot "
-                    "capture (they need static shapes and addresses)")
+CUDA_GRAPHS_USED = ("used: decode replays a CUDA graph of the whole model's one-token step, captured once per "
+                    "length on a cache reserved for the whole run (a row's `decode` says eager where a cache "
+                    "could not be reserved)")
+CUDA_GRAPHS_UNUSED = "not used: a CPU run, decode is eager"
 
 
 @dataclass
@@ -80,28 +90,42 @@ def measure(model, length: int, settings: BenchSettings) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    graph = device.type == "cuda"
+    try:
+        cache = _reserved_cache(model, length + settings.decode_tokens, graph)
+    except ValueError:  # a teacher whose layers cannot be reserved: eager decode on its own cache
+        cache, graph = None, False
     _sync(device)
     t0 = time.perf_counter()
-    logits, cache = prefill(model, ids, settings.chunk, cache=_reserved_cache(model, length + settings.decode_tokens))
+    logits, cache = prefill(model, ids, settings.chunk, cache=cache)
     _sync(device)
     prefill_s = time.perf_counter() - t0
     cache_after_prefill = cache_nbytes(cache)
+    row = {"length": length, "prefill_s": prefill_s, "prefill_tokens_per_s": length / prefill_s,
+           "decode": "cuda graph" if graph else "eager"}
+    if graph:
+        t = time.perf_counter()
+        decoder = GraphDecoder(model, cache)
+        _sync(device)
+        row["graph_capture_s"] = time.perf_counter() - t
+        step = decoder.step
+    else:
+        def step(token):
+            nonlocal cache
+            logits, cache = decode_step(model, token, cache)
+            return logits
     steps = []
     token = int(logits.argmax())
     for _ in range(settings.decode_tokens):
         t = time.perf_counter()
-        logits, cache = decode_step(model, token, cache)
-        token = int(logits.argmax())  # .item() synchronizes, so the step is fully timed
+        token = int(step(token).argmax())  # .item() synchronizes, so the step is fully timed
         steps.append(time.perf_counter() - t)
-    row = {
-        "length": length,
-        "prefill_s": prefill_s,
-        "prefill_tokens_per_s": length / prefill_s,
+    row.update({
         "decode_ms_per_token": statistics.median(steps) * 1e3,
         "decode_ms_mean": statistics.fmean(steps) * 1e3,
         "cache_bytes": cache_after_prefill,
         "cache_bytes_after_decode": cache_nbytes(cache),
-    }
+    })
     if device.type == "cuda":
         row["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
     else:
@@ -111,12 +135,11 @@ def measure(model, length: int, settings: BenchSettings) -> dict:
     return row
 
 
-def _reserved_cache(model, tokens: int):
-    """A hybrid's cache with room for the whole run (None for other models: they make their own)."""
+def _reserved_cache(model, tokens: int, graph: bool = False):
+    """A cache with room for the whole run of `tokens`: a hybrid's always, a teacher's for graph
+    decode (raises ValueError where it cannot be reserved); None otherwise (the teacher makes its own)."""
     if getattr(model.config, "model_type", None) != "sala_hybrid":
-        return None
-    from salaconvert.models.cache import make_hybrid_cache
-
+        return make_teacher_cache(model.config, tokens) if graph else None
     p = next(model.parameters())
     return make_hybrid_cache(model.config, reserve=tokens, dtype=p.dtype, device=p.device)
 
@@ -186,7 +209,8 @@ def run_bench(model: str, teacher: str | None = None, settings: BenchSettings | 
             torch.cuda.empty_cache()
     report = {
         "model": model, "teacher": teacher, "device": _device_name(device), "dtype": dtype,
-        "settings": asdict(settings), "cuda_graphs": CUDA_GRAPHS_NOTE, "results": results,
+        "settings": asdict(settings), "results": results,
+        "cuda_graphs": CUDA_GRAPHS_USED if device.startswith("cuda") else CUDA_GRAPHS_UNUSED,
         "versions": _versions(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": time.perf_counter() - t0,
     }
