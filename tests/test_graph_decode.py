@@ -138,4 +138,4 @@ def test_decoder_refuses_a_cache_it_cannot_drive():
     with pytest.raises(ValueError, match="cannot drive"):
         GraphDecoder(teacher, cache)
     with pytest.raises(ValueError, match="full-attention layers only"):
-        make_teacher_cache(tiny_teacher("mistral", sliding_window=4, layer_types=["sliding_attention"] * 4).config, 8)
+        make_teacher_cache(tiny_teacher("mistral", sliding_window=4).config, 8)

@@ -15,7 +15,7 @@ writes K/V there (no Python int is baked into a captured graph) and the host-sid
 left alone: the decoder advances it with `advance` after each step, without a sync.
 """
 import torch
-from transformers.cache_utils import CacheLayerMixin, DynamicCache
+from transformers.cache_utils import CacheLayerMixin, DynamicCache, DynamicLayer
 
 from salaconvert.kernels.infllmv2 import compress_k, update_compressed_cache
 
@@ -217,14 +217,14 @@ def _reserve_full_attention(cache: DynamicCache, layer_types, capacity: int) -> 
 def make_teacher_cache(config, capacity: int) -> DynamicCache:
     """A teacher's cache with K/V for `capacity` tokens allocated at the first update (graph decode needs it).
 
-    Only full-attention teachers: a sliding-window layer would need a ring buffer.
+    Only full-attention teachers (every layer a plain DynamicLayer in transformers' own cache for
+    this config): a sliding-window layer would need a ring buffer.
     """
-    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
-    other = sorted(set(layer_types) - {"full_attention"})
-    if other:
-        raise ValueError(f"a reserved teacher cache holds full-attention layers only, this teacher also has {other}")
     cache = DynamicCache(config=config)
-    _reserve_full_attention(cache, layer_types, capacity)
+    other = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer})
+    if other or len(cache.layers) != config.num_hidden_layers:
+        raise ValueError(f"a reserved teacher cache holds full-attention layers only, this teacher has {other or 'none'}")
+    cache.layers[:] = [FullAttentionCacheLayer(capacity) for _ in cache.layers]
     return cache
 
 
