@@ -1,7 +1,7 @@
 """On the device: a replayed CUDA graph decodes what eager decode does, for the hybrid (the Triton
 decode kernels, across dense_len) and the teacher, and bench reports graph decode for both.
 
-    TRITON_INTERPRET=0 pytest -m gpu tests/test_graph_decode_gpu.py
+    TRITON_INTERPRET=0 PYTHONSAFEPATH=1 .venv/bin/pytest -m gpu tests/test_graph_decode_gpu.py -q
 """
 import pytest
 import torch
