@@ -139,3 +139,19 @@ def test_decoder_refuses_a_cache_it_cannot_drive():
         GraphDecoder(teacher, cache)
     with pytest.raises(ValueError, match="full-attention layers only"):
         make_teacher_cache(tiny_teacher("mistral", sliding_window=4).config, 8)
+
+
+def test_bench_report_lists_rows_decoded_without_a_graph_on_a_graph_run():
+    from salaconvert.bench.report import markdown
+    from salaconvert.bench.run import CUDA_GRAPHS_USED
+
+    row = {"prefill_s": 1.0, "prefill_tokens_per_s": 1.0, "decode_ms_per_token": 1.0, "cache_bytes": 1}
+    report = {"model": "m", "teacher": "t", "device": "cuda", "dtype": "bfloat16", "date": "d",
+              "settings": {"chunk": 32, "decode_tokens": 2, "repeats": 1}, "cuda_graphs": CUDA_GRAPHS_USED,
+              "results": {"teacher": {"rows": [{"length": 64, "decode": "eager", **row}]},
+                          "hybrid": {"rows": [{"length": 64, "decode": "cuda graph", **row}]}},
+              "versions": {"salaconvert": "0", "torch": "0", "transformers": "0"}}
+    md = markdown(report)
+    assert "CUDA graphs: used" in md
+    listed = md.split("Decoded eagerly")[1].split("\n\n")[0].splitlines()[1:]
+    assert listed == ["- teacher at 64"]
