@@ -139,6 +139,11 @@ def test_decoder_refuses_a_cache_it_cannot_drive():
         GraphDecoder(teacher, cache)
     with pytest.raises(ValueError, match="full-attention layers only"):
         make_teacher_cache(tiny_teacher("mistral", sliding_window=4).config, 8)
+    windowed = convert(tiny_teacher("mistral", sliding_window=4), LayerPlan(HYBRIDS["with a full-attention layer"]),
+                       sparse=SMALL_SPARSE)
+    _, cache = prefill(windowed, torch.arange(5), cache=make_hybrid_cache(windowed.config, reserve=8))
+    with pytest.raises(ValueError, match="sliding window"):
+        GraphDecoder(windowed, cache)
 
 
 def test_bench_report_lists_rows_decoded_without_a_graph_on_a_graph_run():

@@ -79,6 +79,8 @@ class GraphDecoder:
         full = [layer for layer in self.layers if isinstance(layer, FullAttentionCacheLayer)]
         self._kv_index = torch.arange(full[0].capacity, device=device) if full else None
         self._attn_config = model.model.config if full else None  # the config the teacher's attention modules read
+        if full and getattr(self._attn_config, "sliding_window", None) is not None:
+            raise ValueError("graph decode masks full-attention layers causally: a sliding window would be ignored")
         for layer in self.layers:
             layer.position = self.position
         self.graph = None
