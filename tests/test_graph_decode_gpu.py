@@ -14,11 +14,11 @@ from salaconvert.layer_selection import LayerPlan
 from salaconvert.models.cache import make_hybrid_cache, make_teacher_cache
 from salaconvert.models.graph_decode import GraphDecoder
 from salaconvert.surgery.convert import convert
-from tiny import SMALL_SPARSE, tiny_teacher
+from tiny import GPU_SPARSE, tiny_teacher
 
 pytestmark = pytest.mark.gpu
 
-PROMPT, STEPS = 18, 24  # positions 18..41: dense below dense_len = 24, block-sparse above
+PROMPT, STEPS = 36, 40  # positions 36..75: dense below dense_len = 48, block-sparse above
 PLANS = {"hybrid": ["sparse_attention", "linear_attention", "linear_attention", "sparse_attention"],
          "hybrid with full attention": ["sparse_attention", "linear_attention", "full_attention", "sparse_attention"]}
 
@@ -31,7 +31,7 @@ def _cuda():
 
 def _model(which: str, dtype):
     teacher = tiny_teacher("qwen3" if which == "teacher" else "llama")
-    model = teacher if which == "teacher" else convert(teacher, LayerPlan(PLANS[which]), sparse=SMALL_SPARSE)
+    model = teacher if which == "teacher" else convert(teacher, LayerPlan(PLANS[which]), sparse=GPU_SPARSE)
     with torch.no_grad():  # trained-looking gates and norms, so that a wrong cache path shows
         for name, p in model.named_parameters():
             if any(k in name for k in ("z_proj", "og_proj", "o_norm")):

@@ -32,6 +32,8 @@ def tiny_teacher(arch: str = "llama", seed: int = 0, **overrides) -> torch.nn.Mo
 # Small InfLLM-V2 geometry so that short test sequences reach the sparse path.
 SMALL_SPARSE = {"dense_len": 24, "block_size": 8, "kernel_size": 8, "stride": 4, "topk": 3,
                 "init_blocks": 1, "local_blocks": 1}
+# The GPU's Triton path needs blocks of ≥ 16 tokens (tl.dot): the same plan scaled up for `-m gpu` tests.
+GPU_SPARSE = dict(SMALL_SPARSE, dense_len=48, block_size=16, kernel_size=16, stride=8)
 
 
 

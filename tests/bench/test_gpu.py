@@ -8,7 +8,7 @@ from salaconvert.bench.run import BenchSettings, bench_model
 from salaconvert.eval.forward import token_nll
 from salaconvert.layer_selection.plan import LayerPlan
 from salaconvert.surgery.convert import convert
-from tiny import SMALL_SPARSE, tiny_teacher
+from tiny import GPU_SPARSE, tiny_teacher
 
 pytestmark = pytest.mark.gpu
 
@@ -18,7 +18,7 @@ def hybrid():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     types = ["sparse_attention", "linear_attention", "linear_attention", "sparse_attention"]
-    return convert(tiny_teacher("llama"), LayerPlan(types), sparse=SMALL_SPARSE).to("cuda", torch.bfloat16).eval()
+    return convert(tiny_teacher("llama"), LayerPlan(types), sparse=GPU_SPARSE).to("cuda", torch.bfloat16).eval()
 
 
 def test_bench_on_cuda_reports_peak_memory_and_growing_cache(hybrid):
