@@ -30,11 +30,11 @@ from salaconvert.kernels.infllmv2.select import _pool_width
 
 fix_interpreter_index()
 LOG2E = 1.4426950408889634
-# Split sizes: compressed keys per stats program and selected blocks per attention program. At 1M,
-# 256 / 2 and 1024 / 8 replay in 0.155 vs 0.158 ms (H100 run 3): the split kernels are not what
-# bounds the step (the top-k is the next suspect; its 5 small follow-up torch ops are gone since).
-DECODE_CH = 256
-DECODE_SPP = 2
+# Split sizes: compressed keys per stats program and selected blocks per attention program. H100
+# run 4 (attention reading the raw top-k), graph replay at 1M: 1024 / 4 0.126 ms, 512 / 1 0.143 ms,
+# 256 / 2 0.203 ms, 1024 / 8 0.207 ms (run 3, before that change: 256 / 2 0.155 ms).
+DECODE_CH = 1024
+DECODE_SPP = 4
 
 
 @triton.jit
