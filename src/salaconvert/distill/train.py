@@ -199,6 +199,8 @@ def run_stage(s: Session, n: int, resumed: dict | None = None) -> bool:
                     loss = ce / count
                 acc.backward(loss * ids.shape[0] / per_process)
             loss_sum += loss.item() * ids.shape[0] / per_process
+        if acc.num_processes > 1:  # each process saw its share: log the global batch's loss
+            loss_sum = acc.reduce(torch.tensor(loss_sum, device=acc.device), "mean").item()
         if cfg.grad_clip > 0:
             acc.clip_grad_norm_(params, cfg.grad_clip)
         lr = scheduler.get_last_lr()[0]
