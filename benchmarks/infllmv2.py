@@ -390,6 +390,7 @@ def fwd_bwd_rows(lengths):
 
 
 def decode_rows(lengths):
+    from salaconvert.kernels.infllmv2 import decode as dec
     from salaconvert.kernels.infllmv2.decode import triton_infllmv2_decode
     from salaconvert.kernels.infllmv2.naive import compress_k
     for T in lengths:
@@ -401,27 +402,20 @@ def decode_rows(lengths):
         lens = torch.tensor([T], dtype=torch.int32, device=DEV)
         step = lambda: triton_infllmv2_decode(q, kc_, vc_, lens, kcmp, **OURS96)  # noqa: E731
         safe("ours_96_decode_eager", step, **meta)
-        try:
-            step()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
-            safe("ours_96_decode_graph", graph.replay, **meta)
-        except Exception as ex:
-            rec(what="ours_96_decode_graph", error=repr(ex)[:300], **meta)
-        if T == LEN(1048576):  # the split sizes of run 2, for the before/after
-            from salaconvert.kernels.infllmv2 import decode as dec
-            saved = (dec.DECODE_CH, dec.DECODE_SPP)
-            dec.DECODE_CH, dec.DECODE_SPP = 1024, 8
-            try:
-                step()
-                g2 = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g2):
+        # at 1M also: the coarse normaliser (the paper's approximation) and run 3's splits, for the before/after
+        variants = [("", {}, False)] + ([("_coarse", {}, True), ("_ch256_spp2", dict(DECODE_CH=256, DECODE_SPP=2), False)]
+                                        if T == LEN(1048576) else [])
+        for label, kn, coarse in variants:
+            step = lambda: triton_infllmv2_decode(q, kc_, vc_, lens, kcmp, coarse_norm=coarse, **OURS96)  # noqa: E731
+            with knobs(dec, **kn):
+                try:
                     step()
-                safe("ours_96_decode_graph_ch1024_spp8", g2.replay, **meta)
-            except Exception as ex:
-                rec(what="ours_96_decode_graph_ch1024_spp8", error=repr(ex)[:300], **meta)
-            dec.DECODE_CH, dec.DECODE_SPP = saved
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        step()
+                    safe(f"ours_96_decode_graph{label}", graph.replay, **meta)
+                except Exception as ex:
+                    rec(what=f"ours_96_decode_graph{label}", error=repr(ex)[:300], **meta)
         qh = q.transpose(1, 2)
         kh, vh = kc_.transpose(1, 2), vc_.transpose(1, 2)
         safe("sdpa_dense_decode", lambda: F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=True), **meta)
