@@ -8,14 +8,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from helpers import assert_close
 from salaconvert.io.checkpoint import INDEX, SIDECAR, save_checkpoint
 from salaconvert.layer_selection import LayerPlan, uniform_layer_types
 from salaconvert.surgery.convert import convert
 from tiny import SMALL_SPARSE, tiny_teacher
 
 
-def _hybrid(arch="llama", layer_types=None):
+def _hybrid(arch="llama", layer_types=None, attn="sdpa"):
     teacher = tiny_teacher(arch)
+    teacher.config._attn_implementation = attn
     plan = LayerPlan(layer_types or uniform_layer_types(4, "1:3"))
     hybrid = convert(teacher, plan, sparse=SMALL_SPARSE)
     with torch.no_grad():  # trained-looking gates and norms, so that a wrong cache path shows
@@ -50,6 +52,27 @@ def test_generate_with_cache_equals_rerunning_the_whole_sequence():
             nxt = hybrid(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], 1)
     assert torch.equal(ids, seq)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])  # a boolean and an additive float mask
+def test_left_padded_batch_generates_what_each_prompt_generates_alone(arch, attn):
+    """Padding tokens never reach a Lightning state or a softmax: within dense_len, a left-padded
+    batch gives each row the tokens and logits it gets alone."""
+    hybrid = _hybrid(arch, attn=attn)
+    prompts = [torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 11)]
+    width = max(len(p) for p in prompts)
+    ids = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long), p]) for p in prompts])
+    mask = torch.stack([torch.cat([torch.zeros(width - len(p)), torch.ones(len(p))]).long() for p in prompts])
+    new = 8  # 11 + 8 < dense_len = 24: the regime where the sparse layers honour the mask
+    with torch.no_grad():
+        batch = hybrid.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        for row, p in enumerate(prompts):
+            alone = hybrid.generate(p[None], max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                    output_logits=True, return_dict_in_generate=True)
+            assert torch.equal(batch.sequences[row, width:], alone.sequences[0, len(p):]), f"row {row}"
+            assert_close(torch.stack([s[row] for s in batch.logits]), torch.stack([s[0] for s in alone.logits]),
+                         rtol=1e-5, what=f"row {row}: logits, padded batch vs alone")
 
 
 def test_save_then_load_gives_identical_logits_and_the_spec_files(tmp_path):

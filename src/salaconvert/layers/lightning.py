@@ -43,6 +43,8 @@ class LightningAttention(nn.Module):
         v = self.v_proj(x_BTD).view(B, T, -1, d)
         cos, sin = position_embeddings
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if isinstance(attention_mask, torch.Tensor) and T > 1:
+            k = k * _real_tokens(attention_mask, T)[:, :, None, None].to(k.dtype)
 
         state = self._cached_state(past_key_values)
         if state is not None and T == 1:
@@ -61,3 +63,18 @@ class LightningAttention(nn.Module):
             return None
         layer = cache.layers[self.layer_idx]
         return layer.recurrent_states[0] if layer.is_recurrent_states_initialized[0] else None
+
+
+def _real_tokens(mask, T: int) -> torch.Tensor:
+    """[B, T] bool: which of this call's T tokens are not padding, from the mask transformers built.
+
+    A 4-D mask [B, 1, T, S] (causal, maybe a sliding window, padding) lets every real token see
+    itself and no row see a padding key, so its diagonal over this call's keys answers; flash
+    attention passes the 2-D padding mask itself. A padding token's key is zeroed, so it adds
+    nothing to the state or to any output: with left padding the state is still exactly zero when
+    the first real token arrives.
+    """
+    if mask.dim() == 2:
+        return mask[:, -T:].bool()
+    own = mask[:, 0, :, -T:].diagonal(dim1=-2, dim2=-1)
+    return own if own.dtype == torch.bool else own == 0  # an additive float mask is 0 where visible
