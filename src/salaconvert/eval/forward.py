@@ -10,6 +10,8 @@ Shape legend: T tokens, C chunk length, V vocabulary.
 import torch
 import torch.nn.functional as F
 
+from salaconvert.models.cache import cache_argument
+
 DEFAULT_CHUNK = 4096
 
 
@@ -29,7 +31,7 @@ def prefill(model, ids_T: list[int] | torch.Tensor, chunk: int = DEFAULT_CHUNK, 
     for start in range(0, ids.shape[1], chunk):
         piece = ids[:, start:start + chunk]
         keep = {} if on_logits is not None else {"logits_to_keep": 1}
-        out = model(input_ids=piece, past_key_values=cache, use_cache=True, **keep)
+        out = model(input_ids=piece, use_cache=True, **{cache_argument(model): cache}, **keep)
         cache = out.past_key_values
         logits = out.logits[0].float()
         if on_logits is not None:
@@ -42,7 +44,7 @@ def prefill(model, ids_T: list[int] | torch.Tensor, chunk: int = DEFAULT_CHUNK, 
 def decode_step(model, token: int, cache):
     """One decode step; returns (logits [V], cache)."""
     ids = torch.tensor([[token]], dtype=torch.long, device=_device(model))
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    out = model(input_ids=ids, use_cache=True, **{cache_argument(model): cache})
     return out.logits[0, -1].float(), out.past_key_values
 
 

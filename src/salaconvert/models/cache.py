@@ -14,10 +14,18 @@ layers: a device tensor holding the new token's position. While it is set, a one
 writes K/V there (no Python int is baked into a captured graph) and the host-side `length` is
 left alone: the decoder advances it with `advance` after each step, without a sync.
 """
+import inspect
+
 import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicCache, DynamicLayer
 
 from salaconvert.kernels.infllmv2 import compress_k, update_compressed_cache
+
+def cache_argument(model) -> str:
+    """The keyword a model's forward takes its cache by: `cache` from transformers 5.24 on, where
+    `past_key_values` is deprecated (to go in 5.40), and `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
 
 _GROWTH = 1.25  # capacity grows by a quarter: at most 25% spare memory, amortised O(1) appends
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import LinearAttentionLayer
 
-from salaconvert.models.cache import FullAttentionCacheLayer, SparseAttentionCacheLayer
+from salaconvert.models.cache import FullAttentionCacheLayer, SparseAttentionCacheLayer, cache_argument
 
 _ATTENTION = "salaconvert_decode"
 _WARMUP_STEPS = 2  # on a side stream before capture: Triton compiles, cuBLAS picks its kernels
@@ -93,7 +93,7 @@ class GraphDecoder:
             kwargs["attention_mask"] = (self._kv_index <= self.position).view(1, 1, 1, -1)
         with self._decode_attention():
             out = self.model(input_ids=self.ids, position_ids=self.position.view(1, 1).expand_as(self.ids),
-                             past_key_values=self.cache, use_cache=True, logits_to_keep=1, **kwargs)
+                             use_cache=True, logits_to_keep=1, **{cache_argument(self.model): self.cache}, **kwargs)
         return out.logits[:, -1].float()
 
     @contextlib.contextmanager

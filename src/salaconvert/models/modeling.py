@@ -5,7 +5,6 @@ the teacher's base model rebuilt from the nested teacher config, and every layer
 is not "full_attention" gets a `LightningAttention` or `SparseAttention` in place of its
 attention. Parameter names stay the teacher's, so conversion can reuse the teacher's tensors.
 """
-import inspect
 
 import torch
 from torch import nn
@@ -14,7 +13,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from salaconvert.layers import LightningAttention, SparseAttention
-from salaconvert.models.cache import make_hybrid_cache
+from salaconvert.models.cache import cache_argument, make_hybrid_cache
 from salaconvert.models.configuration import SalaHybridConfig
 from salaconvert.surgery.registry import resolve_arch
 
@@ -55,8 +54,7 @@ class SalaHybridForCausalLM(SalaHybridPreTrainedModel, GenerationMixin):
             if layer_type in _LAYER_CLASSES:
                 setattr(layers[idx], self.arch.attention, _LAYER_CLASSES[layer_type](config, idx))
         self._no_split_modules = [type(layers[0]).__name__]
-        # transformers ≥ 5.24 names the cache argument `cache` (`past_key_values` is deprecated there).
-        self._cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self._cache_kwarg = cache_argument(self.model)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
