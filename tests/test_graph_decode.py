@@ -18,19 +18,10 @@ from salaconvert.kernels.infllmv2 import compress_k
 from salaconvert.models.cache import SparseAttentionCacheLayer, make_hybrid_cache, make_teacher_cache
 from salaconvert.models.graph_decode import GraphDecoder, grouped_decode_attention
 from salaconvert.surgery.convert import convert
-from tiny import SMALL_SPARSE, tiny_teacher
+from tiny import SMALL_SPARSE, tiny_hybrid, tiny_teacher
 
 PROMPT, STEPS = 18, 14  # decode positions 18..31: dense below 24, sparse above, compressed windows complete
 SHORT = 21, 6  # the interpreted Triton kernels are slow: positions 21..26 still cross dense_len and two windows
-
-
-def _hybrid(layer_types):
-    hybrid = convert(tiny_teacher("llama"), LayerPlan(layer_types), sparse=SMALL_SPARSE)
-    with torch.no_grad():  # trained-looking gates and norms, so that a wrong cache path shows
-        for name, p in hybrid.named_parameters():
-            if any(k in name for k in ("z_proj", "og_proj", "o_norm")):
-                p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "norm" in name else 0.0))
-    return hybrid.eval()
 
 
 def _reference(model, ids, fresh_cache, prompt=PROMPT):
@@ -65,7 +56,7 @@ HYBRIDS = {"sparse+lightning": ["sparse_attention", "linear_attention", "linear_
 @pytest.mark.parametrize("plan,kernels", [(plan, "torch") for plan in HYBRIDS] + [("sparse+lightning", "triton")])
 def test_hybrid_captured_step_follows_eager_decode_across_dense_len(plan, kernels, monkeypatch):
     monkeypatch.setenv("SALACONVERT_KERNELS", kernels)  # triton: the decode kernels through the interpreter
-    hybrid = _hybrid(HYBRIDS[plan])
+    hybrid = tiny_hybrid(HYBRIDS[plan])
     prompt, steps = SHORT if kernels == "triton" else (PROMPT, STEPS)
     ids = torch.randint(0, 128, (prompt + steps,), generator=torch.Generator().manual_seed(1))
     expected = _reference(hybrid, ids, make_hybrid_cache(hybrid.config), prompt)
@@ -111,7 +102,7 @@ def test_grouped_decode_attention_equals_masked_attention_over_repeated_kv():
 
 @pytest.mark.parametrize("which", ["hybrid", "teacher"])
 def test_step_keeps_the_bookkeeping_and_eager_decode_continues_after_close(which):
-    model = _hybrid(HYBRIDS["with a full-attention layer"]) if which == "hybrid" else tiny_teacher("qwen2")
+    model = tiny_hybrid(HYBRIDS["with a full-attention layer"]) if which == "hybrid" else tiny_teacher("qwen2")
     ids = torch.randint(0, 128, (PROMPT + STEPS,), generator=torch.Generator().manual_seed(3))
     fresh = make_hybrid_cache(model.config) if which == "hybrid" else DynamicCache(config=model.config)
     expected = _reference(model, ids, fresh)

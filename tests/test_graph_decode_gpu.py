@@ -10,11 +10,9 @@ from transformers import DynamicCache
 from helpers import assert_close
 from salaconvert.bench.run import BenchSettings, bench_model
 from salaconvert.eval.forward import decode_step, prefill
-from salaconvert.layer_selection import LayerPlan
 from salaconvert.models.cache import make_hybrid_cache, make_teacher_cache
 from salaconvert.models.graph_decode import GraphDecoder
-from salaconvert.surgery.convert import convert
-from tiny import GPU_SPARSE, tiny_teacher
+from tiny import GPU_SPARSE, tiny_hybrid, tiny_teacher
 
 pytestmark = pytest.mark.gpu
 
@@ -30,12 +28,7 @@ def _cuda():
 
 
 def _model(which: str, dtype):
-    teacher = tiny_teacher("qwen3" if which == "teacher" else "llama")
-    model = teacher if which == "teacher" else convert(teacher, LayerPlan(PLANS[which]), sparse=GPU_SPARSE)
-    with torch.no_grad():  # trained-looking gates and norms, so that a wrong cache path shows
-        for name, p in model.named_parameters():
-            if any(k in name for k in ("z_proj", "og_proj", "o_norm")):
-                p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "norm" in name else 0.0))
+    model = tiny_teacher("qwen3") if which == "teacher" else tiny_hybrid(PLANS[which], sparse=GPU_SPARSE)
     return model.to("cuda", dtype).eval()
 
 

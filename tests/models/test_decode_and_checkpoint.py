@@ -12,19 +12,11 @@ from helpers import assert_close
 from salaconvert.io.checkpoint import INDEX, SIDECAR, save_checkpoint
 from salaconvert.layer_selection import LayerPlan, uniform_layer_types
 from salaconvert.surgery.convert import convert
-from tiny import SMALL_SPARSE, tiny_teacher
+from tiny import tiny_hybrid, tiny_teacher
 
 
 def _hybrid(arch="llama", layer_types=None, attn="sdpa"):
-    teacher = tiny_teacher(arch)
-    teacher.config._attn_implementation = attn
-    plan = LayerPlan(layer_types or uniform_layer_types(4, "1:3"))
-    hybrid = convert(teacher, plan, sparse=SMALL_SPARSE)
-    with torch.no_grad():  # trained-looking gates and norms, so that a wrong cache path shows
-        for name, p in hybrid.named_parameters():
-            if any(k in name for k in ("z_proj", "og_proj", "o_norm")):
-                p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "norm" in name else 0.0))
-    return hybrid
+    return tiny_hybrid(layer_types or uniform_layer_types(4, "1:3"), arch, attn=attn)
 
 
 @pytest.mark.parametrize("prefill", [1, 17, 40])
