@@ -20,7 +20,6 @@ forward eagerly, which is what the CPU tests compare against the plain eager dec
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import LinearAttentionLayer
 
@@ -35,14 +34,20 @@ def grouped_decode_attention(module, query, key, value, attention_mask, scaling=
     key/value [B, Hkv, S, d] -> ([B, 1, Hq, d], None), as transformers' attention functions return.
 
     The G = Hq/Hkv query heads of a group become G rows against their KV head, so no K/V copy is
-    made (transformers' SDPA path repeats K/V per query head whenever a mask is given).
+    made. Plain matmuls and a masked softmax in fp32, as transformers' eager attention computes.
+    The first version called SDPA with the mask, and the H100 bench measured the teacher's decode
+    far above its bandwidth bound at long context (61.9 ms/token for SmolLM2 at 128K): with a mask
+    SDPA cannot use its split-KV flash-decoding kernel. These matmuls are the replacement, not yet
+    timed on the GPU (benchmarks/notes-long-context.md).
     """
     B, Hq, T, d = query.shape
     Hkv = key.shape[1]
     if T != 1:
         raise ValueError(f"{_ATTENTION} attends one query token, got {T}")
     q = query.reshape(B, Hkv, Hq // Hkv, d)
-    o = F.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scaling)
+    scores = torch.matmul(q, key.transpose(-1, -2)) * (scaling if scaling is not None else d ** -0.5)
+    scores = scores.masked_fill(~attention_mask, float("-inf"))
+    o = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype), value)
     return o.reshape(B, Hq, 1, d).transpose(1, 2), None
 
 
