@@ -110,6 +110,19 @@ def safe(what, fn, **meta):
         return None
 
 
+def safe_graph(what, step, **meta):
+    """`safe` for one decode step captured in a CUDA graph: the replay is timed."""
+    try:
+        step()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+    except Exception as ex:
+        rec(what=what, error=repr(ex)[:300], **meta)
+        return None
+    return safe(what, graph.replay, **meta)
+
+
 def inputs(T, hkv=None, grad=False):
     hkv = HKV if hkv is None else hkv
     g = torch.Generator(device=DEV).manual_seed(T)
@@ -363,14 +376,7 @@ def sweep_rows(T=None):
             if DEV != "cuda":
                 safe(f"sweep_decode_eager_{label}", step, **meta)
                 continue
-            try:
-                step()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    step()
-                safe(f"sweep_decode_graph_{label}", graph.replay, **meta)
-            except Exception as ex:
-                rec(what=f"sweep_decode_graph_{label}", error=repr(ex)[:300], **meta)
+            safe_graph(f"sweep_decode_graph_{label}", step, **meta)
     del kc_, vc_, kcmp
     empty_cache()
 
@@ -408,14 +414,7 @@ def decode_rows(lengths):
         for label, kn, coarse in variants:
             step = lambda: triton_infllmv2_decode(q, kc_, vc_, lens, kcmp, coarse_norm=coarse, **OURS96)  # noqa: E731
             with knobs(dec, **kn):
-                try:
-                    step()
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph):
-                        step()
-                    safe(f"ours_96_decode_graph{label}", graph.replay, **meta)
-                except Exception as ex:
-                    rec(what=f"ours_96_decode_graph{label}", error=repr(ex)[:300], **meta)
+                safe_graph(f"ours_96_decode_graph{label}", step, **meta)
         qh = q.transpose(1, 2)
         kh, vh = kc_.transpose(1, 2), vc_.transpose(1, 2)
         safe("sdpa_dense_decode", lambda: F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=True), **meta)
