@@ -42,6 +42,7 @@ def update_compressed_cache(k_cache: torch.Tensor, kc_cache: torch.Tensor, cache
             kc_cache[b, j] = k_cache[b, j * st:j * st + ks].float().mean(0).to(kc_cache.dtype)
 
 
+@torch.compiler.disable  # layers under torch.compile (distill) call the Triton launch code as is, untraced
 def infllmv2_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
     """InfLLM-V2 attention. q [B, Tq, Hq, d], k/v [B, Tk, Hkv, d] (Tq ≤ Tk, queries end-aligned) -> o [B, Tq, Hq, d].
 

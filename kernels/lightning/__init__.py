@@ -4,12 +4,15 @@
 PyTorch path (naive.py) through `salaconvert.kernels.dispatch.use_triton`. Math and kernel design:
 README.md in this folder.
 """
+import torch
+
 from salaconvert.kernels.dispatch import use_triton
 from salaconvert.kernels.lightning.naive import chunk_lightning_attn_torch, naive_lightning_attn, naive_lightning_attn_step
 
 __all__ = ["lightning_attn", "lightning_attn_step", "naive_lightning_attn", "naive_lightning_attn_step", "chunk_lightning_attn_torch"]
 
 
+@torch.compiler.disable  # layers under torch.compile (distill) call the Triton launch code as is, untraced
 def lightning_attn(q, k, v, decay, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
     """Lightning attention over a whole sequence (prefill / training), differentiable.
 

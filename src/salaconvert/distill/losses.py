@@ -6,9 +6,10 @@ that input and its output is compared by MSE. Only the new modules run with grad
 
 Stage 2 — forward KL(teacher ‖ student) over the vocabulary at every position. The logits of a
 long sequence are the largest tensors of the step (T·V floats), so they are made one chunk of
-positions at a time inside activation checkpointing: only the hidden states stay alive, and each
-chunk's logits are rebuilt during the backward. Every position counts, whatever the chunk size
-(HALO's published code scored only the first 512 positions; tests/distill guard against that).
+positions at a time, and the fused op (salaconvert.kernels.kl) turns each chunk's logits into the
+gradients of the hidden states and the head during the forward: no logits stay alive or are
+rebuilt. Every position counts, whatever the chunk size (HALO's published code scored only the
+first 512 positions; tests/distill guard against that).
 
 Shape legend: B batch, T tokens, D hidden size, V vocabulary.
 """
@@ -17,12 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-
-def _kl_sum(hs_BTD, ht_BTD, w_s, w_t, temperature: float) -> torch.Tensor:
-    logp_s = F.log_softmax(F.linear(hs_BTD, w_s).float() / temperature, dim=-1)
-    with torch.no_grad():
-        logp_t = F.log_softmax(F.linear(ht_BTD, w_t).float() / temperature, dim=-1)
-    return (logp_t.exp() * (logp_t - logp_s)).sum()
+from salaconvert.kernels.kl import linear_kl
 
 
 def chunked_kl(hs_BTD: torch.Tensor, ht_BTD: torch.Tensor, w_student: torch.Tensor, w_teacher: torch.Tensor,
@@ -31,17 +27,11 @@ def chunked_kl(hs_BTD: torch.Tensor, ht_BTD: torch.Tensor, w_student: torch.Tens
 
     hs_BTD: the student's final hidden states (after the final norm), with grad.
     ht_BTD: the teacher's, without grad. w_*: [V, D] output projections (the same tensor when tied
-    and frozen). Logits exist one chunk of `chunk` positions at a time, forward and backward.
+    and frozen). Logits exist one chunk of `chunk` positions at a time, and only in the forward:
+    `salaconvert.kernels.kl.linear_kl` turns them into the gradients of hs and Ws on the spot.
     """
     B, T, _ = hs_BTD.shape
-    total = hs_BTD.new_zeros((), dtype=torch.float32)
-    for s in range(0, T, chunk):
-        hs, ht = hs_BTD[:, s:s + chunk], ht_BTD[:, s:s + chunk]
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_kl_sum, hs, ht, w_student, w_teacher, temperature, use_reentrant=False)
-        else:
-            total = total + _kl_sum(hs, ht, w_student, w_teacher, temperature)
-    return total * temperature**2 / (B * T)
+    return linear_kl(hs_BTD, ht_BTD, w_student, w_teacher, chunk, temperature) * temperature**2 / (B * T)
 
 
 def _ce_sum(h_BTD, w, labels_BT) -> torch.Tensor:

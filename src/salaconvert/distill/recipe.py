@@ -81,6 +81,9 @@ class Data:
 class Runtime:
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     gradient_checkpointing: str = "auto"  # auto (on for GPU) | on | off
+    # torch.compile of every decoder layer in stages 2 and 3 (teacher's too): fuses the norms, gates
+    # and MLP elementwise chains that otherwise dominate a small model's step; costs ~20 s at start.
+    compile: str = "auto"  # auto (on for GPU) | on | off
     checkpoint_every: int = 500  # steps between resumable checkpoints (0: only at the end of a stage)
     log_every: int = 10  # steps between metrics lines
     eval: bool = True  # held-out perplexity of teacher and student before and after
@@ -125,6 +128,7 @@ class Recipe:
         _check(self.runtime.precision in ("auto", "bf16", "fp32"), "runtime.precision: expected auto, bf16 or fp32")
         _check(self.runtime.gradient_checkpointing in ("auto", "on", "off"),
                "runtime.gradient_checkpointing: expected auto, on or off")
+        _check(self.runtime.compile in ("auto", "on", "off"), "runtime.compile: expected auto, on or off")
         return self
 
 

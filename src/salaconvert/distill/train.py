@@ -20,6 +20,7 @@ from salaconvert.distill.losses import AttentionAlignment, chunked_ce, chunked_k
 from salaconvert.distill.pair import attention_modules, converted_layers, load_owned, owned_state, set_trainable, trainable_names
 from salaconvert.distill.recipe import Recipe, Stage
 from salaconvert.io.checkpoint import write_atomically
+from salaconvert.surgery.registry import resolve_arch
 
 STATE = "state"
 
@@ -129,9 +130,24 @@ def _log(s: Session, record: dict) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-def _use_checkpointing(s: Session) -> bool:
-    mode = s.recipe.runtime.gradient_checkpointing
+def _on(s: Session, mode: str) -> bool:
     return mode == "on" or (mode == "auto" and s.accelerator.device.type == "cuda")
+
+
+def _use_checkpointing(s: Session) -> bool:
+    return _on(s, s.recipe.runtime.gradient_checkpointing)
+
+
+def compile_layers(model) -> None:
+    """torch.compile each decoder layer of a teacher or hybrid in place (once; names and weights unchanged).
+
+    Regional compilation: layers of one kind share a graph, so a 30-layer hybrid compiles about
+    three. The attention kernels are torch.compiler.disable'd (their Triton launches run as is).
+    Not in stage 1, whose forward hooks on the teacher's attention would defeat the graphs.
+    """
+    for layer in getattr(model.model, resolve_arch(model.model).layers):
+        if layer._compiled_call_impl is None:
+            layer.compile()
 
 
 def run_stage(s: Session, n: int, resumed: dict | None = None) -> bool:
@@ -157,6 +173,9 @@ def run_stage(s: Session, n: int, resumed: dict | None = None) -> bool:
         model = align
     else:
         model = HiddenStates(s.student)
+        if _on(s, s.recipe.runtime.compile):
+            compile_layers(s.student)
+            compile_layers(s.teacher)
         if _use_checkpointing(s):
             s.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     s.student.train()
