@@ -7,7 +7,7 @@ follows what the training code does (distill/pair.py, train.py):
   - trainable tensors: an fp32 master copy, an fp32 gradient and AdamW's two fp32 moments;
   - activations of one micro-batch: stage 1 keeps every converted layer's input and output and the
     new modules' saved tensors; stages 2–3 keep one hidden state per layer (gradient checkpointing)
-    plus one layer's recomputed activations and the logits of one KL chunk.
+    plus one layer's recomputed activations and the logits of one KL chunk (salaconvert.kernels.kl).
 The activation terms are analytic counts of the tensors autograd saves, so they are an estimate:
 allocator rounding and temporary buffers are covered by a fixed margin, not modelled.
 
@@ -83,11 +83,13 @@ def estimate_memory(config, recipe: Recipe, stages=(1, 2), bf16: bool = True, gr
             per_layer = one_layer + (lightning_extra * n_lin / L)
             stored = L * N * D * w + per_layer if gradient_checkpointing else L * per_layer
             chunk = min(cfg.kl_chunk, cfg.seq_len)
-            logits = 6 * micro * chunk * V * 4  # fp32: logits, log-softmax of both, exp, grad (one chunk)
-            hidden = 3 * N * D * w  # student and teacher final hidden states, grad
+            logits = 3 * micro * chunk * V * w  # student and teacher logits and their gradient (one chunk)
+            head_grad = V * D * 4 if "lm_head.weight" in trainable else 0  # the fused KL's fp32 d W_s, kept to the backward
+            hidden = 4 * N * D * w  # student and teacher final hidden states, the fused KL's d hs, grad
             teacher_fwd = one_layer
             detail = {"layer activations" + (" (checkpointed)" if gradient_checkpointing else ""): stored,
-                      "logits (one chunk)": logits, "final hidden states": hidden, "teacher forward (one layer)": teacher_fwd}
+                      "logits (one chunk)": logits, "KL head gradient": head_grad, "final hidden states": hidden,
+                      "teacher forward (one layer)": teacher_fwd}
         parts = {
             "shared frozen weights": n_shared * w,
             "teacher-only weights": n_teacher_own * w,
