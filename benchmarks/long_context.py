@@ -4,8 +4,9 @@ Speed and memory do not depend on trained weights, so both models are built from
 code with random weights (bf16, on the GPU) and the hybrid shares the teacher's tensors.
 For each context length: time to first token (prefill), decode ms/token over --decode tokens,
 peak GPU memory and cache bytes, through `salaconvert.bench.run.measure`. The teacher runs with
-SDPA (flash): in one pass while its activations fit (no mask needed, the fastest SDPA path),
-in chunks beyond that; an out-of-memory is recorded, not fatal. The hybrid prefills in chunks of
+SDPA's flash kernel: in one pass while its activations fit, in chunks beyond that (each chunk
+causal against the cache, aligned to the last key, with no mask tensor:
+salaconvert.models.prefill_attention); an out-of-memory is recorded, not fatal. The hybrid prefills in chunks of
 --chunk tokens that share one cache. Both decode by replaying a CUDA graph of the whole model's
 one-token step (salaconvert.models.graph_decode) on a cache reserved for the whole run, so decode
 ms/token is GPU time, not Python and launch overhead.

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from salaconvert.models.cache import cache_argument
+from salaconvert.models.prefill_attention import chunk_causal_attention
 
 DEFAULT_CHUNK = 4096
 
@@ -28,15 +29,16 @@ def prefill(model, ids_T: list[int] | torch.Tensor, chunk: int = DEFAULT_CHUNK, 
     """
     ids = torch.as_tensor(ids_T, dtype=torch.long, device=_device(model)).view(1, -1)
     last = None
-    for start in range(0, ids.shape[1], chunk):
-        piece = ids[:, start:start + chunk]
-        keep = {} if on_logits is not None else {"logits_to_keep": 1}
-        out = model(input_ids=piece, use_cache=True, **{cache_argument(model): cache}, **keep)
-        cache = out.past_key_values
-        logits = out.logits[0].float()
-        if on_logits is not None:
-            on_logits(start, logits)
-        last = logits[-1]
+    with chunk_causal_attention(model):  # one unpadded sequence: causal SDPA with no materialised mask
+        for start in range(0, ids.shape[1], chunk):
+            piece = ids[:, start:start + chunk]
+            keep = {} if on_logits is not None else {"logits_to_keep": 1}
+            out = model(input_ids=piece, use_cache=True, **{cache_argument(model): cache}, **keep)
+            cache = out.past_key_values
+            logits = out.logits[0].float()
+            if on_logits is not None:
+                on_logits(start, logits)
+            last = logits[-1]
     return last, cache
 
 
