@@ -408,8 +408,14 @@ def decode_rows(lengths):
         lens = torch.tensor([T], dtype=torch.int32, device=DEV)
         step = lambda: triton_infllmv2_decode(q, kc_, vc_, lens, kcmp, **OURS96)  # noqa: E731
         safe("ours_96_decode_eager", step, **meta)
-        # at 1M also: the coarse normaliser (the paper's approximation) and run 3's splits, for the before/after
-        variants = [("", {}, False)] + ([("_coarse", {}, True), ("_ch256_spp2", dict(DECODE_CH=256, DECODE_SPP=2), False)]
+        if DEV == "cuda" and not late("ours_96_decode_kernels", **meta):
+            rec(what="ours_96_decode_kernels", us_per_call=kernel_split(step), **meta)
+        # at 1M also: torch.topk (before the top-k rounds), round sizes, and the coarse normaliser
+        # (the paper's approximation) alone and with the top-k rounds
+        variants = [("", {}, False)] + ([("_torch_topk", dict(DECODE_TOPK_CHUNK=0), False),
+                                         ("_topk512", dict(DECODE_TOPK_CHUNK=512), False),
+                                         ("_topk2048", dict(DECODE_TOPK_CHUNK=2048), False),
+                                         ("_coarse", {}, True), ("_coarse_torch_topk", dict(DECODE_TOPK_CHUNK=0), True)]
                                         if T == LEN(1048576) else [])
         for label, kn, coarse in variants:
             step = lambda: triton_infllmv2_decode(q, kc_, vc_, lens, kcmp, coarse_norm=coarse, **OURS96)  # noqa: E731
@@ -420,6 +426,19 @@ def decode_rows(lengths):
         safe("sdpa_dense_decode", lambda: F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=True), **meta)
         del kc_, vc_, kcmp
         empty_cache()
+
+
+def kernel_split(fn, calls: int = 20) -> dict:
+    """Mean GPU microseconds per call of each kernel `fn` launches (torch.profiler, eager calls)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        sync()
+    return {e.key[:80]: round(e.device_time_total / calls, 2) for e in prof.key_averages() if e.device_time_total > 0}
 
 
 def rel(a, b):
@@ -484,7 +503,7 @@ def knob_values() -> dict:
     from salaconvert.kernels.infllmv2 import select as sel
     return {f"{m.__name__.rsplit('.', 1)[1]}.{n}": getattr(m, n) for m, names in (
         (sel, ("FUSED_TOPK", "SELECT_BC", "SELECT_WARPS", "SELECT_STAGES", "SELECT_KEYS")),
-        (par, ("ATTN_TOKENS", "ATTN_WARPS", "ATTN_STAGES")), (dec, ("DECODE_CH", "DECODE_SPP"))) for n in names}
+        (par, ("ATTN_TOKENS", "ATTN_WARPS", "ATTN_STAGES")), (dec, ("DECODE_CH", "DECODE_SPP", "DECODE_TOPK_CHUNK"))) for n in names}
 
 
 def main():

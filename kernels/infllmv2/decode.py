@@ -10,7 +10,7 @@ grows. Work is split so that a 1M-token cache still fills the GPU:
   1. stats:  (B·Hkv, splits of DECODE_CH compressed keys) -> partial softmax max/sum per head row;
   2. scores: (B·Hkv, chunks of BNB blocks) -> merges the partials, group-summed max-pooled block
              scores, forced/causal rules, int64 sort keys (select.py explains the key);
-  3. torch.topk over the keys (fixed shape, unsorted values);
+  3. top-k over the keys: rounds of per-program sorts (_topk_keys), fixed shapes;
   4. attend: (B·Hkv, splits of DECODE_SPP block slots) -> decodes the block ids from the keys,
              partial flash-decoding states;
   5. merge:  (B·Hkv) -> the output.
@@ -35,6 +35,9 @@ LOG2E = 1.4426950408889634
 # 256 / 2 0.203 ms, 1024 / 8 0.207 ms (run 3, before that change: 256 / 2 0.155 ms).
 DECODE_CH = 1024
 DECODE_SPP = 4
+# Keys per program in each round of the decode top-k (_topk_keys); 0 uses torch.topk, whose one
+# block per row leaves a B·Hkv = 2-row problem latency-bound.
+DECODE_TOPK_CHUNK = 1024
 
 
 @triton.jit
@@ -234,6 +237,38 @@ def update_compressed_cache(k_cache: torch.Tensor, kc_cache: torch.Tensor, cache
                                   kc_cache.stride(0), kc_cache.stride(1), D=D, KS=kernel_size, ST=stride)
 
 
+@triton.jit
+def _topk_round_kernel(src, dst, n, stride_src, stride_dst, K: tl.constexpr, C: tl.constexpr):
+    """One round: program c keeps the K largest of keys [c·C, c·C + C) of its row, in descending order."""
+    r, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    o = c * C + tl.arange(0, C)
+    top = tl.sort(tl.load(src + r * stride_src + o, mask=o < n, other=-9223372036854775807 - 1), descending=True)
+    i = tl.arange(0, C)
+    tl.store(dst + r * stride_dst + c * K + i, top, mask=i < K)
+
+
+def _topk_keys(keys: torch.Tensor, K: int) -> torch.Tensor:
+    """The K largest of each row of int64 `keys` [R, n] (n ≥ K), in no particular order: [R, K].
+
+    Rounds of sorting C keys per program and keeping K shrink a row C/K-fold each, until one
+    program holds it all. Keys are unique (the block id is in their low bits), so the set is exact,
+    and every shape comes from the capacity, so the launches can be captured in a CUDA graph.
+    """
+    if not DECODE_TOPK_CHUNK:
+        return torch.topk(keys, K, dim=-1, sorted=False).values
+    C = max(DECODE_TOPK_CHUNK, next_pow2(2 * K))
+    R, n = keys.shape
+    while True:
+        last = n <= C
+        width = next_pow2(n) if last else C
+        programs = 1 if last else triton.cdiv(n, C)
+        out = layout.empty((R, programs * K), torch.int64, keys.device)
+        _topk_round_kernel[(R, programs)](keys, out, n, keys.stride(0), out.stride(0), K=K, C=width)
+        if last:
+            return out
+        keys, n = out, programs * K
+
+
 def check_decode_shapes(q, k_cache, v_cache, cache_seqlens) -> None:
     if q.dim() != 4 or q.shape[1] != 1:
         raise ValueError(f"decode takes q [B, 1, Hq, d], got {tuple(q.shape)}")
@@ -291,7 +326,7 @@ def triton_infllmv2_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         kc_cache.stride(1), G=G, BM=BM, D=D, BNB=BNB, P=_pool_width(block_size, kernel_size, stride), BS=block_size,
         KS=kernel_size, ST=stride, INIT=init_blocks, LOCAL=local_blocks, NSP=NSP, NSPP=next_pow2(NSP))
     K = min(topk, NBMAX)
-    idx = torch.topk(keys, K, dim=-1, sorted=False).values  # the attention decodes the ids itself
+    idx = _topk_keys(keys, K)  # the attention decodes the ids itself
     n_slots = max(K, min(NBMAX, (dense_len + block_size - 1) // block_size + 1))
     SPP = DECODE_SPP
     NSP2 = triton.cdiv(n_slots, SPP)

@@ -254,6 +254,19 @@ def test_decode_equals_last_row_of_prefill(G, dense_len, coarse, monkeypatch):
             assert not torch.equal(*sel), f"b={b}: the coarse normaliser must matter at this row"
 
 
+@pytest.mark.parametrize("R,n,K,chunk", [(2, 300, 7, 16), (2, 96, 96, 1024), (1, 17, 5, 8), (1, 2048, 96, 1024)])
+def test_decode_topk_rounds_keep_the_largest_keys(R, n, K, chunk, monkeypatch):
+    monkeypatch.setattr(decode_mod, "DECODE_TOPK_CHUNK", chunk)  # (2, 300, 7, 16): five rounds
+    g = torch.Generator().manual_seed(n)
+    # unique within a row, as block keys are (score in the high bits, block id in the low ones)
+    keys = ((torch.randint(-(1 << 30), 1 << 30, (R, n), generator=g) << 20) | torch.arange(n)).contiguous()
+    keys[:, ::5] = -(1 << 63)  # and many "not causal" keys, the smallest int64, as the score kernel writes
+    got = decode_mod._topk_keys(keys, K)
+    assert got.shape == (R, K)
+    expected = torch.topk(keys, K, dim=-1).values
+    assert torch.equal(got.sort(-1).values, expected.sort(-1).values)
+
+
 def test_public_dispatch_reaches_triton(monkeypatch):
     monkeypatch.setenv("SALACONVERT_KERNELS", "triton")
     calls = []
