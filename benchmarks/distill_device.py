@@ -4,12 +4,14 @@ corpus, then held-out perplexity of teacher, hybrid before and after, with token
 Run on the device after the two bundle calls of /work/shared/tools/device-bundle.sh:
     source /tmp/device-env.sh && pip install -q --no-deps --no-build-isolation . &&
     PYTHONUNBUFFERED=1 python3 benchmarks/distill_device.py --out $OUT
+Several GPUs: `--prepare-only` once, then `accelerate launch --num_processes N benchmarks/distill_device.py ...`.
 The GGUF teacher is de-quantised once into an HF directory (fp32), converted (1:3, first/last
 sparse), then distilled with recipes/debug/smollm2-h100.yaml. Writes distill_device.json,
 metrics.jsonl and the log to --out.
 """
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -56,6 +58,8 @@ def main() -> None:
     p.add_argument("--recipe", default="debug/smollm2-h100")
     p.add_argument("--set", nargs="*", default=[])
     p.add_argument("--out", required=True)
+    p.add_argument("--prepare-only", action="store_true",
+                   help="only write the teacher and hybrid checkpoints (before an `accelerate launch` of this script)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -63,9 +67,13 @@ def main() -> None:
     from salaconvert.distill.run import distill
 
     teacher, hybrid = prepare(args.gguf, Path(args.work))
+    if args.prepare_only:
+        return
     log(f"distilling on {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
     report = distill(hybrid, str(teacher), args.data, Path(args.work) / "distilled", recipe=args.recipe,
                      overrides=args.set, overwrite=True, step=log)
+    if int(os.environ.get("RANK", "0")):  # under accelerate launch the main process reports
+        return
     metrics = [json.loads(line) for line in (Path(args.work) / "distilled" / "metrics.jsonl").read_text().splitlines()]
     report["steady_tokens_per_s"] = {str(n): steady_rate(metrics, n) for n in (1, 2)}
     report["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
