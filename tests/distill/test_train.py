@@ -25,9 +25,9 @@ def _losses(teacher, student, ids):
     """(stage-1 attention MSE, stage-2 KL) of `student` on a fixed batch."""
     layers = converted_layers(student)
     align = AttentionAlignment(attention_modules(student, layers), attention_modules(teacher, layers))
-    with align.capture():
+    with align.capture() as records:
         teacher.model(input_ids=ids, use_cache=False)
-    mse = align().item()
+    mse = align(records).item()
     hs = student.model(input_ids=ids, use_cache=False).last_hidden_state
     ht = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
     return mse, chunked_kl(hs, ht, student.lm_head.weight, teacher.lm_head.weight, chunk=8).item()

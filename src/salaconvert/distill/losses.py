@@ -13,6 +13,8 @@ first 512 positions; tests/distill guard against that).
 
 Shape legend: B batch, T tokens, D hidden size, V vocabulary.
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,11 +55,12 @@ def chunked_ce(h_BTD: torch.Tensor, w: torch.Tensor, input_ids_BT: torch.Tensor,
 class AttentionAlignment(nn.Module):
     """Stage 1's trainable part: the student's converted attention modules, scored against the teacher's.
 
-    `capture(teacher)` (a context manager) records, for every converted layer, the teacher
-    attention's input hidden states, its keyword inputs (rotary cos/sin, mask) and its output.
-    `forward()` then runs each student module on the recorded input and returns the mean over
-    layers of the MSE to the teacher's output. Being an nn.Module whose forward does the work,
-    it can be wrapped by accelerate/DDP like any model.
+    `capture()` (a context manager, yielding the records) records, for every converted layer, the
+    teacher attention's input hidden states, its keyword inputs (rotary cos/sin, mask) and its
+    output. `forward(records)` then runs each student module on the recorded input and returns the
+    mean over layers of the MSE to the teacher's output. Being an nn.Module whose forward does the
+    work, it can be wrapped by accelerate/DDP like any model; the records go in as its argument
+    because DDP on GPUs moves a forward's inputs and fails on a forward that takes none.
     """
 
     def __init__(self, student_attn: dict[int, nn.Module], teacher_attn: dict[int, nn.Module]):
@@ -84,26 +87,21 @@ class AttentionAlignment(nn.Module):
             handles.append(module.register_forward_hook(post, with_kwargs=True))
         return handles
 
+    @contextlib.contextmanager
     def capture(self):
-        import contextlib
+        records = self._records = {}
+        handles = self._hooks()
+        try:
+            yield records
+        finally:
+            for h in handles:
+                h.remove()
+            self._records = {}  # the caller holds this step's records; the module keeps none
 
-        @contextlib.contextmanager
-        def ctx():
-            handles = self._hooks()
-            try:
-                yield self._records
-            finally:
-                for h in handles:
-                    h.remove()
-
-        self._records = {}
-        return ctx()
-
-    def forward(self) -> torch.Tensor:
+    def forward(self, records: dict) -> torch.Tensor:
         losses = []
         for key, module in self.layers.items():
-            x, kwargs, target = self._records[int(key)]
+            x, kwargs, target = records[int(key)]
             y = module(hidden_states=x, past_key_values=None, **kwargs)[0]
             losses.append(F.mse_loss(y.float(), target.float()))
-        self._records = {}
         return torch.stack(losses).mean()

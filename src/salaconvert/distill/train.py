@@ -205,9 +205,9 @@ def run_stage(s: Session, n: int, resumed: dict | None = None) -> bool:
             sync = contextlib.nullcontext() if i == len(chunks) - 1 else acc.no_sync(model)
             with sync, acc.autocast():
                 if n == 1:
-                    with torch.no_grad(), align.capture():
+                    with torch.no_grad(), align.capture() as records:
                         s.teacher.model(input_ids=ids, use_cache=False)
-                    loss = model()
+                    loss = model(records)
                 elif n == 2:
                     with torch.no_grad():
                         ht = s.teacher.model(input_ids=ids, use_cache=False).last_hidden_state
