@@ -151,3 +151,33 @@ def test_bench_report_lists_rows_decoded_without_a_graph_on_a_graph_run():
     assert "CUDA graphs: used" in md
     listed = md.split("Decoded eagerly")[1].split("\n\n")[0].splitlines()[1:]
     assert listed == ["- teacher at 64"]
+
+
+@pytest.mark.parametrize("which", ["teacher", "hybrid"])
+def test_generate_through_the_decoder_equals_transformers_generate(which):
+    from salaconvert.generate import generate_text
+    from tiny import tiny_tokenizer
+
+    model = tiny_teacher("llama") if which == "teacher" else tiny_hybrid(
+        ["sparse_attention", "linear_attention", "full_attention", "linear_attention"])
+    tok = tiny_tokenizer()
+    prompt = "The quick brown fox jumps over the lazy dog, twice."  # past dense_len: the sparse path decodes
+    ours = generate_text(model, tok, prompt, max_new_tokens=12, graph_decode=True)
+    ref = generate_text(model, tok, prompt, max_new_tokens=12, graph_decode=False)
+    assert ours["decode"] == "decoder step, eager" and ref["decode"] == "transformers"
+    assert ours["new_tokens"] == ref["new_tokens"] == 12
+    assert ours["text"] == ref["text"]
+
+
+def test_generate_stops_after_end_of_sequence_as_transformers_does():
+    from salaconvert.generate import generate_text
+    from tiny import tiny_tokenizer
+
+    model, tok = tiny_hybrid(["sparse_attention", "linear_attention", "full_attention", "linear_attention"]), tiny_tokenizer()
+    prompt = tok("abc", return_tensors="pt")["input_ids"]
+    free = model.generate(prompt, max_new_tokens=6, do_sample=False)[0, prompt.shape[1]:].tolist()
+    model.generation_config.eos_token_id = free[2]  # now the third new token ends the sequence ...
+    expected = free.index(free[2]) + 1  # ... or an earlier one, if it came already
+    for graph in (True, False):
+        stopped = generate_text(model, tok, "abc", max_new_tokens=6, graph_decode=graph)
+        assert stopped["new_tokens"] == expected < 6, (graph, stopped, free)

@@ -34,7 +34,7 @@ import torch
 from salaconvert.errors import InputError
 from salaconvert.eval.forward import DEFAULT_CHUNK, cache_nbytes, decode_step, prefill
 from salaconvert.eval.run import check_out_dir, default_device, default_dtype
-from salaconvert.models.cache import make_hybrid_cache, make_teacher_cache
+from salaconvert.models.cache import reserved_cache
 from salaconvert.models.graph_decode import GraphDecoder
 
 CUDA_GRAPHS_USED = ("used: decode replays a CUDA graph of the whole model's one-token step, captured once per "
@@ -138,10 +138,9 @@ def measure(model, length: int, settings: BenchSettings) -> dict:
 def _reserved_cache(model, tokens: int, graph: bool = False):
     """A cache with room for the whole run of `tokens`: a hybrid's always, a teacher's for graph
     decode (raises ValueError where it cannot be reserved); None otherwise (the teacher makes its own)."""
-    if getattr(model.config, "model_type", None) != "sala_hybrid":
-        return make_teacher_cache(model.config, tokens) if graph else None
-    p = next(model.parameters())
-    return make_hybrid_cache(model.config, reserve=tokens, dtype=p.dtype, device=p.device)
+    if not graph and getattr(model.config, "model_type", None) != "sala_hybrid":
+        return None
+    return reserved_cache(model, tokens)
 
 
 def bench_model(model, settings: BenchSettings, step=lambda what: None) -> dict:

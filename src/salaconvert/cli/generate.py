@@ -33,4 +33,5 @@ def generate(
             else:
                 err.print(Panel(result["text"], title=f"{label}: {spec}", subtitle=f"{rate:.1f} tokens/s", title_align="left"),
                           highlight=False, markup=False)
-            err.print(f"[dim]{result['new_tokens']} tokens in {result['seconds']:.1f}s ({rate:.1f} tokens/s)[/]")
+            err.print(f"[dim]{result['new_tokens']} tokens in {result['seconds']:.1f}s ({rate:.1f} tokens/s, "
+                      f"{result['decode']})[/]")

@@ -254,3 +254,13 @@ def make_hybrid_cache(config, reserve: int | None = None, batch_size: int = 1, d
                 layer.kernel_size, layer.stride = config.sparse["kernel_size"], config.sparse["stride"]
                 layer.reserve(reserve)
     return cache
+
+
+def reserved_cache(model, tokens: int) -> DynamicCache:
+    """A cache with room for `tokens` tokens that graph decode can drive: the hybrid's with its
+    sparse (and any full) layers reserved, a teacher's of `FullAttentionCacheLayer`s. Raises
+    ValueError for a teacher whose layers cannot be reserved (sliding windows)."""
+    if getattr(model.config, "model_type", None) != "sala_hybrid":
+        return make_teacher_cache(model.config, tokens)
+    p = next(model.parameters())
+    return make_hybrid_cache(model.config, reserve=tokens, dtype=p.dtype, device=p.device)
