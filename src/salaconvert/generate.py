@@ -10,14 +10,17 @@ import time
 import torch
 
 from salaconvert.eval.forward import prefill
+from salaconvert.eval.run import default_device, default_dtype
 from salaconvert.io.load import load_model, load_tokenizer, resolve_source
 from salaconvert.models.cache import reserved_cache
 from salaconvert.models.graph_decode import GraphDecoder
 
 
-def load_for_generation(model: str, dtype: str = "auto"):
+def load_for_generation(model: str, dtype: str = "auto", device: str | None = None):
+    """(model, tokenizer): on the GPU when there is one, in bf16 there and fp32 on the CPU unless `dtype` says."""
     source = resolve_source(model)
-    return load_model(source, dtype), load_tokenizer(source)
+    device = default_device(device)
+    return load_model(source, default_dtype(dtype, device), device), load_tokenizer(source)
 
 
 @torch.inference_mode()

@@ -15,6 +15,7 @@ def generate(
     temperature: Annotated[float, typer.Option(min=0.0, help="0 means greedy decoding.")] = 0.0,
     chat: Annotated[bool, typer.Option(help="Wrap the prompt in the tokenizer's chat template.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1... (default: cuda when available).", show_default=False)] = None,
 ):
     """Continue PROMPT with a checkpoint (and optionally its teacher, side by side)."""
     from salaconvert.generate import generate_text, load_for_generation
@@ -24,7 +25,7 @@ def generate(
         for label, spec in runs:
             with steps(f"generate with {spec}") as step:
                 step("loading")
-                m, tok = load_for_generation(spec)
+                m, tok = load_for_generation(spec, device=device)
                 step("generating")
                 result = generate_text(m, tok, prompt, max_new_tokens, temperature, chat, seed)
             rate = result["new_tokens"] / max(result["seconds"], 1e-9)
