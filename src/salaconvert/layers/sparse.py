@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from salaconvert.kernels.infllmv2 import infllmv2_attn, infllmv2_decode
-from salaconvert.layers.common import RMSNorm, apply_rope
+from salaconvert.layers.common import RMSNorm, apply_rope, causal_attention
 
 _KERNEL_KEYS = ("block_size", "topk", "init_blocks", "local_blocks", "kernel_size", "stride", "dense_len")
 
@@ -59,10 +59,10 @@ class SparseAttention(nn.Module):
 
         if isinstance(attention_mask, torch.Tensor) and k.shape[1] <= kw["dense_len"]:
             o = _masked_dense(q, k, v, attention_mask)  # padded batch: honour the padding mask
-        elif T == k.shape[1] <= kw["dense_len"]:
+        elif k.shape[1] <= kw["dense_len"]:
             # Below dense_len the layer is dense causal attention, exactly (SPEC §2): the flash kernel
-            # does that fastest, forward and backward (training at 512 tokens lives here).
-            o = _dense_causal(q, k, v)
+            # does that fastest, forward and backward (training at 512 tokens, chunks of a prefill).
+            o = causal_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
         elif layer is not None and T == 1:
             # One token against the cache: reads only the selected blocks and the cached compressed keys.
             o = infllmv2_decode(q, layer.keys, layer.values, layer.seqlens, layer.compressed_keys(), **kw)
@@ -76,11 +76,6 @@ class SparseAttention(nn.Module):
         if self.og_proj is not None:
             o_BTD = o_BTD * torch.sigmoid(self.og_proj(x_BTD))
         return self.o_proj(o_BTD)
-
-
-def _dense_causal(q_BTHD, k_BTHD, v_BTHD) -> torch.Tensor:
-    q, k, v = (t.transpose(1, 2) for t in (q_BTHD, k_BTHD, v_BTHD))
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
 
 
 def _masked_dense(q_BTHD, k_BSHD, v_BSHD, mask) -> torch.Tensor:

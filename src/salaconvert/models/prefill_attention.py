@@ -11,10 +11,9 @@ it only when that holds.
 """
 import contextlib
 
-import torch
-import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
+
+from salaconvert.layers.common import causal_attention
 
 _ATTENTION = "salaconvert_prefill"
 
@@ -22,18 +21,7 @@ _ATTENTION = "salaconvert_prefill"
 def lower_right_causal_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """query [B, Hq, T, d], key/value [B, Hkv, S, d] (S ≥ T) -> ([B, T, Hq, d], None); the mask is ignored
     (transformers makes none for this implementation: it is not in its mask registry)."""
-    T, S = query.shape[2], key.shape[2]
-    group = query.shape[1] // key.shape[1]
-    if T == S:
-        o = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=group > 1)
-    else:
-        if group > 1:  # the flash entry point of a CausalBias takes equal head counts
-            key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
-        # CPU SDPA has no lower-right kernel: an explicit (small, test-sized) mask there
-        mask = (causal_lower_right(T, S) if query.is_cuda
-                else torch.ones(T, S, dtype=torch.bool, device=query.device).tril(S - T))
-        o = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
-    return o.transpose(1, 2).contiguous(), None
+    return causal_attention(query, key, value, scaling).transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(_ATTENTION, lower_right_causal_sdpa)
