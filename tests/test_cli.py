@@ -3,6 +3,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from helpers import run_cli
 
@@ -25,6 +26,9 @@ def test_convert_writes_a_checkpoint_and_report(teacher_dir, tmp_path):
     gen = run_cli("generate", out, "hello", "--max-new-tokens", "5", "--teacher", teacher_dir)
     assert gen.exit_code == 0, gen.output
     assert "teacher" in gen.output and "tokens/s" in gen.output
+    if not torch.cuda.is_available():
+        no_gpu = run_cli("generate", out, "hello", "--device", "cuda")
+        assert no_gpu.exit_code == 2 and "CUDA is not available" in no_gpu.output
 
 
 def test_convert_uses_a_plan_file_exactly(teacher_dir, tmp_path):
