@@ -387,6 +387,10 @@ def fwd_bwd_rows(lengths):
         meta = dict(T=T, Hkv=HKV, mode="fwd+bwd")
         sd = safe("sdpa_dense", sdpa_fn(q, k, v, backward=True), **meta)
         ours = safe("ours_96", ours_fn(q, k, v, OURS96, backward=True), **meta)
+        if DEV == "cuda" and T == lengths[0] and not late("ours_96_fwdbwd_kernels", **meta):
+            # where a training step's time goes: selection, forward, dq, the dk/dv CSR build, dk/dv
+            rec(what="ours_96_fwdbwd_kernels", us_per_call=kernel_split(ours_fn(q, k, v, OURS96, backward=True), 3),
+                **meta)
         safe("ours_16", ours_fn(q, k, v, OURS16, backward=True), **meta)
         safe("fla_nsa_16", nsa_fn(q, k, v, backward=True), **meta)
         if sd and ours:
@@ -428,8 +432,8 @@ def decode_rows(lengths):
         empty_cache()
 
 
-def kernel_split(fn, calls: int = 20) -> dict:
-    """Mean GPU microseconds per call of each kernel `fn` launches (torch.profiler, eager calls)."""
+def kernel_split(fn, calls: int = 20, top: int = 20) -> dict:
+    """Mean GPU microseconds per call of the `top` costliest kernels `fn` launches (torch.profiler, eager calls)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -438,7 +442,8 @@ def kernel_split(fn, calls: int = 20) -> dict:
         for _ in range(calls):
             fn()
         sync()
-    return {e.key[:80]: round(e.device_time_total / calls, 2) for e in prof.key_averages() if e.device_time_total > 0}
+    costly = sorted((e for e in prof.key_averages() if e.device_time_total > 0), key=lambda e: -e.device_time_total)
+    return {e.key[:80]: round(e.device_time_total / calls, 2) for e in costly[:top]}
 
 
 def rel(a, b):
