@@ -39,8 +39,9 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 48, tempe
     use_graph = temperature == 0 and (model.device.type == "cuda" if graph_decode is None else graph_decode)
     t0 = time.perf_counter()
     new = _graph_greedy(model, enc["input_ids"][0], max_new_tokens) if use_graph else None
-    how = ("cuda graph" if model.device.type == "cuda" else "decoder step, eager") if new is not None else "transformers"
+    how = "cuda graph" if model.device.type == "cuda" else "decoder step, eager"
     if new is None:
+        how = "transformers"
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         ids = model.generate(**enc, max_new_tokens=max_new_tokens,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
