@@ -28,6 +28,11 @@ def rmin(x, axis: tl.constexpr):
     return tl.reduce(x, axis, tl.standard._elementwise_min)
 
 
+@triton.jit
+def rcumsum(x, axis: tl.constexpr):
+    return tl.associative_scan(x, axis, tl.standard._sum_combine)
+
+
 # Bitonic sort of each row of a 2-D tile along its last axis (power-of-two length 2**N_DIMS). Ours
 # rather than tl.sort for the reason above; same network as triton.language.standard.sort.
 @triton.jit

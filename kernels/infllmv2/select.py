@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from salaconvert.kernels._interpreter import fix_interpreter_index
-from salaconvert.kernels.infllmv2._interp import rmax, rsum, sort_rows
+from salaconvert.kernels.infllmv2._interp import rcumsum, rmax, rmin, rsum, sort_rows
 
 from salaconvert.kernels.infllmv2 import layout
 from salaconvert.kernels.infllmv2.layout import Seqs, make_tiles, next_pow2
@@ -191,6 +191,39 @@ def _select_topk_kernel(q, kc, kn, out, tile_n, tile_i, q_start, kc_start, kn_st
     tl.store(p_o, ids, mask=(tok_t < Tq)[:, None] & (o_c < TOPK))
 
 
+@triton.jit
+def _radix_topk_kernel(scores, out, n_rows, NB, stride_s, stride_o, K,
+                       R: tl.constexpr, BLOCK: tl.constexpr):
+    """Exact top-K of R rows of fp32 block scores, ranked (score desc, block id asc), written as
+    ascending block ids (−inf entries never written; the caller pre-fills −1).
+
+    Scores map to int32 keys in the same order; a binary search over the key range finds each row's
+    K-th largest key thr in 32 counting passes over the row, held in registers. Every block with a
+    key above thr is taken, then the lowest-id blocks equal to thr until K are taken; a running
+    count of taken blocks gives each one its output slot, so the ids come out ascending.
+    """
+    rows = tl.program_id(0) * R + tl.arange(0, R)
+    o_b = tl.arange(0, BLOCK)
+    m = (rows < n_rows)[:, None] & (o_b[None, :] < NB)
+    s = tl.load(scores + rows.to(tl.int64)[:, None] * stride_s + o_b[None, :], mask=m, other=float("-inf"))
+    bits = s.to(tl.int32, bitcast=True)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # int32 order == float order
+    lo = rmin(key, 1).to(tl.int64)  # invariant: count(key >= lo) >= K, or lo is the row minimum
+    hi = rmax(key, 1).to(tl.int64)
+    for _ in range(32):
+        mid = (lo + hi + 1) >> 1
+        ok = rsum((key >= mid.to(tl.int32)[:, None]).to(tl.int32), 1) >= K
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    thr = lo.to(tl.int32)[:, None]
+    above = key > thr
+    tied = key == thr
+    need = K - rsum(above.to(tl.int32), 1)
+    take = (above | (tied & (rcumsum(tied.to(tl.int32), 1) <= need[:, None]))) & (s > float("-inf")) & m
+    slot = rcumsum(take.to(tl.int32), 1) - 1
+    tl.store(out + rows.to(tl.int64)[:, None] * stride_o + slot, o_b[None, :], mask=take)
+
+
 def _pool_width(block_size: int, kernel_size: int, stride: int) -> int:
     """Largest number of compressed windows that overlap one block (5 for 64/32/16)."""
     best = 1
@@ -215,6 +248,9 @@ SELECT_STAGES = 3  # num_stages of the selection launch (Triton's default)
 # with an unselected block are re-ranked by a stable sort; exact too, see scores_to_blocks).
 # H100 run 4, 128K: selection 70.7 → 61.2 ms (G = 16), 157.7 → 138.9 ms (G = 4), same blocks on every row.
 SELECT_KEYS = "fp32"
+# Top-K of the fp32 keys: "radix" (_radix_topk_kernel, exact in one pass) or "torch" (torch.topk,
+# then fix_ties re-ranks the rows where a tie at the K-th score makes its answer ambiguous).
+FP32_TOPK = "radix"
 
 
 def select_blocks(q: torch.Tensor, kc: torch.Tensor, seqs: Seqs, *, block_size: int, topk: int,
@@ -274,8 +310,23 @@ def select_blocks(q: torch.Tensor, kc: torch.Tensor, seqs: Seqs, *, block_size: 
         _select_keys_kernel[(c1 - c0, Hkv)](
             q, kc, kn, keys, tile_n[c0:c1], tile_i[c0:c1], *seq_args, sl2, q.stride(0), kc.stride(0), kn.stride(0),
             keys.stride(0), NBMAX, r0, BNB=BNB, FP32=fp32, **common)
-        out[r0:r1, :, :K] = scores_to_blocks(keys, K) if fp32 else keys_to_blocks(keys, K)
+        if not fp32:
+            out[r0:r1, :, :K] = keys_to_blocks(keys, K)
+        elif FP32_TOPK == "radix":
+            radix_topk(keys.view(-1, NBMAX), out[r0:r1].view(-1, topk), K)
+        else:
+            out[r0:r1, :, :K] = scores_to_blocks(keys, K)
     return out
+
+
+def radix_topk(scores: torch.Tensor, out: torch.Tensor, K: int) -> None:
+    """Top-K of each row of fp32 scores [N, NB] (−inf = not causal) by (score desc, id asc), written
+    into the first slots of out [N, ≥K] (int32, pre-filled with −1) as ascending block ids."""
+    N, NB = scores.shape
+    BLOCK = max(16, next_pow2(NB))
+    R = max(1, min(16, 4096 // BLOCK))
+    _radix_topk_kernel[(triton.cdiv(N, R),)](scores, out, N, NB, scores.stride(0), out.stride(0), K,
+                                            R=R, BLOCK=BLOCK, num_warps=4 if BLOCK <= 4096 else 8)
 
 
 def keys_to_blocks(keys: torch.Tensor, K: int) -> torch.Tensor:

@@ -103,14 +103,17 @@ def test_coarse_norm_fwd_bwd():
 
 @pytest.mark.parametrize("G", [1, 4])
 def test_select_fp32_keys(G, monkeypatch):
-    # SELECT_KEYS = "fp32": torch.topk on the scores plus the tie fix-up, on inputs full of exact ties
+    # SELECT_KEYS = "fp32" with either top-k (radix kernel; torch.topk plus the tie fix-up), on
+    # inputs full of exact ties
     monkeypatch.setattr(select_mod, "SELECT_KEYS", "fp32")
     q, k, _ = _qkv(1, 130, 130, 2 * G, 2, 16, seed=50 + G)
     k[:, 16:112] = k[:, 16:32].repeat(1, 6, 1, 1)
     kw = dict(topk=4, **SMALL)
     for coarse in (False, True):
-        assert torch.equal(parallel_infllmv2_select(q, k, coarse_norm=coarse, **kw),
-                           naive_infllmv2_select(q, k, coarse_norm=coarse, **kw))
+        for topk in ("radix", "torch"):
+            monkeypatch.setattr(select_mod, "FP32_TOPK", topk)
+            assert torch.equal(parallel_infllmv2_select(q, k, coarse_norm=coarse, **kw),
+                               naive_infllmv2_select(q, k, coarse_norm=coarse, **kw))
 
 
 def test_fix_ties_reranks_ambiguous_rows():
@@ -123,6 +126,27 @@ def test_fix_ties_reranks_ambiguous_rows():
     vals, ids = select_mod.fix_ties(scores, rev.values, scores.shape[-1] - 1 - rev.indices)
     assert torch.equal(select_mod._ascending(vals, ids), torch.tensor([[0, 1, 2], [0, 1, 2], [0, 3, -1]],
                                                                       dtype=torch.int32))
+
+
+@pytest.mark.parametrize("NB,K", [(1, 1), (7, 3), (50, 8), (300, 96), (1000, 96)])
+def test_radix_topk_equals_ranked_reference(NB, K):
+    # rows full of exact ties, −inf (not causal), +inf (forced), −1 (no visible window) and fewer
+    # selectable blocks than K; rows per program > 1 with a partial last program (N = 37)
+    g = torch.Generator().manual_seed(NB)
+    N = 37
+    scores = torch.randint(-2, 5, (N, NB), generator=g).float() / 2
+    scores[:N // 2] = torch.rand(N // 2, NB, generator=g)
+    scores[torch.rand(N, NB, generator=g) < 0.3] = float("-inf")
+    scores[torch.rand(N, NB, generator=g) < 0.05] = float("inf")
+    scores[0], scores[1], scores[2, 1:] = float("-inf"), 0., float("-inf")
+    order = torch.sort(scores, dim=-1, descending=True, stable=True)
+    ids = torch.where(order.values[:, :K] > float("-inf"), order.indices[:, :K], NB + 1)
+    want = torch.sort(ids, dim=-1).values
+    want = torch.where(want > NB, -1, want).to(torch.int32)
+    got = torch.full((N, K + 2), -1, dtype=torch.int32)
+    select_mod.radix_topk(scores, got, K)
+    assert torch.equal(got[:, :K], want) and (got[:, K:] == -1).all()
+    assert torch.equal(select_mod.scores_to_blocks(scores, K), want)
 
 
 @pytest.mark.parametrize("G,T,topk", [(3, 70, 5), (16, 50, 3)])
