@@ -15,6 +15,8 @@ kernels/infllmv2 (selection keys / BC / warps / coarse normaliser, attention til
 decode splits), the selection agreement of the coarse normaliser with the exact one, and the
 time split between stages. Past --deadline seconds every further row is recorded as skipped, so
 the JSON is always written. --smoke shrinks every shape (CPU interpreter check of the script).
+Section 'real' (--only real) times stage 2 on block lists chosen by SmolLM2-135M on real text
+next to the random inputs' lists (real_rows; --real-model, --real-data).
 """
 from __future__ import annotations
 
@@ -193,8 +195,18 @@ def forward_rows(lengths, hkv=HKV, with_nsa=True, with_16=True):
                     safe(f"ours_96_attend_rows{t * 16}", ours_fn(q, k, v, OURS96, block_indices=idx), **meta)
                 par.ATTN_TOKENS = tokens
                 keys = torch.randint(-2 ** 62, 2 ** 62, (T, hkv, T // 64), device=DEV)
-                safe("ours_96_select_topk_part", lambda: keys_to_blocks(keys, min(96, T // 64)), **meta)
+                safe("ours_96_select_topk_part_int64", lambda: keys_to_blocks(keys, min(96, T // 64)), **meta)
                 del keys
+            # the top-k part of the selection alone (fp32 scores): the radix kernel vs torch.topk + tie fix-up
+            from salaconvert.kernels.infllmv2 import select as selmod
+            NB, K = T // 64, min(OURS96["topk"], T // 64)
+            scores = torch.rand(T, hkv, NB, device=DEV)
+            out = torch.full((T, hkv, OURS96["topk"]), -1, dtype=torch.int32, device=DEV)
+            safe("ours_96_select_topk_part_radix", lambda: selmod.radix_topk(scores.view(-1, NB), out.view(-1, out.shape[-1]), K), **meta)
+            safe("ours_96_select_topk_part_torch", lambda: selmod.scores_to_blocks(scores, K), **meta)
+            del scores, out
+            with knobs(selmod, FP32_TOPK="torch"):
+                safe("ours_96_select_torch_topk", lambda: parallel_infllmv2_select(q, k, **OURS96), **meta)
             del idx
             if sd and ours:
                 rec(what="speedup_vs_sdpa", ratio=round(sd / ours, 3), select_share=round((sel or 0) / ours, 3),
@@ -381,6 +393,80 @@ def sweep_rows(T=None):
     empty_cache()
 
 
+def tile_union(idx, n: int) -> float:
+    """Mean number of distinct blocks a tile of n consecutive tokens walks, over 96 (idx [1, T, H, K])."""
+    _, T, Hh, K = idx.shape
+    T = T // n * n
+    x = idx[0, :T].view(T // n, n, Hh, K).transpose(1, 2).reshape(T // n, Hh, n * K)
+    x = torch.sort(x, -1).values
+    distinct = ((x[..., 1:] != x[..., :-1]) & (x[..., 1:] >= 0)).sum(-1) + (x[..., 0] >= 0)
+    return round(distinct.float().mean().item() / K, 3)
+
+
+def real_rows(lengths, model: str, data: list[str]):
+    """Stage 2 on block lists that a real model chose on real text, next to random inputs' lists.
+
+    Stage 2's cost depends on its inputs only through the block lists (how much neighbouring
+    tokens' lists overlap, notes "Why stage 2 stays near 127 ms"); stage 1's cost does not depend
+    on the values at all. So at the benchmark shape (random q, k, v) the attention runs once on the
+    lists selected from those random inputs and once on lists selected by SmolLM2-135M's own q/k
+    (layers 0, 4, 9 of the 1:3 plan, no RoPE as a converted sparse layer runs them; 3 KV heads
+    each, the first Hkv of the 9 taken) over the first T tokens of `data`. The forward "on real
+    lists" is the selection at the bench shape plus the attention on the real lists.
+    """
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from selection_overlap import real_qk
+
+    from salaconvert.kernels.infllmv2 import parallel as par
+    from salaconvert.kernels.infllmv2.parallel import parallel_infllmv2_select
+    t0 = time.time()
+    qk = real_qk(max(lengths), data, [0, 4, 9], model=model, device=DEV, dtype="bfloat16")
+    rec(what="real_qk_seconds", seconds=round(time.time() - t0, 1), model=os.path.basename(model))
+    for T in lengths:
+        with torch.no_grad():
+            real = torch.cat([parallel_infllmv2_select(q[:, :T].contiguous(), k[:, :T].contiguous(), **OURS96)
+                              for q, k in qk.values()], 2)  # [1, T, 9, 96]
+        for hkv in (HKV, H // 4):
+            meta = dict(T=T, Hkv=hkv, mode="fwd")
+            q, k, v = inputs(T, hkv)
+            with torch.no_grad():
+                lists = {"random": parallel_infllmv2_select(q, k, **OURS96), "real": real[:, :, :hkv].contiguous()}
+                rec(what="tile_union_over_96", **{f"{name}_tile{n}": tile_union(idx, n) for name, idx in lists.items()
+                                                  for n in (1, 4, 16)}, **meta)
+                sd = safe("sdpa_dense", sdpa_fn(q, k, v), **meta)
+                sel = safe("ours_96_select", lambda: parallel_infllmv2_select(q, k, **OURS96), **meta)
+                best = {}
+                for tokens in ((2, 4, 8) if hkv == HKV else (4, 8, 16)):
+                    with knobs(par, ATTN_TOKENS=tokens):
+                        for name, idx in lists.items():
+                            t = safe(f"ours_96_attend_{name}_tiles{tokens}", ours_fn(q, k, v, OURS96, block_indices=idx),
+                                     **meta)
+                            if t and (name not in best or t < best[name][0]):
+                                best[name] = (t, tokens)
+                for name, (t, tokens) in best.items():
+                    if sd and sel:
+                        rec(what=f"speedup_vs_sdpa_{name}_lists", ratio=round(sd / (sel + t), 3), tiles=tokens,
+                            select_ms=round(sel, 2), attend_ms=round(t, 2), **meta)
+            del q, k, v, lists
+            empty_cache()
+        if T <= LEN(65536):  # training: fwd + bwd of the attention on each kind of list, plus the selection
+            meta = dict(T=T, Hkv=HKV, mode="fwd+bwd")
+            q, k, v = inputs(T, HKV)
+            with torch.no_grad():
+                lists = {"random": parallel_infllmv2_select(q, k, **OURS96), "real": real[:, :, :HKV].contiguous()}
+            sd = safe("sdpa_dense", sdpa_fn(q, k, v, backward=True), **meta)
+            sel = safe("ours_96_select", lambda: parallel_infllmv2_select(q, k, **OURS96), **meta)
+            for name, idx in lists.items():
+                t = safe(f"ours_96_attend_{name}", ours_fn(q, k, v, OURS96, backward=True, block_indices=idx), **meta)
+                if t and sd and sel:
+                    rec(what=f"speedup_vs_sdpa_{name}_lists", ratio=round(sd / (sel + t), 3), **meta)
+            del q, k, v, lists
+            empty_cache()
+        del real
+    del qk
+    empty_cache()
+
+
 def fwd_bwd_rows(lengths):
     for T in lengths:
         q, k, v = inputs(T)
@@ -520,6 +606,10 @@ def main():
     ap.add_argument("--budget", type=float, default=1.5, help="seconds of timed calls per row (at least 3 calls)")
     ap.add_argument("--deadline", type=float, default=450, help="seconds after which further rows are skipped")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1): a script check")
+    ap.add_argument("--real-model", default="/tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf",
+                    help="section 'real': the model whose selections stage 2 is timed on (name, directory or GGUF)")
+    ap.add_argument("--real-data", nargs="+", default=[f"/tmp/corpus/{n}.jsonl" for n in ("austen", "python-docs", "linux-docs")],
+                    help="section 'real': text files read in order until the longest length is reached")
     args = ap.parse_args()
     global BUDGET_S, DEADLINE
     BUDGET_S, DEADLINE = args.budget, time.time() + args.deadline
@@ -558,6 +648,9 @@ def main():
             decode_rows([LEN(t) for t in ([131072] if args.quick else [131072, 1048576])])
         if "hkv8" in sections:  # group 4
             forward_rows([LEN(32768 if args.quick else 131072)], hkv=H // 4, with_nsa=False, with_16=False)
+        if "real" in sections:
+            real_rows([LEN(t) for t in ([32768] if args.quick else [32768, 65536, 131072, 262144])], args.real_model,
+                      args.real_data)
         if "fwd512" in sections and not args.quick:
             forward_rows([LEN(524288)], with_16=False)
     finally:

@@ -31,19 +31,24 @@ class _Enough(Exception):
     pass
 
 
-def real_qk(tokens: int, data: str, layers: list[int]):
-    """{layer: (q [1, T, Hq, d], k [1, T, Hkv, d])} from SmolLM2-135M's projections (no RoPE) on `data`."""
+def real_qk(tokens: int, data: list[str], layers: list[int], model: str = "smollm2-135m",
+            device: str = "cpu", dtype: str = "float32"):
+    """{layer: (q [1, T, Hq, d], k [1, T, Hkv, d])} from the model's projections (no RoPE) on the
+    first `tokens` tokens of the `data` files (one after another, documents joined by EOS)."""
     from salaconvert.distill.data import read_documents
     from salaconvert.io.load import load_model, load_tokenizer, resolve_source
+    from salaconvert.models.prefill_attention import chunk_causal_attention
 
-    source = resolve_source("smollm2-135m")
-    model, tok = load_model(source, "float32"), load_tokenizer(source)
+    source = resolve_source(model)
+    model, tok = load_model(source, dtype, device), load_tokenizer(source)
     ids = []
-    for doc in read_documents([data], "text"):
+    for doc in read_documents(data, "text"):
         ids += tok(doc.text)["input_ids"] + [tok.eos_token_id]
         if len(ids) >= tokens:
             break
-    ids = torch.tensor(ids[:tokens])[None]
+    if len(ids) < tokens:
+        raise SystemExit(f"{tokens} tokens wanted, the data holds {len(ids)}")
+    ids = torch.tensor(ids[:tokens], device=device)[None]
     blocks = model.model.layers
     d = model.config.head_dim
     got, hooks = {}, []
@@ -57,7 +62,7 @@ def real_qk(tokens: int, data: str, layers: list[int]):
 
     hooks.append(blocks[max(layers)].self_attn.register_forward_hook(stop))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), chunk_causal_attention(model):  # flash, no [T, T] mask
             model.model(input_ids=ids, use_cache=False)
     except _Enough:
         pass
@@ -98,7 +103,7 @@ def main() -> None:
     t0 = time.perf_counter()
     layers = [int(x) for x in args.layers.split(",")]
     rows = []
-    for layer, (q, k) in real_qk(args.tokens, args.data, layers).items():
+    for layer, (q, k) in real_qk(args.tokens, [args.data], layers).items():
         rows.append({"inputs": f"smollm2-135m layer {layer}", **overlap_stats(q, k, args.queries)})
         print(json.dumps(rows[-1]), flush=True)
     rows.append({"inputs": "random normal", **overlap_stats(torch.randn_like(q), torch.randn_like(k), args.queries)})

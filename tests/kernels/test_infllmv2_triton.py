@@ -139,14 +139,20 @@ def test_radix_topk_equals_ranked_reference(NB, K):
     scores[torch.rand(N, NB, generator=g) < 0.3] = float("-inf")
     scores[torch.rand(N, NB, generator=g) < 0.05] = float("inf")
     scores[0], scores[1], scores[2, 1:] = float("-inf"), 0., float("-inf")
-    order = torch.sort(scores, dim=-1, descending=True, stable=True)
-    ids = torch.where(order.values[:, :K] > float("-inf"), order.indices[:, :K], NB + 1)
-    want = torch.sort(ids, dim=-1).values
-    want = torch.where(want > NB, -1, want).to(torch.int32)
+    want = _ranked_topk(scores, K)
     got = torch.full((N, K + 2), -1, dtype=torch.int32)
     select_mod.radix_topk(scores, got, K)
     assert torch.equal(got[:, :K], want) and (got[:, K:] == -1).all()
     assert torch.equal(select_mod.scores_to_blocks(scores, K), want)
+
+
+def _ranked_topk(scores, K):
+    """The K best of each row by (score desc, id asc), ascending ids, −1 for −inf picks: by a stable sort."""
+    NB = scores.shape[-1]
+    order = torch.sort(scores, dim=-1, descending=True, stable=True)
+    ids = torch.where(order.values[:, :K] > float("-inf"), order.indices[:, :K], NB + 1)
+    want = torch.sort(ids, dim=-1).values
+    return torch.where(want > NB, -1, want).to(torch.int32)
 
 
 @pytest.mark.parametrize("G,T,topk", [(3, 70, 5), (16, 50, 3)])
@@ -376,3 +382,17 @@ def test_gpu_64bit_offsets():
         idx = infllmv2_select(q[:, -tail:], k, **kw)
         ref = naive_infllmv2_attn(q[:, -tail:].float(), k.float(), v.float(), block_indices=idx, **kw)
     assert_close(o[:, -tail:], ref, rtol=RTOL_BF16, what="tail rows past 2^31 elements")
+
+
+@gpu
+@pytest.mark.parametrize("NB", [2048, 16384])
+def test_gpu_radix_topk(NB):
+    # the compiled kernel at 128K's and 1M's row lengths, with ties quantised in, vs a stable sort
+    g = torch.Generator(device="cuda").manual_seed(NB)
+    scores = (torch.rand(3000, NB, device="cuda", generator=g) * 64).floor()
+    scores[:, :NB // 4] = float("-inf")
+    scores[:, -33:] = float("inf")
+    scores[:1000] = torch.rand(1000, NB, device="cuda", generator=g)
+    got = torch.full((3000, 96), -1, dtype=torch.int32, device="cuda")
+    select_mod.radix_topk(scores, got, 96)
+    assert torch.equal(got, _ranked_topk(scores, 96))
