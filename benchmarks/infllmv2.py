@@ -594,7 +594,7 @@ def knob_values() -> dict:
     from salaconvert.kernels.infllmv2 import select as sel
     return {f"{m.__name__.rsplit('.', 1)[1]}.{n}": getattr(m, n) for m, names in (
         (sel, ("FUSED_TOPK", "SELECT_BC", "SELECT_WARPS", "SELECT_STAGES", "SELECT_KEYS")),
-        (par, ("ATTN_TOKENS", "ATTN_WARPS", "ATTN_STAGES")), (dec, ("DECODE_CH", "DECODE_SPP", "DECODE_TOPK_CHUNK"))) for n in names}
+        (par, ("ATTN_ROWS", "ATTN_TOKENS", "ATTN_WARPS", "ATTN_STAGES")), (dec, ("DECODE_CH", "DECODE_SPP", "DECODE_TOPK_CHUNK"))) for n in names}
 
 
 def main():

@@ -245,17 +245,22 @@ def _dkv_kernel(q, k, v, do, dk, dv, lse, delta, tok_list, seg_h, seg_n, seg_b, 
 
 # Tokens of a forward / dq query tile. Every token of a tile walks the union of the tile's block
 # lists: more tokens fill the tensor cores better but waste rows on blocks only some of them
-# picked. H100, group 16, attention alone at 128K (notes-infllmv2.md): 4 tokens (64 rows, merge)
-# 127-128 ms; 1 token with the merge loop 144 ms (run 2); 1 token with the plain slot loop 206 ms,
-# 4 tokens with 8 warps 246 ms (run 3). 1 token takes the slot loop (kept, tested, not default).
-ATTN_TOKENS = 4
+# picked, so the best tile depends on how much neighbouring tokens' lists overlap
+# (notes-infllmv2.md). H100, attention alone, run 6: at group 16, 4 tokens (64 rows) beat 2 and 8
+# on random inputs' lists and on SmolLM2's own (128K: 129 / 85 ms); at group 4, 16 tokens (64 rows)
+# beat 4 and 8 on SmolLM2's lists at every length (128K: 85 vs 181 ms with 4 tokens) and are
+# within 7% either way on random ones. So a tile is ATTN_ROWS rows, at most 16 tokens; ATTN_TOKENS
+# (when set) fixes the tokens instead. 1 token takes the plain slot loop (kept, tested, slower).
+ATTN_ROWS = 64
+ATTN_TOKENS: int | None = None
 ATTN_WARPS = 4  # num_warps of the forward and dq launches
 ATTN_STAGES = 3  # num_stages of the forward and dq launches (Triton's default; pipelines the for loops only: dense and 1-token paths)
 
 
-def _tile_tokens(G: int, Tq_max: int, tokens: int) -> tuple[int, int]:
+def _tile_tokens(G: int, Tq_max: int, tokens: int | None) -> tuple[int, int]:
     GP = next_pow2(G)
-    BT = min(tokens, max(next_pow2(Tq_max), 1))
+    BT = min(16, max(1, ATTN_ROWS // GP)) if tokens is None else tokens
+    BT = min(BT, max(next_pow2(Tq_max), 1))
     BT = max(BT, (16 + GP - 1) // GP)  # tl.dot needs ≥ 16 rows
     return GP, BT
 
