@@ -393,6 +393,28 @@ def sweep_rows(T=None):
     empty_cache()
 
 
+def select_tile_rows(lengths):
+    """Stage 1 alone for scoring tiles of 64 / 128 / 256 query rows × 4 / 8 warps, group 16 and 4."""
+    from salaconvert.kernels.infllmv2 import select as selmod
+    from salaconvert.kernels.infllmv2.parallel import parallel_infllmv2_select
+    for T in lengths:
+        for hkv in (HKV, H // 4):
+            meta = dict(T=T, Hkv=hkv, mode="fwd")
+            q, k, _ = inputs(T, hkv)
+            with torch.no_grad():
+                base = parallel_infllmv2_select(q, k, **OURS96)
+                for rows in (64, 128, 256):
+                    for warps in (4, 8):
+                        with knobs(selmod, SELECT_ROWS=rows, SELECT_WARPS=warps):
+                            t = safe(f"ours_96_select_rows{rows}_warps{warps}",
+                                     lambda: parallel_infllmv2_select(q, k, **OURS96), **meta)
+                            if t and rows != 64:
+                                same = (parallel_infllmv2_select(q, k, **OURS96) == base).all(-1).float().mean().item()
+                                rec(what=f"select_rows{rows}_warps{warps}_rows_equal", share=round(same, 4), **meta)
+            del q, k, base
+            empty_cache()
+
+
 def tile_union(idx, n: int) -> float:
     """Mean number of distinct blocks a tile of n consecutive tokens walks, over 96 (idx [1, T, H, K])."""
     _, T, Hh, K = idx.shape
@@ -593,7 +615,7 @@ def knob_values() -> dict:
     from salaconvert.kernels.infllmv2 import parallel as par
     from salaconvert.kernels.infllmv2 import select as sel
     return {f"{m.__name__.rsplit('.', 1)[1]}.{n}": getattr(m, n) for m, names in (
-        (sel, ("FUSED_TOPK", "SELECT_BC", "SELECT_WARPS", "SELECT_STAGES", "SELECT_KEYS")),
+        (sel, ("FUSED_TOPK", "SELECT_BC", "SELECT_ROWS", "SELECT_WARPS", "SELECT_STAGES", "SELECT_KEYS", "FP32_TOPK")),
         (par, ("ATTN_ROWS", "ATTN_TOKENS", "ATTN_WARPS", "ATTN_STAGES")), (dec, ("DECODE_CH", "DECODE_SPP", "DECODE_TOPK_CHUNK"))) for n in names}
 
 
@@ -648,6 +670,8 @@ def main():
             decode_rows([LEN(t) for t in ([131072] if args.quick else [131072, 1048576])])
         if "hkv8" in sections:  # group 4
             forward_rows([LEN(32768 if args.quick else 131072)], hkv=H // 4, with_nsa=False, with_16=False)
+        if "select_tiles" in sections:
+            select_tile_rows([LEN(t) for t in (131072, 262144)])
         if "real" in sections:
             real_rows([LEN(t) for t in ([32768] if args.quick else [32768, 65536, 131072, 262144])], args.real_model,
                       args.real_data)

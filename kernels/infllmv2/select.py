@@ -241,6 +241,10 @@ def _pool_width(block_size: int, kernel_size: int, stride: int) -> int:
 # writing the keys and calling torch.topk), so the key path is the default; tests keep both right.
 FUSED_TOPK = False
 SELECT_BC = 64  # compressed keys per step of the normaliser pass (128: −4% in one run, not adopted)
+# Query rows (tokens × padded group heads) per scoring tile. Every tile streams all its visible
+# compressed keys through both passes, so the keys' traffic falls as the tile grows (64 rows:
+# 64 FLOP per byte of keys).
+SELECT_ROWS = 64
 SELECT_WARPS = 4  # num_warps of the selection launch
 SELECT_STAGES = 3  # num_stages of the selection launch (Triton's default)
 # Sort keys of the key path: "int64" (score bits | reversed block id, one torch.topk, exact) or
@@ -270,7 +274,7 @@ def select_blocks(q: torch.Tensor, kc: torch.Tensor, seqs: Seqs, *, block_size: 
     G = Hq // Hkv
     GP = next_pow2(G)
     NBMAX = max((t + block_size - 1) // block_size for t in seqs.Tk_list)
-    BT = max(1, min(layout.tile_rows() // GP, next_pow2(max(seqs.Tq_list))))
+    BT = max(1, min(SELECT_ROWS // GP, next_pow2(max(seqs.Tq_list))))
     BT = max(BT, 16 // GP if GP < 16 else 1)  # keep BT·GP ≥ 16 for tl.dot
     tile_n, tile_i = make_tiles(seqs, BT, q.device)
     if kc.shape[0] == 0:

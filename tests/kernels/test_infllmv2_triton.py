@@ -70,6 +70,19 @@ def test_select_equals_reference(G):
     assert torch.equal(parallel_infllmv2_select(q, k, **kw), naive_infllmv2_select(q, k, **kw))
 
 
+@pytest.mark.parametrize("rows,G", [(128, 3), (256, 16)])
+def test_select_tall_scoring_tiles(rows, G, monkeypatch):
+    # SELECT_ROWS above the default: more tokens per scoring tile, same blocks
+    monkeypatch.setattr(select_mod, "SELECT_ROWS", rows)
+    tokens = []
+    real = select_mod.make_tiles
+    monkeypatch.setattr(select_mod, "make_tiles", lambda seqs, BT, dev: tokens.append(BT) or real(seqs, BT, dev))
+    q, k, _ = _qkv(1, 150, 150, 2 * G, 2, 16, seed=rows)
+    kw = dict(topk=4, **SMALL)
+    assert torch.equal(parallel_infllmv2_select(q, k, **kw), naive_infllmv2_select(q, k, **kw))
+    assert tokens == [rows // (4 if G == 3 else 16)]
+
+
 def test_select_ties_broken_by_lowest_block():
     # identical key blocks give exactly equal block scores: both sides must keep the lowest ids
     q, k, _ = _qkv(1, 90, 90, 4, 2, 16, seed=5)
