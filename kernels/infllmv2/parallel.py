@@ -84,9 +84,9 @@ def _next_block(idx, rows_t, m_t, cur, i_h, stride_it, K: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(q, k, v, o, lse, idx, tile_n, tile_i, q_start, k_start, seq_Tq, seq_Tk,
-                scale_log2, dense_len, stride_qt, stride_kt, stride_it, Hq,
+                u_blk, u_bits, u_len, U, scale_log2, dense_len, stride_qt, stride_kt, stride_it, Hq,
                 G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                K: tl.constexpr):
+                K: tl.constexpr, LIST: tl.constexpr):
     i_tile, i_h = tl.program_id(0), tl.program_id(1)
     BM: tl.constexpr = BT * GP
     n = tl.load(tile_n + i_tile)
@@ -120,6 +120,14 @@ def _fwd_kernel(q, k, v, o, lse, idx, tile_n, tile_i, q_start, k_start, seq_Tq, 
             blk = tl.load(p_i + i)
             b_m, b_l, b_acc = _attend_fwd(b_q, b_m, b_l, b_acc, k, v, i_h, ks, Tk, blk, pos, m_row & (blk >= 0),
                                           stride_kt, scale_log2, BS, D)
+    elif LIST:
+        # the tile's union, listed beforehand (tile_unions): a plain loop Triton can pipeline
+        u0 = (i_tile.to(tl.int64) * tl.num_programs(1) + i_h) * U
+        for u in range(0, tl.load(u_len + i_tile * tl.num_programs(1) + i_h)):
+            blk = tl.load(u_blk + u0 + u)
+            rowsel = (((tl.load(u_bits + u0 + u) >> r_t) & 1) != 0) & m_row
+            b_m, b_l, b_acc = _attend_fwd(b_q, b_m, b_l, b_acc, k, v, i_h, ks, Tk, blk, pos, rowsel,
+                                          stride_kt, scale_log2, BS, D)
     else:
         o_t = tl.arange(0, BT)
         m_t = (i0 + o_t) < Tq
@@ -144,9 +152,9 @@ def _fwd_kernel(q, k, v, o, lse, idx, tile_n, tile_i, q_start, k_start, seq_Tq, 
 
 @triton.jit
 def _dq_kernel(q, k, v, do, dq, lse, delta, idx, tile_n, tile_i, q_start, k_start, seq_Tq, seq_Tk,
-               scale, scale_log2, dense_len, stride_qt, stride_kt, stride_it, Hq,
+               u_blk, u_bits, u_len, U, scale, scale_log2, dense_len, stride_qt, stride_kt, stride_it, Hq,
                G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-               K: tl.constexpr):
+               K: tl.constexpr, LIST: tl.constexpr):
     i_tile, i_h = tl.program_id(0), tl.program_id(1)
     BM: tl.constexpr = BT * GP
     n = tl.load(tile_n + i_tile)
@@ -179,6 +187,13 @@ def _dq_kernel(q, k, v, do, dq, lse, delta, idx, tile_n, tile_i, q_start, k_star
         for i in range(0, K):
             blk = tl.load(p_i + i)
             b_dq = _attend_dq(b_q, b_do, b_lse, b_delta, b_dq, k, v, i_h, ks, Tk, blk, pos, m_row & (blk >= 0),
+                              stride_kt, scale_log2, BS, D)
+    elif LIST:
+        u0 = (i_tile.to(tl.int64) * tl.num_programs(1) + i_h) * U
+        for u in range(0, tl.load(u_len + i_tile * tl.num_programs(1) + i_h)):
+            blk = tl.load(u_blk + u0 + u)
+            rowsel = (((tl.load(u_bits + u0 + u) >> r_t) & 1) != 0) & m_row
+            b_dq = _attend_dq(b_q, b_do, b_lse, b_delta, b_dq, k, v, i_h, ks, Tk, blk, pos, rowsel,
                               stride_kt, scale_log2, BS, D)
     else:
         o_t = tl.arange(0, BT)
@@ -253,6 +268,10 @@ def _dkv_kernel(q, k, v, do, dk, dv, lse, delta, tok_list, seg_h, seg_n, seg_b, 
 # (when set) fixes the tokens instead. 1 token takes the plain slot loop (kept, tested, slower).
 ATTN_ROWS = 64
 ATTN_TOKENS: int | None = None
+# How a tile walks its union: "merge" (a k-way merge of its tokens' lists inside the kernel, a
+# `while` loop) or "list" (tile_unions lists the union and the token masks beforehand; the kernel
+# runs a `for` loop over the list, which Triton software-pipelines).
+ATTN_WALK = "merge"
 ATTN_WARPS = 4  # num_warps of the forward and dq launches
 ATTN_STAGES = 3  # num_stages of the forward and dq launches (Triton's default; pipelines the for loops only: dense and 1-token paths)
 
@@ -263,6 +282,31 @@ def _tile_tokens(G: int, Tq_max: int, tokens: int | None) -> tuple[int, int]:
     BT = min(BT, max(next_pow2(Tq_max), 1))
     BT = max(BT, (16 + GP - 1) // GP)  # tl.dot needs ≥ 16 rows
     return GP, BT
+
+
+def tile_unions(idx: torch.Tensor, seqs: Seqs, tile_n: torch.Tensor, tile_i: torch.Tensor, BT: int):
+    """The block lists of each (query tile, KV head) merged: (blocks int32 [M·Hkv, U] ascending, −1
+    after the last; token masks int32 [M·Hkv, U], bit t set when the tile's token t picked the
+    block; lengths int32 [M·Hkv]), U = BT·K. Rows are tile-major, as the kernels' grid."""
+    Nq, Hkv, K = idx.shape
+    t = torch.arange(BT, device=idx.device, dtype=torch.int32)
+    tok = tile_i[:, None] + t[None, :]  # [M, BT] local query index
+    valid = tok < seqs.Tq.to(idx.device)[tile_n.long()][:, None]
+    rows = seqs.q_start.to(idx.device)[tile_n.long()][:, None] + tok.long()
+    lists = idx[torch.where(valid, rows, 0)]  # [M, BT, Hkv, K]
+    key = lists * BT + t[None, :, None, None]
+    key = torch.where(valid[:, :, None, None] & (lists >= 0), key, torch.iinfo(torch.int32).max)
+    key = torch.sort(key.permute(0, 2, 1, 3).reshape(-1, BT * K), dim=-1).values
+    real = key != torch.iinfo(torch.int32).max
+    blk = torch.div(key, BT, rounding_mode="floor")
+    first = real.clone()
+    first[:, 1:] &= blk[:, 1:] != blk[:, :-1]
+    slot = (torch.cumsum(first, -1, dtype=torch.int32) - 1).clamp(min=0).long()
+    # every entry of a run writes the run's block to its slot; the padding (only present when the
+    # union is shorter than U) writes −1 to the last slot, which then holds no run
+    u_blk = torch.full_like(key, -1).scatter_(1, torch.where(real, slot, key.shape[1] - 1), torch.where(real, blk, -1))
+    u_bits = torch.zeros_like(key).scatter_add_(1, slot, torch.where(real, 1 << (key % BT), 0))
+    return u_blk, u_bits, first.sum(-1, dtype=torch.int32)
 
 
 def _dkv_segments(idx: torch.Tensor, seqs: Seqs, Hkv: int, block_size: int, dense_len: int, seg: int):
@@ -334,19 +378,20 @@ class InfLLMv2Function(torch.autograd.Function):
         tile_n, tile_i = make_tiles(seqs, BT, q.device)
         o = layout.empty(q.shape, q.dtype, q.device)
         lse = layout.empty((Nq, Hq), torch.float32, q.device)
+        union = _unions(idx, seqs, tile_n, tile_i, BT, cfg["dense_len"])
         _fwd_kernel[(tile_n.numel(), Hkv)](
             q, k, v, o, lse, idx, tile_n, tile_i, seqs.q_start, seqs.k_start, seqs.Tq, seqs.Tk,
-            scale * LOG2E, cfg["dense_len"], q.stride(0), k.stride(0), idx.stride(0), Hq,
-            G=G, GP=GP, BT=BT, D=D, BS=cfg["block_size"], K=idx.shape[2], num_warps=ATTN_WARPS,
-            num_stages=ATTN_STAGES)
-        ctx.save_for_backward(q, k, v, o, lse, idx, tile_n, tile_i)
+            *union, union[0].shape[-1], scale * LOG2E, cfg["dense_len"], q.stride(0), k.stride(0), idx.stride(0), Hq,
+            G=G, GP=GP, BT=BT, D=D, BS=cfg["block_size"], K=idx.shape[2], LIST=union[0].numel() > 1,
+            num_warps=ATTN_WARPS, num_stages=ATTN_STAGES)
+        ctx.save_for_backward(q, k, v, o, lse, idx, tile_n, tile_i, *union)
         ctx.cfg, ctx.seqs, ctx.scale = cfg, seqs, scale
         ctx.meta = (G, GP, BT)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, idx, tile_n, tile_i = ctx.saved_tensors
+        q, k, v, o, lse, idx, tile_n, tile_i, *union = ctx.saved_tensors
         cfg, seqs, scale = ctx.cfg, ctx.seqs, ctx.scale
         G, GP, BT = ctx.meta
         Nq, Hq, D = q.shape
@@ -356,9 +401,9 @@ class InfLLMv2Function(torch.autograd.Function):
         dq = layout.empty(q.shape, q.dtype, q.device)
         _dq_kernel[(tile_n.numel(), Hkv)](
             q, k, v, do, dq, lse, delta, idx, tile_n, tile_i, seqs.q_start, seqs.k_start, seqs.Tq, seqs.Tk,
-            scale, scale * LOG2E, cfg["dense_len"], q.stride(0), k.stride(0), idx.stride(0), Hq,
-            G=G, GP=GP, BT=BT, D=D, BS=cfg["block_size"], K=idx.shape[2], num_warps=ATTN_WARPS,
-            num_stages=ATTN_STAGES)
+            *union, union[0].shape[-1], scale, scale * LOG2E, cfg["dense_len"], q.stride(0), k.stride(0),
+            idx.stride(0), Hq, G=G, GP=GP, BT=BT, D=D, BS=cfg["block_size"], K=idx.shape[2],
+            LIST=union[0].numel() > 1, num_warps=ATTN_WARPS, num_stages=ATTN_STAGES)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         tok_list, sh, sn, sb, slo, shi = _dkv_segments(idx, seqs, Hkv, cfg["block_size"], cfg["dense_len"], seg=256)
@@ -369,6 +414,15 @@ class InfLLMv2Function(torch.autograd.Function):
                 seqs.q_start, seqs.k_start, seqs.Tq, seqs.Tk, scale, scale * LOG2E, q.stride(0), k.stride(0), Hq,
                 G=G, GP=GP, BT=BTK, D=D, BS=cfg["block_size"])
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def _unions(idx, seqs, tile_n, tile_i, BT, dense_len):
+    """tile_unions when the kernels take the list path (ATTN_WALK "list", BT > 1, some sequence
+    sparse), else 1-element placeholders (LIST off)."""
+    if ATTN_WALK == "list" and BT > 1 and any(t > dense_len for t in seqs.Tk_list):
+        return tile_unions(idx, seqs, tile_n, tile_i, BT)
+    z = torch.zeros(1, 1, dtype=torch.int32, device=idx.device)
+    return z, z, z[0]
 
 
 def _prepare(q, k, cu_seqlens, cfg):

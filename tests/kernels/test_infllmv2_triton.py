@@ -200,6 +200,53 @@ def test_sparse_fwd_bwd_equals_reference(G):
     _compare_fwd_bwd(q, k, v, RTOL_FP32, f"G={G}", topk=3, dense_len=0, **SMALL)
 
 
+@pytest.mark.parametrize("G", [3, 16])
+def test_listed_union_walk_fwd_bwd(G, monkeypatch):
+    # ATTN_WALK = "list": the tiles' unions listed by tile_unions, walked by a for loop; varlen too
+    monkeypatch.setattr(parallel_mod, "ATTN_WALK", "list")
+    listed = []
+    real = parallel_mod.tile_unions
+    monkeypatch.setattr(parallel_mod, "tile_unions", lambda *a: listed.append(1) or real(*a))
+    Hkv = 1 if G == 16 else 2
+    q, k, v = _qkv(1, 70, 70, G * Hkv, Hkv, 16, seed=60 + G)
+    _compare_fwd_bwd(q, k, v, RTOL_FP32, f"list G={G}", topk=3, dense_len=0, **SMALL)
+    _compare_fwd_bwd(q, k, v, RTOL_FP32, f"list varlen G={G}", topk=3, dense_len=20,
+                     cu_seqlens=torch.tensor([0, 15, 70]), **SMALL)
+    assert len(listed) == 2
+    # the kernels read the list: with every token mask cleared, no row attends to anything
+    monkeypatch.setattr(parallel_mod, "tile_unions", lambda *a: (lambda b, m, n: (b, m * 0, n))(*real(*a)))
+    assert parallel_infllmv2_attn(q, k, v, topk=3, dense_len=0, **SMALL).abs().max() == 0
+
+
+@pytest.mark.parametrize("spread", [12, 1000])
+def test_tile_unions_lists_every_block_once_with_its_tokens(spread):
+    # random ascending lists (−1 padded, some empty), 37 rows in tiles of 4 (the last one partial);
+    # spread 1000 makes most unions hold all BT·K entries (no padding slot left)
+    g = torch.Generator().manual_seed(spread)
+    Nq, Hkv, K, BT = 37, 2, 5, 4
+    seqs = layout.make_seqs(1, Nq, Nq, None, 8, 4, "cpu")
+    idx = torch.full((Nq, Hkv, K), -1, dtype=torch.int32)
+    for r in range(Nq):
+        for h in range(Hkv):
+            n = K if spread == 1000 and r % 7 else int(torch.randint(0, K + 1, (), generator=g))
+            idx[r, h, :n] = torch.sort(torch.randperm(spread, generator=g)[:n]).values
+    tile_n, tile_i = layout.make_tiles(seqs, BT, "cpu")
+    blocks, bits, lengths = parallel_mod.tile_unions(idx, seqs, tile_n, tile_i, BT)
+    full = 0
+    for m in range(tile_n.numel()):
+        for h in range(Hkv):
+            want = {}
+            for t in range(min(BT, Nq - int(tile_i[m]))):
+                for b in idx[tile_i[m] + t, h].tolist():
+                    if b >= 0:
+                        want[b] = want.get(b, 0) | (1 << t)
+            row, L = m * Hkv + h, int(lengths[m * Hkv + h])
+            assert blocks[row, :L].tolist() == sorted(want) and (blocks[row, L:] == -1).all()
+            assert bits[row, :L].tolist() == [want[b] for b in sorted(want)]
+            full += L == BT * K
+    assert (full > 0) == (spread == 1000)
+
+
 def test_one_token_tiles_fwd_bwd(monkeypatch):
     # ATTN_TOKENS = 1 at group 16: the per-token loop over K slots (−1 padding included) instead of the merge
     monkeypatch.setattr(parallel_mod, "ATTN_TOKENS", 1)
@@ -341,7 +388,9 @@ def gpu(fn):
 @gpu
 @pytest.mark.parametrize("Hq,Hkv,d,dtype", [(32, 2, 128, torch.bfloat16), (12, 4, 64, torch.float16),
                                             (8, 8, 128, torch.float32)])
-def test_gpu_fwd_bwd(Hq, Hkv, d, dtype):
+@pytest.mark.parametrize("walk", ["merge", "list"])
+def test_gpu_fwd_bwd(Hq, Hkv, d, dtype, walk, monkeypatch):
+    monkeypatch.setattr(parallel_mod, "ATTN_WALK", walk)
     T = 5000
     kw = dict(topk=16, local_blocks=4, dense_len=1024)
     q, k, v = _qkv(1, T, T, Hq, Hkv, d, dtype=dtype, device="cuda")
