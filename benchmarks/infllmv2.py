@@ -458,18 +458,17 @@ def real_rows(lengths, model: str, data: list[str]):
                 sd = safe("sdpa_dense", sdpa_fn(q, k, v), **meta)
                 sel = safe("ours_96_select", lambda: parallel_infllmv2_select(q, k, **OURS96), **meta)
                 best = {}
-                for walk in ("merge", "list"):
-                    for tokens in ((2, 4, 8) if hkv == HKV else (4, 8, 16)):
-                        with knobs(par, ATTN_TOKENS=tokens, ATTN_WALK=walk):
-                            for name, idx in lists.items():
-                                t = safe(f"ours_96_attend_{name}_{walk}_tiles{tokens}",
-                                         ours_fn(q, k, v, OURS96, block_indices=idx), **meta)
-                                if t and (name not in best or t < best[name][0]):
-                                    best[name] = (t, tokens, walk)
-                for name, (t, tokens, walk) in best.items():
+                for tokens in ((2, 4, 8) if hkv == HKV else (4, 8, 16)):
+                    with knobs(par, ATTN_TOKENS=tokens):
+                        for name, idx in lists.items():
+                            t = safe(f"ours_96_attend_{name}_tiles{tokens}", ours_fn(q, k, v, OURS96, block_indices=idx),
+                                     **meta)
+                            if t and (name not in best or t < best[name][0]):
+                                best[name] = (t, tokens)
+                for name, (t, tokens) in best.items():
                     if sd and sel:
                         rec(what=f"speedup_vs_sdpa_{name}_lists", ratio=round(sd / (sel + t), 3), tiles=tokens,
-                            walk=walk, select_ms=round(sel, 2), attend_ms=round(t, 2), **meta)
+                            select_ms=round(sel, 2), attend_ms=round(t, 2), **meta)
             del q, k, v, lists
             empty_cache()
         if T <= LEN(65536):  # training: fwd + bwd of the attention on each kind of list, plus the selection
@@ -479,13 +478,10 @@ def real_rows(lengths, model: str, data: list[str]):
                 lists = {"random": parallel_infllmv2_select(q, k, **OURS96), "real": real[:, :, :HKV].contiguous()}
             sd = safe("sdpa_dense", sdpa_fn(q, k, v, backward=True), **meta)
             sel = safe("ours_96_select", lambda: parallel_infllmv2_select(q, k, **OURS96), **meta)
-            for walk in ("merge", "list"):
-                with knobs(par, ATTN_WALK=walk):
-                    for name, idx in lists.items():
-                        t = safe(f"ours_96_attend_{name}_{walk}", ours_fn(q, k, v, OURS96, backward=True, block_indices=idx),
-                                 **meta)
-                        if t and sd and sel:
-                            rec(what=f"speedup_vs_sdpa_{name}_lists_{walk}", ratio=round(sd / (sel + t), 3), **meta)
+            for name, idx in lists.items():
+                t = safe(f"ours_96_attend_{name}", ours_fn(q, k, v, OURS96, backward=True, block_indices=idx), **meta)
+                if t and sd and sel:
+                    rec(what=f"speedup_vs_sdpa_{name}_lists", ratio=round(sd / (sel + t), 3), **meta)
             del q, k, v, lists
             empty_cache()
         del real
@@ -620,7 +616,7 @@ def knob_values() -> dict:
     from salaconvert.kernels.infllmv2 import select as sel
     return {f"{m.__name__.rsplit('.', 1)[1]}.{n}": getattr(m, n) for m, names in (
         (sel, ("FUSED_TOPK", "SELECT_BC", "SELECT_ROWS", "SELECT_WARPS", "SELECT_STAGES", "SELECT_KEYS", "FP32_TOPK")),
-        (par, ("ATTN_ROWS", "ATTN_TOKENS", "ATTN_WALK", "ATTN_WARPS", "ATTN_STAGES")), (dec, ("DECODE_CH", "DECODE_SPP", "DECODE_TOPK_CHUNK"))) for n in names}
+        (par, ("ATTN_ROWS", "ATTN_TOKENS", "ATTN_WARPS", "ATTN_STAGES")), (dec, ("DECODE_CH", "DECODE_SPP", "DECODE_TOPK_CHUNK"))) for n in names}
 
 
 def main():

@@ -4,11 +4,14 @@ Legend: Nq/Nk flattened query/key rows, Hq/Hkv heads, G = Hq // Hkv, GP = next_p
 dim, BS block size, BT tokens per tile, BM = BT·GP rows per tile, K selected blocks per token.
 
 Forward / dq: one program = BT consecutive query tokens × the G heads of one KV head. Every token
-has its own ascending block list; the program walks the UNION of its tokens' lists with a k-way
-merge (one cursor per token, next block = min over cursors) and masks the rows of tokens that
-did not pick the current block, so K/V are loaded once per tile and the dots are BM rows tall
-(tokens of one 64-token block share their 33 forced blocks, so the union stays close to K).
-Sequences at or under dense_len walk every causal block instead.
+has its own ascending block list; the program walks the UNION of its tokens' lists and masks the
+rows of tokens that did not pick the current block, so K/V are loaded once per tile and the dots
+are BM rows tall (tokens of one 64-token block share their 33 forced blocks, so the union stays
+close to K when neighbours choose alike). The unions are listed on the host side beforehand
+(tile_unions: one sort per tile row, with a token bitmask per block), so the kernels run a plain
+`for` loop over the list, which Triton software-pipelines; an in-kernel k-way merge of the
+tokens' lists (a `while` loop, not pipelined) was 18–25% slower in every measured case (H100 run
+9, benchmarks/notes-infllmv2.md). Sequences at or under dense_len walk every causal block instead.
 dk/dv: one program = one key block × a segment of ≤ SEG query tokens that selected it (a CSR built
 on the host by sorting (head, block, token) triples); no row is wasted, partial sums of a block
 split over several segments meet through fp32 atomic adds.
@@ -20,7 +23,7 @@ import triton
 import triton.language as tl
 
 from salaconvert.kernels._interpreter import fix_interpreter_index
-from salaconvert.kernels.infllmv2._interp import rmax, rmin, rsum
+from salaconvert.kernels.infllmv2._interp import rmax, rsum
 
 from salaconvert.kernels.infllmv2 import layout
 from salaconvert.kernels.infllmv2.layout import Seqs, compress_k_flat, make_seqs, make_tiles, next_pow2, with_windows
@@ -74,19 +77,10 @@ def _attend_dq(b_q, b_do, b_lse, b_delta, b_dq, k, v, i_h, ks, Tk, blk, pos, row
 
 
 @triton.jit
-def _next_block(idx, rows_t, m_t, cur, i_h, stride_it, K: tl.constexpr):
-    """Smallest block id still ahead of any token's cursor, and each token's candidate."""
-    p = idx + rows_t.to(tl.int64) * stride_it + i_h * K + cur
-    vals = tl.load(p, mask=m_t & (cur < K), other=-1)
-    vals = tl.where(vals < 0, 1073741824, vals)
-    return vals, rmin(vals, 0)
-
-
-@triton.jit
 def _fwd_kernel(q, k, v, o, lse, idx, tile_n, tile_i, q_start, k_start, seq_Tq, seq_Tk,
                 u_blk, u_bits, u_len, U, scale_log2, dense_len, stride_qt, stride_kt, stride_it, Hq,
                 G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                K: tl.constexpr, LIST: tl.constexpr):
+                K: tl.constexpr):
     i_tile, i_h = tl.program_id(0), tl.program_id(1)
     BM: tl.constexpr = BT * GP
     n = tl.load(tile_n + i_tile)
@@ -120,7 +114,7 @@ def _fwd_kernel(q, k, v, o, lse, idx, tile_n, tile_i, q_start, k_start, seq_Tq, 
             blk = tl.load(p_i + i)
             b_m, b_l, b_acc = _attend_fwd(b_q, b_m, b_l, b_acc, k, v, i_h, ks, Tk, blk, pos, m_row & (blk >= 0),
                                           stride_kt, scale_log2, BS, D)
-    elif LIST:
+    else:
         # the tile's union, listed beforehand (tile_unions): a plain loop Triton can pipeline
         u0 = (i_tile.to(tl.int64) * tl.num_programs(1) + i_h) * U
         for u in range(0, tl.load(u_len + i_tile * tl.num_programs(1) + i_h)):
@@ -128,19 +122,6 @@ def _fwd_kernel(q, k, v, o, lse, idx, tile_n, tile_i, q_start, k_start, seq_Tq, 
             rowsel = (((tl.load(u_bits + u0 + u) >> r_t) & 1) != 0) & m_row
             b_m, b_l, b_acc = _attend_fwd(b_q, b_m, b_l, b_acc, k, v, i_h, ks, Tk, blk, pos, rowsel,
                                           stride_kt, scale_log2, BS, D)
-    else:
-        o_t = tl.arange(0, BT)
-        m_t = (i0 + o_t) < Tq
-        rows_t = qs + i0 + o_t
-        cur = tl.full([BT], 0, tl.int32)
-        vals, blk = _next_block(idx, rows_t, m_t, cur, i_h, stride_it, K)
-        while blk < 1073741824:
-            hit = vals == blk
-            rowsel = tl.reshape(tl.broadcast_to(hit[:, None], [BT, GP]), [BM]) & m_row
-            b_m, b_l, b_acc = _attend_fwd(b_q, b_m, b_l, b_acc, k, v, i_h, ks, Tk, blk, pos, rowsel,
-                                          stride_kt, scale_log2, BS, D)
-            cur += hit.to(tl.int32)
-            vals, blk = _next_block(idx, rows_t, m_t, cur, i_h, stride_it, K)
 
     ok = b_l > 0
     b_o = b_acc / tl.where(ok, b_l, 1.)[:, None]
@@ -154,7 +135,7 @@ def _fwd_kernel(q, k, v, o, lse, idx, tile_n, tile_i, q_start, k_start, seq_Tq, 
 def _dq_kernel(q, k, v, do, dq, lse, delta, idx, tile_n, tile_i, q_start, k_start, seq_Tq, seq_Tk,
                u_blk, u_bits, u_len, U, scale, scale_log2, dense_len, stride_qt, stride_kt, stride_it, Hq,
                G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-               K: tl.constexpr, LIST: tl.constexpr):
+               K: tl.constexpr):
     i_tile, i_h = tl.program_id(0), tl.program_id(1)
     BM: tl.constexpr = BT * GP
     n = tl.load(tile_n + i_tile)
@@ -188,26 +169,13 @@ def _dq_kernel(q, k, v, do, dq, lse, delta, idx, tile_n, tile_i, q_start, k_star
             blk = tl.load(p_i + i)
             b_dq = _attend_dq(b_q, b_do, b_lse, b_delta, b_dq, k, v, i_h, ks, Tk, blk, pos, m_row & (blk >= 0),
                               stride_kt, scale_log2, BS, D)
-    elif LIST:
+    else:
         u0 = (i_tile.to(tl.int64) * tl.num_programs(1) + i_h) * U
         for u in range(0, tl.load(u_len + i_tile * tl.num_programs(1) + i_h)):
             blk = tl.load(u_blk + u0 + u)
             rowsel = (((tl.load(u_bits + u0 + u) >> r_t) & 1) != 0) & m_row
             b_dq = _attend_dq(b_q, b_do, b_lse, b_delta, b_dq, k, v, i_h, ks, Tk, blk, pos, rowsel,
                               stride_kt, scale_log2, BS, D)
-    else:
-        o_t = tl.arange(0, BT)
-        m_t = (i0 + o_t) < Tq
-        rows_t = qs + i0 + o_t
-        cur = tl.full([BT], 0, tl.int32)
-        vals, blk = _next_block(idx, rows_t, m_t, cur, i_h, stride_it, K)
-        while blk < 1073741824:
-            hit = vals == blk
-            rowsel = tl.reshape(tl.broadcast_to(hit[:, None], [BT, GP]), [BM]) & m_row
-            b_dq = _attend_dq(b_q, b_do, b_lse, b_delta, b_dq, k, v, i_h, ks, Tk, blk, pos, rowsel,
-                              stride_kt, scale_log2, BS, D)
-            cur += hit.to(tl.int32)
-            vals, blk = _next_block(idx, rows_t, m_t, cur, i_h, stride_it, K)
     tl.store(dq + o_qd, (b_dq * scale).to(dq.dtype.element_ty), mask=m_row[:, None])
 
 
@@ -268,10 +236,6 @@ def _dkv_kernel(q, k, v, do, dk, dv, lse, delta, tok_list, seg_h, seg_n, seg_b, 
 # (when set) fixes the tokens instead. 1 token takes the plain slot loop (kept, tested, slower).
 ATTN_ROWS = 64
 ATTN_TOKENS: int | None = None
-# How a tile walks its union: "merge" (a k-way merge of its tokens' lists inside the kernel, a
-# `while` loop) or "list" (tile_unions lists the union and the token masks beforehand; the kernel
-# runs a `for` loop over the list, which Triton software-pipelines).
-ATTN_WALK = "merge"
 ATTN_WARPS = 4  # num_warps of the forward and dq launches
 ATTN_STAGES = 3  # num_stages of the forward and dq launches (Triton's default; pipelines the for loops only: dense and 1-token paths)
 
@@ -382,7 +346,7 @@ class InfLLMv2Function(torch.autograd.Function):
         _fwd_kernel[(tile_n.numel(), Hkv)](
             q, k, v, o, lse, idx, tile_n, tile_i, seqs.q_start, seqs.k_start, seqs.Tq, seqs.Tk,
             *union, union[0].shape[-1], scale * LOG2E, cfg["dense_len"], q.stride(0), k.stride(0), idx.stride(0), Hq,
-            G=G, GP=GP, BT=BT, D=D, BS=cfg["block_size"], K=idx.shape[2], LIST=union[0].numel() > 1,
+            G=G, GP=GP, BT=BT, D=D, BS=cfg["block_size"], K=idx.shape[2],
             num_warps=ATTN_WARPS, num_stages=ATTN_STAGES)
         ctx.save_for_backward(q, k, v, o, lse, idx, tile_n, tile_i, *union)
         ctx.cfg, ctx.seqs, ctx.scale = cfg, seqs, scale
@@ -403,7 +367,7 @@ class InfLLMv2Function(torch.autograd.Function):
             q, k, v, do, dq, lse, delta, idx, tile_n, tile_i, seqs.q_start, seqs.k_start, seqs.Tq, seqs.Tk,
             *union, union[0].shape[-1], scale, scale * LOG2E, cfg["dense_len"], q.stride(0), k.stride(0),
             idx.stride(0), Hq, G=G, GP=GP, BT=BT, D=D, BS=cfg["block_size"], K=idx.shape[2],
-            LIST=union[0].numel() > 1, num_warps=ATTN_WARPS, num_stages=ATTN_STAGES)
+            num_warps=ATTN_WARPS, num_stages=ATTN_STAGES)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         tok_list, sh, sn, sb, slo, shi = _dkv_segments(idx, seqs, Hkv, cfg["block_size"], cfg["dense_len"], seg=256)
@@ -417,9 +381,9 @@ class InfLLMv2Function(torch.autograd.Function):
 
 
 def _unions(idx, seqs, tile_n, tile_i, BT, dense_len):
-    """tile_unions when the kernels take the list path (ATTN_WALK "list", BT > 1, some sequence
-    sparse), else 1-element placeholders (LIST off)."""
-    if ATTN_WALK == "list" and BT > 1 and any(t > dense_len for t in seqs.Tk_list):
+    """tile_unions when some tile walks a union (BT > 1, some sequence sparse), else 1-element
+    placeholders that no kernel reads."""
+    if BT > 1 and any(t > dense_len for t in seqs.Tk_list):
         return tile_unions(idx, seqs, tile_n, tile_i, BT)
     z = torch.zeros(1, 1, dtype=torch.int32, device=idx.device)
     return z, z, z[0]

@@ -200,21 +200,11 @@ def test_sparse_fwd_bwd_equals_reference(G):
     _compare_fwd_bwd(q, k, v, RTOL_FP32, f"G={G}", topk=3, dense_len=0, **SMALL)
 
 
-@pytest.mark.parametrize("G", [3, 16])
-def test_listed_union_walk_fwd_bwd(G, monkeypatch):
-    # ATTN_WALK = "list": the tiles' unions listed by tile_unions, walked by a for loop; varlen too
-    monkeypatch.setattr(parallel_mod, "ATTN_WALK", "list")
-    listed = []
+def test_kernels_walk_the_listed_unions(monkeypatch):
+    # the forward reads tile_unions' token masks: with every mask cleared no row attends to anything
     real = parallel_mod.tile_unions
-    monkeypatch.setattr(parallel_mod, "tile_unions", lambda *a: listed.append(1) or real(*a))
-    Hkv = 1 if G == 16 else 2
-    q, k, v = _qkv(1, 70, 70, G * Hkv, Hkv, 16, seed=60 + G)
-    _compare_fwd_bwd(q, k, v, RTOL_FP32, f"list G={G}", topk=3, dense_len=0, **SMALL)
-    _compare_fwd_bwd(q, k, v, RTOL_FP32, f"list varlen G={G}", topk=3, dense_len=20,
-                     cu_seqlens=torch.tensor([0, 15, 70]), **SMALL)
-    assert len(listed) == 2
-    # the kernels read the list: with every token mask cleared, no row attends to anything
     monkeypatch.setattr(parallel_mod, "tile_unions", lambda *a: (lambda b, m, n: (b, m * 0, n))(*real(*a)))
+    q, k, v = _qkv(1, 70, 70, 6, 2, 16, seed=61)
     assert parallel_infllmv2_attn(q, k, v, topk=3, dense_len=0, **SMALL).abs().max() == 0
 
 
@@ -388,9 +378,7 @@ def gpu(fn):
 @gpu
 @pytest.mark.parametrize("Hq,Hkv,d,dtype", [(32, 2, 128, torch.bfloat16), (12, 4, 64, torch.float16),
                                             (8, 8, 128, torch.float32)])
-@pytest.mark.parametrize("walk", ["merge", "list"])
-def test_gpu_fwd_bwd(Hq, Hkv, d, dtype, walk, monkeypatch):
-    monkeypatch.setattr(parallel_mod, "ATTN_WALK", walk)
+def test_gpu_fwd_bwd(Hq, Hkv, d, dtype):
     T = 5000
     kw = dict(topk=16, local_blocks=4, dense_len=1024)
     q, k, v = _qkv(1, T, T, Hq, Hkv, d, dtype=dtype, device="cuda")
