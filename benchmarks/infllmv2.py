@@ -323,7 +323,6 @@ def sweep_rows(T=None):
     """Every knob variant at 128K for group 16 and group 4, the coarse normaliser's agreement, the
     stage split (select = scores kernel + top-k; attend = stage 2 alone on fixed blocks)."""
     from salaconvert.kernels.infllmv2 import decode as dec
-    from salaconvert.kernels.infllmv2 import parallel as par
     from salaconvert.kernels.infllmv2 import select as sel
     from salaconvert.kernels.infllmv2.parallel import parallel_infllmv2_select
     T = LEN(131072) if T is None else T
@@ -360,15 +359,7 @@ def sweep_rows(T=None):
                 except Exception as ex:
                     rec(what=f"sweep_agreement_{name}", error=repr(ex)[:300], **meta)
                 empty_cache()
-            # stage 2 alone on fixed blocks: tile tokens × warps (× stages for the 1-token loop)
-            idx = parallel_infllmv2_select(q, k, **OURS96)
-            tiles = [(1, 4, 3), (1, 4, 4), (2, 4, 3), (4, 4, 3), (8, 4, 3), (8, 8, 3)] if hkv == HKV else \
-                [(4, 4, 3), (8, 4, 3), (16, 4, 3), (16, 8, 3), (8, 8, 3)]
-            for tokens, warps, stages in tiles:
-                with knobs(par, ATTN_TOKENS=tokens, ATTN_WARPS=warps, ATTN_STAGES=stages):
-                    safe(f"sweep_attend_96_tokens{tokens}_warps{warps}_stages{stages}",
-                         ours_fn(q, k, v, OURS96, block_indices=idx), **meta)
-            del idx
+            attend_tiles(q, k, v, meta)
         del q, k, v
         empty_cache()
     # decode at 1M: the coarse normaliser and the split sizes, graph-captured
@@ -391,6 +382,20 @@ def sweep_rows(T=None):
             safe_graph(f"sweep_decode_graph_{label}", step, **meta)
     del kc_, vc_, kcmp
     empty_cache()
+
+
+def attend_tiles(q, k, v, meta):
+    """Stage 2 alone on fixed blocks: tile tokens × warps × pipeline stages."""
+    from salaconvert.kernels.infllmv2 import parallel as par
+    from salaconvert.kernels.infllmv2.parallel import parallel_infllmv2_select
+    idx = parallel_infllmv2_select(q, k, **OURS96)
+    tiles = [(1, 4, 3), (2, 4, 3), (4, 4, 2), (4, 4, 3), (4, 4, 4), (4, 8, 3), (8, 8, 3), (8, 8, 4)] \
+        if k.shape[2] == HKV else [(4, 4, 3), (8, 4, 3), (16, 4, 2), (16, 4, 3), (16, 4, 4), (16, 8, 3), (32, 8, 3)]
+    for tokens, warps, stages in tiles:
+        with knobs(par, ATTN_TOKENS=tokens, ATTN_WARPS=warps, ATTN_STAGES=stages):
+            safe(f"sweep_attend_96_tokens{tokens}_warps{warps}_stages{stages}",
+                 ours_fn(q, k, v, OURS96, block_indices=idx), **meta)
+    del idx
 
 
 def select_tile_rows(lengths):
@@ -670,6 +675,13 @@ def main():
             decode_rows([LEN(t) for t in ([131072] if args.quick else [131072, 1048576])])
         if "hkv8" in sections:  # group 4
             forward_rows([LEN(32768 if args.quick else 131072)], hkv=H // 4, with_nsa=False, with_16=False)
+        if "attn_tiles" in sections:
+            for hkv in (HKV, H // 4):
+                q, k, v = inputs(LEN(131072), hkv)
+                with torch.no_grad():
+                    attend_tiles(q, k, v, dict(T=LEN(131072), Hkv=hkv, mode="fwd"))
+                del q, k, v
+                empty_cache()
         if "select_tiles" in sections:
             select_tile_rows([LEN(t) for t in (131072, 262144)])
         if "real" in sections:
