@@ -106,9 +106,9 @@ def profile_prefill(model, length: int, chunk: int) -> dict:
     return {"length": length, "chunk": chunk, "total_s": total, "seconds": split}
 
 
-def run(model, length: int, chunk: int, decode: int) -> dict:
+def run(model, length: int, chunk: int, decode: int, kv_cache: str = "auto") -> dict:
     try:
-        row = measure(model, length, BenchSettings([length], decode, chunk))
+        row = measure(model, length, BenchSettings([length], decode, chunk, kv_cache=kv_cache))
         row["chunk"] = chunk
     except torch.OutOfMemoryError:
         row = {"length": length, "error": "out of memory", "chunk": chunk}
@@ -127,6 +127,8 @@ def main():
                     help="record longer lengths as not run for the teacher (an earlier run's out-of-memory)")
     ap.add_argument("--profile", type=int, default=None,
                     help="also split one chunked prefill of this many tokens by module kind, teacher and hybrid")
+    ap.add_argument("--kv-cache", choices=("auto", "fp8"), default="auto",
+                    help="the hybrid's sparse K/V storage (fp8: half the bytes; results get a -kvfp8 suffix)")
     ap.add_argument("--smoke", action="store_true", help="a small model on the CPU at the given (short) lengths")
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",") if x]
@@ -136,7 +138,7 @@ def main():
     run(teacher, warm, warm, 4)  # warm-up: kernels compiled, allocator primed
     # The hybrid's sparse path (above dense_len, chunked queries) compiles its own kernels: warm it too.
     sparse_warm = min([2 * hybrid.config.sparse["dense_len"] + 1024, *lengths])
-    run(hybrid, sparse_warm, min(args.chunk, sparse_warm // 2), 4)
+    run(hybrid, sparse_warm, min(args.chunk, sparse_warm // 2), 4, args.kv_cache)
     rows = []
     teacher_failed = False
     for n in lengths:
@@ -149,7 +151,7 @@ def main():
             if "error" in t and args.teacher_chunk < n:
                 t = run(teacher, n, args.teacher_chunk, args.decode)
         teacher_failed = teacher_failed or "error" in t
-        h = run(hybrid, n, min(args.chunk, n), args.decode)
+        h = run(hybrid, n, min(args.chunk, n), args.decode, args.kv_cache)
         rows.append({"length": n, "teacher": t, "hybrid": h})
         print(json.dumps(rows[-1]), flush=True)
     profile = None
@@ -158,13 +160,13 @@ def main():
                    "hybrid": profile_prefill(hybrid, args.profile, args.chunk)}
         print(json.dumps(profile), flush=True)
     card_name = "cpu-smoke" if args.smoke else torch.cuda.get_device_name()
-    card = card_name.replace(" ", "-")
+    card = card_name.replace(" ", "-") + ("-kvfp8" if args.kv_cache == "fp8" else "")
     report = {
         "what": "Llama-3-8B-shaped teacher (random weights, bf16, SDPA) vs its 1:3 salaconvert hybrid",
         "card": card_name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
-        "layer_types": hybrid.config.layer_types, "decode_tokens": args.decode,
+        "layer_types": hybrid.config.layer_types, "decode_tokens": args.decode, "kv_cache": args.kv_cache,
         "cache_bytes_per_token": hybrid.config.cache_bytes_per_token(2), "rows": rows, "profile": profile,
     }
     args.out.mkdir(parents=True, exist_ok=True)

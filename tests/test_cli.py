@@ -26,6 +26,10 @@ def test_convert_writes_a_checkpoint_and_report(teacher_dir, tmp_path):
     gen = run_cli("generate", out, "hello", "--max-new-tokens", "5", "--teacher", teacher_dir)
     assert gen.exit_code == 0, gen.output
     assert "teacher" in gen.output and "tokens/s" in gen.output
+    fp8 = run_cli("generate", out, "hello", "--max-new-tokens", "5", "--kv-cache", "fp8")
+    assert fp8.exit_code == 0 and "5 tokens" in fp8.output, fp8.output
+    not_hybrid = run_cli("generate", teacher_dir, "hello", "--kv-cache", "fp8")
+    assert not_hybrid.exit_code == 2 and "not a hybrid" in not_hybrid.output, not_hybrid.output
     if not torch.cuda.is_available():
         no_gpu = run_cli("generate", out, "hello", "--device", "cuda")
         assert no_gpu.exit_code == 2 and "CUDA is not available" in no_gpu.output

@@ -15,7 +15,7 @@ from helpers import assert_close
 from salaconvert.eval.forward import decode_step, prefill
 from salaconvert.layer_selection import LayerPlan
 from salaconvert.kernels.infllmv2 import compress_k
-from salaconvert.models.cache import SparseAttentionCacheLayer, make_hybrid_cache, make_teacher_cache
+from salaconvert.models.cache import FP8, SparseAttentionCacheLayer, make_hybrid_cache, make_teacher_cache
 from salaconvert.models.graph_decode import GraphDecoder, grouped_decode_attention
 from salaconvert.surgery.convert import convert
 from tiny import SMALL_SPARSE, tiny_hybrid, tiny_teacher
@@ -72,6 +72,23 @@ def test_hybrid_captured_step_follows_eager_decode_across_dense_len(plan, kernel
             ks, st = SMALL_SPARSE["kernel_size"], SMALL_SPARSE["stride"]
             n = (L - ks) // st + 1
             assert_close(layer.kc[:, :n], compress_k(layer.keys[:, :L], ks, st), rtol=1e-6, what="compressed keys")
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_fp8_cache_replay_follows_eager_fp8_decode(kernels, monkeypatch):
+    # sparse K/V stored in fp8: the captured step (token written at the device position, rounded
+    # there) follows eager decode on an fp8 cache, and both differ from, yet stay near, the full-precision cache
+    monkeypatch.setenv("SALACONVERT_KERNELS", kernels)
+    hybrid = tiny_hybrid(HYBRIDS["sparse+lightning"])
+    prompt, steps = SHORT
+    ids = torch.randint(0, 128, (prompt + steps,), generator=torch.Generator().manual_seed(2))
+    expected = _reference(hybrid, ids, make_hybrid_cache(hybrid.config, kv_dtype=FP8), prompt)
+    _, got = _replayed(hybrid, ids, make_hybrid_cache(hybrid.config, reserve=prompt + steps, kv_dtype=FP8), prompt)
+    plain = _reference(hybrid, ids, make_hybrid_cache(hybrid.config), prompt)
+    for i, (g, e, p) in enumerate(zip(got, expected, plain)):
+        assert_close(g, e, rtol=1e-5, what=f"{kernels} kernels, fp8 cache: logits at position {prompt + i - 1}")
+        assert_close(g, p, rtol=0.1, what=f"fp8 vs full-precision cache at position {prompt + i - 1}")
+    assert max(float((g - p).abs().max()) for g, p in zip(got, plain)) > 1e-4, "the fp8 cache rounded nothing"
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])

@@ -169,8 +169,8 @@ def _dec_attn_kernel(q, k, v, lens, idx, m_buf, l_buf, acc_buf, scale_log2, dens
             m_k = o_k < L
             p_k = k + b.to(tl.int64) * stride_kb + o_k.to(tl.int64)[:, None] * stride_kt + h * D + o_d[None, :]
             p_v = v + b.to(tl.int64) * stride_kb + o_k.to(tl.int64)[:, None] * stride_kt + h * D + o_d[None, :]
-            b_k = tl.load(p_k, mask=m_k[:, None], other=0.)
-            b_v = tl.load(p_v, mask=m_k[:, None], other=0.)
+            b_k = tl.load(p_k, mask=m_k[:, None], other=0.).to(b_q.dtype)  # an fp8 cache widens here
+            b_v = tl.load(p_v, mask=m_k[:, None], other=0.).to(b_q.dtype)
             b_s = tl.where(m_k[None, :], tl.dot(b_q, tl.trans(b_k)) * scale_log2, float("-inf"))
             m_new = tl.maximum(b_m, rmax(b_s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0., m_new)
@@ -288,6 +288,8 @@ def triton_infllmv2_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            dense_len: int = 8192, scale: float | None = None, coarse_norm: bool = False) -> torch.Tensor:
     """One decode step. q [B, 1, Hq, d]; k/v_cache [B, Tmax, Hkv, d]; cache_seqlens int32 [B] -> o [B, 1, Hq, d].
 
+    The caches may hold float8_e4m3fn (an fp8 K/V cache): the kernel widens each block it reads to q's dtype.
+
     kc_cache [B, ≥Tc(L), Hkv, d] (any float dtype; rounded to q's dtype in the kernel): compressed
     keys kept up to date with update_compressed_cache (computed from k_cache here when None, which
     costs a pass over the whole cache). For CUDA-graph capture pass the full-capacity buffers.
@@ -305,8 +307,8 @@ def triton_infllmv2_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError("k_cache and v_cache must share strides with contiguous [Hkv, d] rows")
     if kc_cache is None:
         Tc = max(0, (Tmax - kernel_size) // stride + 1)
-        kc_cache = k_cache.unfold(1, kernel_size, stride)[:, :Tc].float().mean(-1).to(k_cache.dtype) if Tc else \
-            k_cache.new_zeros(B, 1, Hkv, D)
+        kc_cache = k_cache.unfold(1, kernel_size, stride)[:, :Tc].float().mean(-1).to(q.dtype) if Tc else \
+            q.new_zeros(B, 1, Hkv, D)
     q = q.reshape(B, Hq, D).contiguous()
     lens = cache_seqlens.to(torch.int32)
     NBMAX = (Tmax + block_size - 1) // block_size

@@ -297,13 +297,15 @@ def naive_infllmv2_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                           kc_cache: torch.Tensor | None = None, **kw) -> torch.Tensor:
     """One decode step, reference: row b is naive_infllmv2_attn of q[b] against the first
     cache_seqlens[b] cached tokens. q [B, 1, Hq, d], caches [B, Tmax, Hkv, d] -> [B, 1, Hq, d].
-    `kc_cache` is accepted for signature symmetry and ignored (recomputed from k)."""
+    `kc_cache` is accepted for signature symmetry and ignored (recomputed from k). Caches of another
+    dtype (an fp8 cache) are widened to q's."""
     if q.dim() != 4 or q.shape[1] != 1 or cache_seqlens.shape != (q.shape[0],):
         raise ValueError(f"decode takes q [B, 1, Hq, d] and cache_seqlens [B], got {tuple(q.shape)}, "
                          f"{tuple(cache_seqlens.shape)}")
     outs = []
     for b, L in enumerate(cache_seqlens.tolist()):
-        outs.append(naive_infllmv2_attn(q[b:b + 1], k_cache[b:b + 1, :L], v_cache[b:b + 1, :L], **kw))
+        k, v = (c[b:b + 1, :L].to(q.dtype) for c in (k_cache, v_cache))
+        outs.append(naive_infllmv2_attn(q[b:b + 1], k, v, **kw))
     return torch.cat(outs, 0)
 
 

@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from salaconvert.errors import InputError
 from salaconvert.eval.forward import prefill
 from salaconvert.eval.run import default_device, default_dtype
 from salaconvert.io.load import load_model, load_tokenizer, resolve_source
@@ -25,20 +26,26 @@ def load_for_generation(model: str, dtype: str = "auto", device: str | None = No
 
 @torch.inference_mode()
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 48, temperature: float = 0.0,
-                  chat: bool = False, seed: int = 0, graph_decode: bool | None = None) -> dict:
+                  chat: bool = False, seed: int = 0, graph_decode: bool | None = None, kv_dtype=None) -> dict:
     """The continuation of `prompt` (only the new text) and how fast it came.
 
-    `graph_decode`: greedy decoding through `GraphDecoder` (None: on CUDA devices; on a CPU it runs
-    the same step eagerly, which is how the tests compare it with transformers' `generate`).
+    `graph_decode`: greedy decoding through `GraphDecoder` (None: on CUDA devices, or with an fp8
+    cache; on a CPU it runs the same step eagerly, which is how the tests compare it with
+    transformers' `generate`). `kv_dtype=models.cache.FP8`: a hybrid's sparse layers keep K/V in
+    fp8 (greedy decoding only).
     """
     if chat and tokenizer.chat_template:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                add_generation_prompt=True)
     enc = tokenizer(prompt, return_tensors="pt").to(model.device)
     torch.manual_seed(seed)
-    use_graph = temperature == 0 and (model.device.type == "cuda" if graph_decode is None else graph_decode)
+    if kv_dtype is not None and temperature > 0:
+        raise InputError("--kv-cache fp8 takes greedy decoding (--temperature 0)")
+    if graph_decode is None:  # the reserved cache (the only one an fp8 K/V can live in) on a CPU too
+        graph_decode = model.device.type == "cuda" or kv_dtype is not None
+    use_graph = temperature == 0 and graph_decode
     t0 = time.perf_counter()
-    new = _graph_greedy(model, enc["input_ids"][0], max_new_tokens) if use_graph else None
+    new = _graph_greedy(model, enc["input_ids"][0], max_new_tokens, kv_dtype) if use_graph else None
     how = "cuda graph" if model.device.type == "cuda" else "decoder step, eager"
     if new is None:
         how = "transformers"
@@ -51,12 +58,14 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 48, tempe
             "decode": how}
 
 
-def _graph_greedy(model, ids_T: torch.Tensor, max_new_tokens: int) -> list[int] | None:
+def _graph_greedy(model, ids_T: torch.Tensor, max_new_tokens: int, kv_dtype=None) -> list[int] | None:
     """Greedy new token ids, stopping after an end-of-sequence token as `generate` does; None when
     the model's cache cannot be reserved (the caller falls back to `generate`)."""
     try:
-        cache = reserved_cache(model, ids_T.numel() + max_new_tokens)
-    except ValueError:
+        cache = reserved_cache(model, ids_T.numel() + max_new_tokens, kv_dtype)
+    except ValueError as e:
+        if kv_dtype is not None:
+            raise InputError(f"--kv-cache fp8: {e}") from None
         return None
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])

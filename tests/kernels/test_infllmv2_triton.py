@@ -20,7 +20,7 @@ from salaconvert.kernels.infllmv2 import parallel as parallel_mod
 from salaconvert.kernels.infllmv2 import decode as decode_mod
 from salaconvert.kernels.infllmv2 import select as select_mod
 from salaconvert.kernels.infllmv2.decode import triton_infllmv2_decode, update_compressed_cache
-from salaconvert.kernels.infllmv2.naive import (compress_k, dense_causal_attn, naive_infllmv2_attn,
+from salaconvert.kernels.infllmv2.naive import (compress_k, dense_causal_attn, naive_infllmv2_attn, naive_infllmv2_decode,
                                                 naive_infllmv2_select)
 from salaconvert.kernels.infllmv2.parallel import parallel_infllmv2_attn, parallel_infllmv2_select
 from helpers import assert_close
@@ -332,6 +332,20 @@ def test_decode_equals_last_row_of_prefill(G, dense_len, coarse, monkeypatch):
         if coarse:
             sel = [naive_infllmv2_select(q[b:b + 1, :L], k[b:b + 1, :L], **dict(kw, coarse_norm=c))[0, -1] for c in (0, 1)]
             assert not torch.equal(*sel), f"b={b}: the coarse normaliser must matter at this row"
+
+
+def test_decode_reads_fp8_caches():
+    # an fp8 K/V cache: the kernel widens what it reads, so it equals the reference on the widened caches
+    B, Tmax, G, Hkv = 2, 120, 3, 2
+    q, k, v = _qkv(B, Tmax, Tmax, G * Hkv, Hkv, 16, seed=9)
+    k8, v8 = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
+    assert not torch.equal(k8.float(), k)
+    lens = torch.tensor([100, 57], dtype=torch.int32)
+    kw = dict(topk=5, dense_len=0, **SMALL)
+    kc = compress_k(k8, 8, 4)  # the compressed keys of the stored values, as the cache keeps them
+    o = triton_infllmv2_decode(q[:, -1:], k8, v8, lens, kc, **kw)
+    assert_close(o, naive_infllmv2_decode(q[:, -1:], k8.float(), v8.float(), lens, **kw), rtol=RTOL_FP32,
+                 what="fp8-cache decode")
 
 
 @pytest.mark.parametrize("R,n,K,chunk", [(2, 300, 7, 16), (2, 96, 96, 1024), (1, 17, 5, 8), (1, 2048, 96, 1024)])

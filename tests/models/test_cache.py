@@ -61,3 +61,35 @@ def test_reserved_cache_holds_the_whole_run_without_regrowing():
     keys, _ = layer.append(k, k, config.sparse["kernel_size"], config.sparse["stride"])
     assert layer.keys is buffer and torch.equal(keys, k)
     assert torch.allclose(layer.compressed_keys(), compress_k(k), atol=1e-6)
+
+
+def test_fp8_layer_stores_rounded_values_in_half_the_bytes():
+    # kv_dtype = FP8: stored e4m3 (clamped, never NaN), read back widened; compressed keys from the stored values
+    from salaconvert.models.cache import FP8, FP8_MAX
+    layer = SparseAttentionCacheLayer()
+    layer.kv_dtype = FP8
+    k, v = torch.randn(1, 40, 2, 8) * 3, torch.randn(1, 40, 2, 8)
+    k[0, 5, 0, 0], v[0, 7, 1, 3] = 1000., -5000.  # beyond e4m3's ±448
+    keys, values = layer.append(k[:, :25], v[:, :25], 8, 4)
+    keys, values = layer.append(k[:, 25:], v[:, 25:], 8, 4)
+    rounded_k = k.clamp(-FP8_MAX, FP8_MAX).to(FP8).float()
+    rounded_v = v.clamp(-FP8_MAX, FP8_MAX).to(FP8).float()
+    assert layer.keys.dtype == FP8 and keys.dtype == torch.float32
+    assert torch.equal(keys, rounded_k) and torch.equal(values, rounded_v)
+    assert keys[0, 5, 0, 0] == FP8_MAX and values[0, 7, 1, 3] == -FP8_MAX
+    assert not torch.equal(keys, k), "e4m3 rounds"
+    assert torch.allclose(layer.compressed_keys(), compress_k(rounded_k, 8, 4), atol=1e-6)
+    assert layer.keys.element_size() == 1
+
+
+def test_make_hybrid_cache_takes_fp8_for_sparse_layers_only():
+    import pytest
+    from salaconvert.models.cache import FP8
+    config = SalaHybridConfig(vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                              num_key_value_heads=1, intermediate_size=32,
+                              layer_types=["sparse_attention", "linear_attention"])
+    cache = make_hybrid_cache(config, reserve=64, dtype=torch.bfloat16, kv_dtype=FP8)
+    sparse = cache.layers[0]
+    assert sparse.keys.dtype == FP8 and sparse.keys.shape[1] == 64 and sparse.kc.dtype == torch.float32
+    with pytest.raises(ValueError, match="kv_dtype"):
+        make_hybrid_cache(config, kv_dtype=torch.float16)

@@ -34,7 +34,7 @@ import torch
 from salaconvert.errors import InputError
 from salaconvert.eval.forward import DEFAULT_CHUNK, cache_nbytes, decode_step, prefill
 from salaconvert.eval.run import check_out_dir, default_device, default_dtype
-from salaconvert.models.cache import reserved_cache
+from salaconvert.models.cache import KV_DTYPES, reserved_cache
 from salaconvert.models.graph_decode import GraphDecoder
 
 CUDA_GRAPHS_USED = ("used: decode replays a CUDA graph of the whole model's one-token step, captured once per "
@@ -51,6 +51,7 @@ class BenchSettings:
     repeats: int = 1  # runs per length; the last is reported (earlier ones absorb Triton compiles)
     seed: int = 0
     time_budget_s: float | None = None  # per model: lengths not started by then are skipped
+    kv_cache: str = "auto"  # a hybrid's sparse K/V storage: "auto" (the model's dtype) or "fp8" (models.cache)
 
     def validate(self) -> "BenchSettings":
         if not self.lengths or any(n < 1 for n in self.lengths):
@@ -59,6 +60,8 @@ class BenchSettings:
             raise InputError("--decode-tokens, --chunk and --repeats must be positive")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise InputError(f"--time-budget {self.time_budget_s}: must be positive")
+        if self.kv_cache not in KV_DTYPES:
+            raise InputError(f"--kv-cache {self.kv_cache}: choose one of {', '.join(KV_DTYPES)}")
         self.lengths = sorted(set(self.lengths))
         return self
 
@@ -92,7 +95,7 @@ def measure(model, length: int, settings: BenchSettings) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     graph = device.type == "cuda"
     try:
-        cache = _reserved_cache(model, length + settings.decode_tokens, graph)
+        cache = _reserved_cache(model, length + settings.decode_tokens, graph, KV_DTYPES[settings.kv_cache])
     except ValueError:  # a teacher whose layers cannot be reserved: eager decode on its own cache
         cache, graph = None, False
     _sync(device)
@@ -135,12 +138,14 @@ def measure(model, length: int, settings: BenchSettings) -> dict:
     return row
 
 
-def _reserved_cache(model, tokens: int, graph: bool = False):
-    """A cache with room for the whole run of `tokens`: a hybrid's always, a teacher's for graph
-    decode (raises ValueError where it cannot be reserved); None otherwise (the teacher makes its own)."""
-    if not graph and getattr(model.config, "model_type", None) != "sala_hybrid":
+def _reserved_cache(model, tokens: int, graph: bool = False, kv_dtype=None):
+    """A cache with room for the whole run of `tokens`: a hybrid's always (sparse K/V in kv_dtype),
+    a teacher's for graph decode (raises ValueError where it cannot be reserved); None otherwise
+    (the teacher makes its own)."""
+    hybrid = getattr(model.config, "model_type", None) == "sala_hybrid"
+    if not graph and not hybrid:
         return None
-    return reserved_cache(model, tokens)
+    return reserved_cache(model, tokens, kv_dtype if hybrid else None)
 
 
 def bench_model(model, settings: BenchSettings, step=lambda what: None) -> dict:

@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from salaconvert.cli.common import MODEL_HELP, DType, err, out, steps, user_errors
+from salaconvert.cli.common import KV_CACHE_HELP, MODEL_HELP, DType, KVCache, err, out, steps, user_errors
 from salaconvert.cli.eval import sidecar_teacher
 from salaconvert.errors import InputError
 
@@ -21,6 +21,7 @@ def bench(
     time_budget: Annotated[float | None, typer.Option(help="Seconds per model; lengths not started by then are skipped (shortest first).", show_default=False)] = None,
     dtype: Annotated[DType, typer.Option(help="Weight dtype (auto: bfloat16 on GPU, float32 on CPU).")] = DType.auto,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1... (default: cuda when available).", show_default=False)] = None,
+    kv_cache: Annotated[KVCache, typer.Option(help=KV_CACHE_HELP)] = KVCache.auto,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice); 1 is often fastest on a busy machine.", show_default=False)] = None,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Directory for bench.json, bench.md and bench.png.")] = Path("."),
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
@@ -44,7 +45,8 @@ def bench(
         from salaconvert.eval.run import default_teacher
         from salaconvert.io.load import resolve_source
 
-        settings = BenchSettings(parse_lengths(lengths), decode_tokens, chunk, repeats, time_budget_s=time_budget).validate()
+        settings = BenchSettings(parse_lengths(lengths), decode_tokens, chunk, repeats, time_budget_s=time_budget,
+                                 kv_cache=kv_cache.value).validate()
         if teacher is None and not no_teacher:
             teacher = sidecar_teacher(model, default_teacher, resolve_source)
         with steps("bench") as step:

@@ -22,6 +22,16 @@ class DType(str, Enum):
     float16 = "float16"
 
 
+class KVCache(str, Enum):
+    """Storage of a hybrid's sparse-layer K/V (salaconvert.models.cache.KV_DTYPES)."""
+
+    auto = "auto"
+    fp8 = "fp8"
+
+
+KV_CACHE_HELP = ("A hybrid's sparse-layer K/V storage: auto (the model's dtype) or fp8 (e4m3, half the bytes; "
+                 "attention reads the rounded values).")
+
 MODEL_HELP = ("a local Hugging Face directory, a hub id in the local cache, a .gguf file, "
               "or the built-in 'smollm2-135m'")
 

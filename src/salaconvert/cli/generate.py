@@ -4,7 +4,7 @@ from typing import Annotated
 import typer
 from rich.panel import Panel
 
-from salaconvert.cli.common import MODEL_HELP, err, out, steps, user_errors
+from salaconvert.cli.common import KV_CACHE_HELP, MODEL_HELP, KVCache, err, out, steps, user_errors
 
 
 def generate(
@@ -16,9 +16,11 @@ def generate(
     chat: Annotated[bool, typer.Option(help="Wrap the prompt in the tokenizer's chat template.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1... (default: cuda when available).", show_default=False)] = None,
+    kv_cache: Annotated[KVCache, typer.Option(help=KV_CACHE_HELP + " Greedy decoding only.")] = KVCache.auto,
 ):
     """Continue PROMPT with a checkpoint (and optionally its teacher, side by side)."""
     from salaconvert.generate import generate_text, load_for_generation
+    from salaconvert.models.cache import KV_DTYPES
 
     runs = [("teacher", teacher), ("model", model)] if teacher else [("model", model)]
     with user_errors():
@@ -27,7 +29,8 @@ def generate(
                 step("loading")
                 m, tok = load_for_generation(spec, device=device)
                 step("generating")
-                result = generate_text(m, tok, prompt, max_new_tokens, temperature, chat, seed)
+                kv_dtype = KV_DTYPES[kv_cache.value] if label == "model" else None
+                result = generate_text(m, tok, prompt, max_new_tokens, temperature, chat, seed, kv_dtype=kv_dtype)
             rate = result["new_tokens"] / max(result["seconds"], 1e-9)
             if len(runs) == 1:
                 out.print(result["text"], highlight=False, markup=False)

@@ -9,6 +9,11 @@ long-context runs can reserve the whole length up front), plus the compressed ke
 InfLLM-V2's block selection reads, kept up to date as tokens arrive. With a reserve, full-attention
 layers (the teacher's, or a hybrid's) become `FullAttentionCacheLayer`: K/V allocated once.
 
+A sparse layer may store its K/V in fp8 (`kv_dtype=FP8`, e4m3 with no scale, as vLLM's default
+fp8 cache): half the bytes of bf16. Values are clamped to ±448 (e4m3's range) on the way in;
+every reader sees the stored values: the prefill gets them widened back to the model's dtype,
+the decode kernel widens the blocks it reads, and the compressed keys are means of them.
+
 Graph decode (salaconvert.models.graph_decode) sets `position` on the sparse and full-attention
 layers: a device tensor holding the new token's position. While it is set, a one-token step
 writes K/V there (no Python int is baked into a captured graph) and the host-side `length` is
@@ -28,10 +33,14 @@ def cache_argument(model) -> str:
 
 
 _GROWTH = 1.25  # capacity grows by a quarter: at most 25% spare memory, amortised O(1) appends
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+KV_DTYPES = {"auto": None, "fp8": FP8}  # the choices users name (generate --kv-cache, benchmarks)
 
 
 class SparseAttentionCacheLayer(CacheLayerMixin):
-    """K/V (and compressed keys) of one InfLLM-V2 layer. Shapes: k, v [B, capacity, Hkv, d]; kc [B, ·, Hkv, d] fp32."""
+    """K/V (and compressed keys) of one InfLLM-V2 layer. Shapes: k, v [B, capacity, Hkv, d] in
+    `kv_dtype` (None: the model's dtype; FP8); kc [B, ·, Hkv, d] fp32."""
 
     _layer_type = "sparse_attention"  # registers itself in transformers' layer-type mapping
     is_sliding = False
@@ -44,12 +53,14 @@ class SparseAttentionCacheLayer(CacheLayerMixin):
         self.kernel_size = self.stride = None
         self.kc = self.seqlens = None
         self.position = None  # graph decode: int64 [1] device tensor, the position of the token a step writes
+        self.kv_dtype = None  # storage dtype of K/V: None (the model's) or FP8
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, _, H, d = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = key_states.new_empty(B, 0, H, d)
-        self.values = value_states.new_empty(B, 0, H, d)
+        store = self.kv_dtype or key_states.dtype
+        self.keys = key_states.new_empty(B, 0, H, d, dtype=store)
+        self.values = value_states.new_empty(B, 0, H, d, dtype=store)
         self.kc = key_states.new_empty(B, 0, H, d, dtype=torch.float32)
         self.seqlens = torch.zeros(B, dtype=torch.int32, device=self.device)  # a tensor: decode kernels read it
         self.is_initialized = True
@@ -81,8 +92,8 @@ class SparseAttentionCacheLayer(CacheLayerMixin):
         start, end = self.length, self.length + k_BTHD.shape[1]
         if end > self.keys.shape[1]:
             self.reserve(max(end, int(self.keys.shape[1] * _GROWTH) + 64))
-        self.keys[:, start:end] = k_BTHD
-        self.values[:, start:end] = v_BTHD
+        self.keys[:, start:end] = self._stored(k_BTHD)
+        self.values[:, start:end] = self._stored(v_BTHD)
         n_old, n_new = self._windows(start), self._windows(end)
         if n_new > n_old:  # windows completed by these tokens
             first = n_old * stride
@@ -90,7 +101,16 @@ class SparseAttentionCacheLayer(CacheLayerMixin):
             self.kc[:, n_old:n_new] = compress_k(span, kernel_size, stride)
         self.length = end
         self.seqlens.fill_(end)
-        return self.keys[:, :end], self.values[:, :end]
+        k, v = self.keys[:, :end], self.values[:, :end]
+        if self.keys.dtype != self.dtype:  # fp8 storage: the prefill attends to the stored values, widened
+            k, v = k.to(self.dtype), v.to(self.dtype)
+        return k, v
+
+    def _stored(self, x: torch.Tensor) -> torch.Tensor:
+        """x as the buffers hold it: fp8 clamped to its range (a plain cast would turn |x| > 448 into NaN)."""
+        if self.keys.dtype == FP8:
+            return x.clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        return x
 
     def write_token(self, k_B1HD: torch.Tensor, v_B1HD: torch.Tensor) -> None:
         """Graph decode: one token's K/V at the device `position`; seqlens and compressed keys follow.
@@ -98,8 +118,11 @@ class SparseAttentionCacheLayer(CacheLayerMixin):
         The whole buffers stay the decode kernel's input (capacity-sized, so a captured step
         replays at any length); `length` is the decoder's to advance.
         """
-        self.keys.index_copy_(1, self.position, k_B1HD)
-        self.values.index_copy_(1, self.position, v_B1HD)
+        for buf, x in ((self.keys, k_B1HD), (self.values, v_B1HD)):
+            x = self._stored(x)
+            if buf.dtype == FP8:  # index_copy_ has no fp8 kernels: copy the bytes
+                buf, x = buf.view(torch.uint8), x.view(torch.uint8)
+            buf.index_copy_(1, self.position, x)
         self.seqlens.copy_(self.position + 1)
         update_compressed_cache(self.keys, self.kc, self.seqlens, kernel_size=self.kernel_size, stride=self.stride)
 
@@ -236,14 +259,21 @@ def make_teacher_cache(config, capacity: int) -> DynamicCache:
     return cache
 
 
-def make_hybrid_cache(config, reserve: int | None = None, batch_size: int = 1, dtype=None, device=None) -> DynamicCache:
+def make_hybrid_cache(config, reserve: int | None = None, batch_size: int = 1, dtype=None, device=None,
+                      kv_dtype: torch.dtype | None = None) -> DynamicCache:
     """A fresh cache with one layer per entry of `config.layer_types`.
 
     With `reserve`, the sparse layers allocate room for that many tokens now: a long prefill then
     never regrows them (no copies, no transient 2× of a layer's K/V) and holds no spare capacity;
     full-attention layers become `FullAttentionCacheLayer`s of that capacity (allocated at their first update).
+    `kv_dtype=FP8` stores the sparse layers' K/V in fp8 (module docstring).
     """
+    if kv_dtype not in (None, FP8):
+        raise ValueError(f"kv_dtype {kv_dtype}: sparse K/V are stored in the model's dtype (None) or {FP8}")
     cache = DynamicCache(config=config)
+    for layer in cache.layers:
+        if isinstance(layer, SparseAttentionCacheLayer):
+            layer.kv_dtype = kv_dtype
     if reserve:
         _reserve_full_attention(cache, config.layer_types, reserve)
         shape = (batch_size, 0, config.num_key_value_heads, config.head_dim)
@@ -256,11 +286,14 @@ def make_hybrid_cache(config, reserve: int | None = None, batch_size: int = 1, d
     return cache
 
 
-def reserved_cache(model, tokens: int) -> DynamicCache:
+def reserved_cache(model, tokens: int, kv_dtype: torch.dtype | None = None) -> DynamicCache:
     """A cache with room for `tokens` tokens that graph decode can drive: the hybrid's with its
     sparse (and any full) layers reserved, a teacher's of `FullAttentionCacheLayer`s. Raises
-    ValueError for a teacher whose layers cannot be reserved (sliding windows)."""
+    ValueError for a teacher whose layers cannot be reserved (sliding windows). kv_dtype: see
+    make_hybrid_cache (hybrids only)."""
     if getattr(model.config, "model_type", None) != "sala_hybrid":
+        if kv_dtype is not None:
+            raise ValueError("an fp8 K/V cache is for a hybrid's sparse layers; this model is not a hybrid")
         return make_teacher_cache(model.config, tokens)
     p = next(model.parameters())
-    return make_hybrid_cache(model.config, reserve=tokens, dtype=p.dtype, device=p.device)
+    return make_hybrid_cache(model.config, reserve=tokens, dtype=p.dtype, device=p.device, kv_dtype=kv_dtype)
