@@ -434,6 +434,22 @@ def test_gpu_varlen_and_decode_graph():
 
 
 @gpu
+def test_gpu_decode_fp8_cache():
+    # an fp8 K/V cache on the GPU (incremental compressed keys included) == decode on the widened caches
+    kw = dict(topk=16, local_blocks=4, dense_len=1500)
+    q, k, v = _qkv(1, 6000, 6000, 32, 8, 128, dtype=torch.bfloat16, device="cuda")
+    k8, v8 = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
+    kc = torch.zeros(1, (6000 - 32) // 16 + 1, 8, 128, device="cuda")
+    for L in range(1, 6001):
+        update_compressed_cache(k8, kc, torch.tensor([L], dtype=torch.int32, device="cuda"))
+    assert_close(kc, compress_k(k8, 32, 16), rtol=1e-6, what="compressed keys of an fp8 cache")
+    lens = torch.tensor([5999], dtype=torch.int32, device="cuda")
+    o = triton_infllmv2_decode(q[:, 5998:5999], k8, v8, lens, kc, **kw)
+    ref = triton_infllmv2_decode(q[:, 5998:5999], k8.to(k.dtype), v8.to(k.dtype), lens, kc, **kw)
+    assert_close(o, ref, rtol=1e-3, what="fp8-cache decode")
+
+
+@gpu
 def test_gpu_64bit_offsets():
     # q holds more than 2^31 elements: the last rows must still be right
     T, Hq, Hkv, d = 540_000, 32, 2, 128
