@@ -70,7 +70,7 @@ def main() -> None:
     nll_fp8 = -fp8.gather(1, targets).double().mean().item()
     kl = torch.cat([(f.exp() * (f - g)).sum(-1) for f, g in zip(full.split(1024), fp8.split(1024))]).double()
     report = {
-        "what": __doc__.splitlines()[0].rstrip(":"),
+        "what": "a hybrid with its sparse K/V cached in fp8 (e4m3) vs in its own dtype, same text, chunked prefill",
         "model": args.model, "data": [Path(d).name for d in args.data], "tokens": args.tokens, "skip": args.skip,
         "chunk": args.chunk, "device": args.device, "dtype": dtype, "dense_len": model.config.sparse["dense_len"],
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
