@@ -76,8 +76,8 @@ def make_tiles(seqs: Seqs, BT: int, device) -> tuple[torch.Tensor, torch.Tensor]
     return torch.cat(ns).to(device), torch.cat(i0s).to(device)
 
 
-def compress_k_flat(k: torch.Tensor, seqs: Seqs, kernel_size: int, stride: int, dtype=None) -> torch.Tensor:
-    """Mean-pooled compressed keys of every sequence, flattened: [sum Tc, Hkv, d] in `dtype` (default k's).
+def compress_k_flat(k: torch.Tensor, seqs: Seqs, kernel_size: int, stride: int) -> torch.Tensor:
+    """Mean-pooled compressed keys of every sequence, flattened: [sum Tc, Hkv, d] in k's dtype.
 
     k is [Nk, Hkv, d] (flattened rows). The mean is taken in fp32 and rounded once.
     """
@@ -86,9 +86,9 @@ def compress_k_flat(k: torch.Tensor, seqs: Seqs, kernel_size: int, stride: int, 
         if tc == 0:
             continue
         seg = k[ks:ks + tk]
-        out.append(seg.unfold(0, kernel_size, stride)[:tc].float().mean(-1).to(dtype or k.dtype))
+        out.append(seg.unfold(0, kernel_size, stride)[:tc].float().mean(-1).to(k.dtype))
     if not out:
-        return k.new_zeros(0, k.shape[1], k.shape[2], dtype=dtype or k.dtype)
+        return k.new_zeros(0, k.shape[1], k.shape[2])
     return torch.cat(out, 0).contiguous()
 
 

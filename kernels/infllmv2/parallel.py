@@ -43,8 +43,8 @@ def _attend_fwd(b_q, b_m, b_l, b_acc, k, v, i_h, ks, Tk, blk, pos, rowsel, strid
     p_k = k + (ks + o_k).to(tl.int64)[:, None] * stride_kt + i_h * D + o_d[None, :]
     p_v = v + (ks + o_k).to(tl.int64)[:, None] * stride_kt + i_h * D + o_d[None, :]
     m_k = ((o_k >= 0) & (o_k < Tk))[:, None]  # blk = -1 (padding) loads nothing
-    b_k = tl.load(p_k, mask=m_k, other=0.).to(b_q.dtype)  # K/V from an fp8 cache widen here
-    b_v = tl.load(p_v, mask=m_k, other=0.).to(b_q.dtype)
+    b_k = tl.load(p_k, mask=m_k, other=0.)
+    b_v = tl.load(p_v, mask=m_k, other=0.)
     b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
     ok = rowsel[:, None] & (o_k[None, :] <= pos[:, None])
     b_s = tl.where(ok, b_s, float("-inf"))
@@ -237,7 +237,7 @@ def _dkv_kernel(q, k, v, do, dk, dv, lse, delta, tok_list, seg_h, seg_n, seg_b, 
 ATTN_ROWS = 64
 ATTN_TOKENS: int | None = None
 ATTN_WARPS = 4  # num_warps of the forward and dq launches
-ATTN_STAGES = 3  # num_stages of the forward and dq launches (Triton's default; run 11: 2 and 4 slower)
+ATTN_STAGES = 3  # num_stages of the forward and dq launches (Triton's default; pipelines the for loops only: dense and 1-token paths)
 
 
 def _tile_tokens(G: int, Tq_max: int, tokens: int | None) -> tuple[int, int]:
@@ -404,12 +404,12 @@ def _prepare(q, k, cu_seqlens, cfg):
 
 
 def _select_flat(qf, kf, seqs, cfg, scale):
-    kc = compress_k_flat(kf, seqs, cfg["kernel_size"], cfg["stride"], qf.dtype)  # fp8 keys: means rounded once, to q's
+    kc = compress_k_flat(kf, seqs, cfg["kernel_size"], cfg["stride"])
     kn = seqs_n = None
     if cfg["coarse_norm"]:
         seqs_n = with_windows(seqs, *coarse_pool(cfg))
-        kn = compress_k_flat(kf, seqs_n, *coarse_pool(cfg), qf.dtype)
-    return select_blocks(qf, kc, seqs, block_size=cfg["block_size"], topk=cfg["topk"],
+        kn = compress_k_flat(kf, seqs_n, *coarse_pool(cfg)).to(qf.dtype)
+    return select_blocks(qf, kc.to(qf.dtype), seqs, block_size=cfg["block_size"], topk=cfg["topk"],
                          init_blocks=cfg["init_blocks"], local_blocks=cfg["local_blocks"],
                          kernel_size=cfg["kernel_size"], stride=cfg["stride"], scale=scale, kn=kn, seqs_n=seqs_n)
 
@@ -437,8 +437,7 @@ def parallel_infllmv2_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     """Triton InfLLM-V2 attention. q [B, Tq, Hq, d], k/v [B, Tk, Hkv, d] -> o [B, Tq, Hq, d].
 
     Same math and keywords as naive_infllmv2_attn; differentiable in q, k, v. `block_indices`
-    ([B, Tq, Hkv, K] from infllmv2_select) skips stage 1 when given. k/v may be float8_e4m3fn
-    (an fp8 K/V cache, inference): the kernels widen each block they read to q's dtype.
+    ([B, Tq, Hkv, K] from infllmv2_select) skips stage 1 when given.
     """
     cfg = _cfg(block_size, topk, init_blocks, local_blocks, kernel_size, stride, dense_len, coarse_norm)
     seqs = _prepare(q, k, cu_seqlens, cfg)

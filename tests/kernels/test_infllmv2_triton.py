@@ -334,17 +334,6 @@ def test_decode_equals_last_row_of_prefill(G, dense_len, coarse, monkeypatch):
             assert not torch.equal(*sel), f"b={b}: the coarse normaliser must matter at this row"
 
 
-def test_prefill_reads_fp8_keys_and_values():
-    # K/V from an fp8 cache: the forward widens what it reads (and rounds compressed keys to q's
-    # dtype once), so it equals the forward on the widened K/V, sparse and below dense_len
-    q, k, v = _qkv(1, 90, 90, 6, 2, 16, seed=31)
-    k8, v8 = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
-    for dense_len in (0, 100):
-        kw = dict(topk=3, dense_len=dense_len, **SMALL)
-        assert_close(parallel_infllmv2_attn(q, k8, v8, **kw), parallel_infllmv2_attn(q, k8.float(), v8.float(), **kw),
-                     rtol=RTOL_FP32, what=f"fp8 K/V forward, dense_len {dense_len}")
-
-
 def test_decode_reads_fp8_caches():
     # an fp8 K/V cache: the kernel widens what it reads, so it equals the reference on the widened caches
     B, Tmax, G, Hkv = 2, 120, 3, 2

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from salaconvert.kernels.dispatch import use_triton
 from salaconvert.kernels.infllmv2 import infllmv2_attn, infllmv2_decode
 from salaconvert.layers.common import RMSNorm, apply_rope, causal_attention
 
@@ -57,8 +56,6 @@ class SparseAttention(nn.Module):
             return self._output(o, x_BTD), None
         if layer is not None:
             k, v = layer.append(k, v, kw["kernel_size"], kw["stride"])  # all cached K/V, [B, S, Hkv, d]
-            if k.dtype != q.dtype and (k.shape[1] <= kw["dense_len"] or not use_triton(q)):
-                k, v = k.to(q.dtype), v.to(q.dtype)  # an fp8 cache: only the Triton sparse kernels read fp8
 
         if isinstance(attention_mask, torch.Tensor) and k.shape[1] <= kw["dense_len"]:
             o = _masked_dense(q, k, v, attention_mask)  # padded batch: honour the padding mask

@@ -11,9 +11,8 @@ layers (the teacher's, or a hybrid's) become `FullAttentionCacheLayer`: K/V allo
 
 A sparse layer may store its K/V in fp8 (`kv_dtype=FP8`, e4m3 with no scale, as vLLM's default
 fp8 cache): half the bytes of bf16. Values are clamped to ±448 (e4m3's range) on the way in;
-every reader sees the stored values: the Triton prefill and decode kernels widen the blocks they
-read, other attention paths widen the whole views (layers.sparse), and the compressed keys are
-means of them.
+every reader sees the stored values: the prefill gets them widened back to the model's dtype,
+the decode kernel widens the blocks it reads, and the compressed keys are means of them.
 
 Graph decode (salaconvert.models.graph_decode) sets `position` on the sparse and full-attention
 layers: a device tensor holding the new token's position. While it is set, a one-token step
@@ -86,7 +85,7 @@ class SparseAttentionCacheLayer(CacheLayerMixin):
         self.kc = kc
 
     def append(self, k_BTHD: torch.Tensor, v_BTHD: torch.Tensor, kernel_size: int, stride: int):
-        """Add T tokens; returns views of all cached K and V, [B, length, Hkv, d], as stored (fp8 in an fp8 cache)."""
+        """Add T tokens; returns views of all cached K and V, [B, length, Hkv, d]."""
         if not self.is_initialized:
             self.lazy_initialization(k_BTHD, v_BTHD)
         self.kernel_size, self.stride = kernel_size, stride
@@ -102,7 +101,10 @@ class SparseAttentionCacheLayer(CacheLayerMixin):
             self.kc[:, n_old:n_new] = compress_k(span, kernel_size, stride)
         self.length = end
         self.seqlens.fill_(end)
-        return self.keys[:, :end], self.values[:, :end]
+        k, v = self.keys[:, :end], self.values[:, :end]
+        if self.keys.dtype != self.dtype:  # fp8 storage: the prefill attends to the stored values, widened
+            k, v = k.to(self.dtype), v.to(self.dtype)
+        return k, v
 
     def _stored(self, x: torch.Tensor) -> torch.Tensor:
         """x as the buffers hold it: fp8 clamped to its range (a plain cast would turn |x| > 448 into NaN)."""
