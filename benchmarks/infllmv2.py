@@ -504,6 +504,11 @@ def fwd_bwd_rows(lengths):
             # where a training step's time goes: selection, forward, dq, the dk/dv CSR build, dk/dv
             rec(what="ours_96_fwdbwd_kernels", us_per_call=kernel_split(ours_fn(q, k, v, OURS96, backward=True), 3),
                 **meta)
+        if T == lengths[0]:  # the dq launch's warps × stages
+            from salaconvert.kernels.infllmv2 import parallel as par
+            for warps, stages in ((4, 2), (8, 2), (8, 3)):
+                with knobs(par, DQ_WARPS=warps, DQ_STAGES=stages):
+                    safe(f"ours_96_dq_warps{warps}_stages{stages}", ours_fn(q, k, v, OURS96, backward=True), **meta)
         safe("ours_16", ours_fn(q, k, v, OURS16, backward=True), **meta)
         safe("fla_nsa_16", nsa_fn(q, k, v, backward=True), **meta)
         if sd and ours:
@@ -621,7 +626,7 @@ def knob_values() -> dict:
     from salaconvert.kernels.infllmv2 import select as sel
     return {f"{m.__name__.rsplit('.', 1)[1]}.{n}": getattr(m, n) for m, names in (
         (sel, ("FUSED_TOPK", "SELECT_BC", "SELECT_ROWS", "SELECT_WARPS", "SELECT_STAGES", "SELECT_KEYS", "FP32_TOPK")),
-        (par, ("ATTN_ROWS", "ATTN_TOKENS", "ATTN_WARPS", "ATTN_STAGES")), (dec, ("DECODE_CH", "DECODE_SPP", "DECODE_TOPK_CHUNK"))) for n in names}
+        (par, ("ATTN_ROWS", "ATTN_TOKENS", "ATTN_WARPS", "ATTN_STAGES", "DQ_WARPS", "DQ_STAGES")), (dec, ("DECODE_CH", "DECODE_SPP", "DECODE_TOPK_CHUNK"))) for n in names}
 
 
 def main():

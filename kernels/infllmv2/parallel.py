@@ -236,8 +236,9 @@ def _dkv_kernel(q, k, v, do, dk, dv, lse, delta, tok_list, seg_h, seg_n, seg_b, 
 # (when set) fixes the tokens instead. 1 token takes the plain slot loop (kept, tested, slower).
 ATTN_ROWS = 64
 ATTN_TOKENS: int | None = None
-ATTN_WARPS = 4  # num_warps of the forward and dq launches
-ATTN_STAGES = 3  # num_stages of the forward and dq launches (Triton's default; pipelines the for loops only: dense and 1-token paths)
+ATTN_WARPS = 4  # num_warps of the forward launch
+ATTN_STAGES = 3  # num_stages of the forward launch (Triton's default; run 11: 2 and 4 slower)
+DQ_WARPS, DQ_STAGES = 4, 3  # of the dq launch, which holds q, dO and the dq accumulator per row
 
 
 def _tile_tokens(G: int, Tq_max: int, tokens: int | None) -> tuple[int, int]:
@@ -367,7 +368,7 @@ class InfLLMv2Function(torch.autograd.Function):
             q, k, v, do, dq, lse, delta, idx, tile_n, tile_i, seqs.q_start, seqs.k_start, seqs.Tq, seqs.Tk,
             *union, union[0].shape[-1], scale, scale * LOG2E, cfg["dense_len"], q.stride(0), k.stride(0),
             idx.stride(0), Hq, G=G, GP=GP, BT=BT, D=D, BS=cfg["block_size"], K=idx.shape[2],
-            num_warps=ATTN_WARPS, num_stages=ATTN_STAGES)
+            num_warps=DQ_WARPS, num_stages=DQ_STAGES)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         tok_list, sh, sn, sb, slo, shi = _dkv_segments(idx, seqs, Hkv, cfg["block_size"], cfg["dense_len"], seg=256)
