@@ -506,7 +506,7 @@ def fwd_bwd_rows(lengths):
                 **meta)
         if T == lengths[0]:  # the dq launch's warps × stages
             from salaconvert.kernels.infllmv2 import parallel as par
-            for warps, stages in ((4, 2), (8, 2), (8, 3)):
+            for warps, stages in ((4, 3), (8, 2), (8, 3)):
                 with knobs(par, DQ_WARPS=warps, DQ_STAGES=stages):
                     safe(f"ours_96_dq_warps{warps}_stages{stages}", ours_fn(q, k, v, OURS96, backward=True), **meta)
         safe("ours_16", ours_fn(q, k, v, OURS16, backward=True), **meta)
