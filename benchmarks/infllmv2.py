@@ -16,7 +16,8 @@ decode splits), the selection agreement of the coarse normaliser with the exact 
 time split between stages. Past --deadline seconds every further row is recorded as skipped, so
 the JSON is always written. --smoke shrinks every shape (CPU interpreter check of the script).
 Section 'real' (--only real) times stage 2 on block lists chosen by SmolLM2-135M on real text
-next to the random inputs' lists (real_rows; --real-model, --real-data).
+next to the random inputs' lists (real_rows; --real-model, --real-data); 'select_tiles' and
+'attn_tiles' sweep the scoring and attention tiles (rows × warps × stages) at 128K (and 256K).
 """
 from __future__ import annotations
 
@@ -202,7 +203,8 @@ def forward_rows(lengths, hkv=HKV, with_nsa=True, with_16=True):
             NB, K = T // 64, min(OURS96["topk"], T // 64)
             scores = torch.rand(T, hkv, NB, device=DEV)
             out = torch.full((T, hkv, OURS96["topk"]), -1, dtype=torch.int32, device=DEV)
-            safe("ours_96_select_topk_part_radix", lambda: selmod.radix_topk(scores.view(-1, NB), out.view(-1, out.shape[-1]), K), **meta)
+            safe("ours_96_select_topk_part_radix",
+                 lambda: selmod.radix_topk(scores.view(-1, NB), out.view(-1, out.shape[-1]), K), **meta)
             safe("ours_96_select_topk_part_torch", lambda: selmod.scores_to_blocks(scores, K), **meta)
             del scores, out
             with knobs(selmod, FP32_TOPK="torch"):
@@ -626,7 +628,8 @@ def knob_values() -> dict:
     from salaconvert.kernels.infllmv2 import select as sel
     return {f"{m.__name__.rsplit('.', 1)[1]}.{n}": getattr(m, n) for m, names in (
         (sel, ("FUSED_TOPK", "SELECT_BC", "SELECT_ROWS", "SELECT_WARPS", "SELECT_STAGES", "SELECT_KEYS", "FP32_TOPK")),
-        (par, ("ATTN_ROWS", "ATTN_TOKENS", "ATTN_WARPS", "ATTN_STAGES", "DQ_WARPS", "DQ_STAGES")), (dec, ("DECODE_CH", "DECODE_SPP", "DECODE_TOPK_CHUNK"))) for n in names}
+        (par, ("ATTN_ROWS", "ATTN_TOKENS", "ATTN_WARPS", "ATTN_STAGES", "DQ_WARPS", "DQ_STAGES")),
+        (dec, ("DECODE_CH", "DECODE_SPP", "DECODE_TOPK_CHUNK"))) for n in names}
 
 
 def main():
@@ -640,7 +643,8 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1): a script check")
     ap.add_argument("--real-model", default="/tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf",
                     help="section 'real': the model whose selections stage 2 is timed on (name, directory or GGUF)")
-    ap.add_argument("--real-data", nargs="+", default=[f"/tmp/corpus/{n}.jsonl" for n in ("austen", "python-docs", "linux-docs")],
+    ap.add_argument("--real-data", nargs="+",
+                    default=[f"/tmp/corpus/{n}.jsonl" for n in ("austen", "python-docs", "linux-docs")],
                     help="section 'real': text files read in order until the longest length is reached")
     args = ap.parse_args()
     global BUDGET_S, DEADLINE

@@ -238,7 +238,8 @@ ATTN_ROWS = 64
 ATTN_TOKENS: int | None = None
 ATTN_WARPS = 4  # num_warps of the forward launch
 ATTN_STAGES = 3  # num_stages of the forward launch (Triton's default; run 11: 2 and 4 slower)
-DQ_WARPS, DQ_STAGES = 4, 2  # of the dq launch (q, dO, dq per row); run 12, 32K fwd+bwd: 68.3 ms vs 77.4 with 3 stages, 8 warps 88.6
+# the dq launch (q, dO and dq per row). Run 12, 32K fwd+bwd: 68.3 ms vs 77.4 with 3 stages; 8 warps 88.6
+DQ_WARPS, DQ_STAGES = 4, 2
 
 
 def _tile_tokens(G: int, Tq_max: int, tokens: int | None) -> tuple[int, int]:
