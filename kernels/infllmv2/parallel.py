@@ -250,11 +250,26 @@ def _tile_tokens(G: int, Tq_max: int, tokens: int | None) -> tuple[int, int]:
     return GP, BT
 
 
-def tile_unions(idx: torch.Tensor, seqs: Seqs, tile_n: torch.Tensor, tile_i: torch.Tensor, BT: int):
+def tile_unions(idx: torch.Tensor, seqs: Seqs, tile_n: torch.Tensor, tile_i: torch.Tensor, BT: int,
+                chunk_entries: int = 1 << 25):
     """The block lists of each (query tile, KV head) merged: (blocks int32 [M·Hkv, U] ascending, −1
     after the last; token masks int32 [M·Hkv, U], bit t set when the tile's token t picked the
-    block; lengths int32 [M·Hkv]), U = BT·K. Rows are tile-major, as the kernels' grid."""
-    Nq, Hkv, K = idx.shape
+    block; lengths int32 [M·Hkv]), U = BT·K. Rows are tile-major, as the kernels' grid. Tiles are
+    merged in groups of at most `chunk_entries` list entries, which bounds the sort's scratch memory."""
+    _, Hkv, K = idx.shape
+    M, U = tile_n.numel(), BT * K
+    u_blk = torch.empty(M * Hkv, U, dtype=torch.int32, device=idx.device)
+    u_bits = torch.empty_like(u_blk)
+    u_len = torch.empty(M * Hkv, dtype=torch.int32, device=idx.device)
+    step = max(1, chunk_entries // (Hkv * U))
+    for m0 in range(0, M, step):
+        rows = slice(m0 * Hkv, min(M, m0 + step) * Hkv)
+        u_blk[rows], u_bits[rows], u_len[rows] = _merge_lists(idx, seqs, tile_n[m0:m0 + step], tile_i[m0:m0 + step], BT)
+    return u_blk, u_bits, u_len
+
+
+def _merge_lists(idx, seqs, tile_n, tile_i, BT):
+    _, Hkv, K = idx.shape
     t = torch.arange(BT, device=idx.device, dtype=torch.int32)
     tok = tile_i[:, None] + t[None, :]  # [M, BT] local query index
     valid = tok < seqs.Tq.to(idx.device)[tile_n.long()][:, None]

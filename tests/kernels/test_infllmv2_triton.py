@@ -222,6 +222,8 @@ def test_tile_unions_lists_every_block_once_with_its_tokens(spread):
             idx[r, h, :n] = torch.sort(torch.randperm(spread, generator=g)[:n]).values
     tile_n, tile_i = layout.make_tiles(seqs, BT, "cpu")
     blocks, bits, lengths = parallel_mod.tile_unions(idx, seqs, tile_n, tile_i, BT)
+    in_groups = parallel_mod.tile_unions(idx, seqs, tile_n, tile_i, BT, chunk_entries=3 * Hkv * BT * K)  # 4 groups
+    assert all(torch.equal(a, b) for a, b in zip((blocks, bits, lengths), in_groups))
     full = 0
     for m in range(tile_n.numel()):
         for h in range(Hkv):
