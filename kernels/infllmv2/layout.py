@@ -98,8 +98,9 @@ def empty(shape, dtype, device) -> torch.Tensor:
 
 
 def tile_rows() -> int:
-    """Rows (tokens × padded group heads) per query tile: 64, one wgmma-sized tile. The interpreter
-    uses the same value, so CI exercises the tile shapes the GPU runs."""
+    """Rows (tokens × padded group heads) per dk/dv tile: 64, one wgmma-sized tile. The interpreter
+    uses the same value, so CI exercises the tile shapes the GPU runs. (The forward/dq and the
+    selection tiles have their own knobs: parallel.ATTN_ROWS, select.SELECT_ROWS.)"""
     return 64
 
 

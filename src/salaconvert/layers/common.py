@@ -33,7 +33,6 @@ def apply_rope(x_BTHD: torch.Tensor, cos_BTD: torch.Tensor, sin_BTD: torch.Tenso
     return (x_BTHD * cos + rotate_half(x_BTHD) * sin).to(x_BTHD.dtype)
 
 
-
 def causal_attention(q_BHTD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, scale: float | None = None):
     """Softmax attention of T queries that end a sequence of S ≥ T keys, causal aligned to the last
     key (query i is token S − T + i), any group size Hq/Hkv: [B, Hq, T, d].

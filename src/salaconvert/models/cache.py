@@ -26,6 +26,7 @@ from transformers.cache_utils import CacheLayerMixin, DynamicCache, DynamicLayer
 
 from salaconvert.kernels.infllmv2 import compress_k, update_compressed_cache
 
+
 def cache_argument(model) -> str:
     """The keyword a model's forward takes its cache by: `cache` from transformers 5.24 on, where
     `past_key_values` is deprecated (to go in 5.40), and `past_key_values` before."""

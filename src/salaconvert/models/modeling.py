@@ -5,7 +5,6 @@ the teacher's base model rebuilt from the nested teacher config, and every layer
 is not "full_attention" gets a `LightningAttention` or `SparseAttention` in place of its
 attention. Parameter names stay the teacher's, so conversion can reuse the teacher's tensors.
 """
-
 import torch
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
