@@ -37,10 +37,12 @@ def causal_attention(q_BHTD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.T
     """Softmax attention of T queries that end a sequence of S ≥ T keys, causal aligned to the last
     key (query i is token S − T + i), any group size Hq/Hkv: [B, Hq, T, d].
 
-    T == S is SDPA's own causal flash path. For a chunk after cached keys, `causal_lower_right`
-    says the mask without a tensor, so SDPA still runs flash attention on the GPU (its flash entry
-    for a CausalBias takes equal head counts: K/V are repeated per group); the CPU has no such
-    kernel and gets the (small, test-sized) boolean mask.
+    T == S is SDPA's own causal call (its dispatch takes cuDNN on Hopper). A chunk after cached
+    keys on a GPU with cuDNN attention (sm90+, where it is SDPA's fastest backend) is two cuDNN
+    calls merged by their log-sum-exps: all cached keys unmasked, the chunk's own keys causal.
+    Elsewhere `causal_lower_right` says the mask without a tensor and SDPA runs flash attention
+    on it (equal head counts: K/V are repeated per group); the CPU has no such kernel and gets
+    the (small, test-sized) boolean mask.
     """
     T, S = q_BHTD.shape[2], k_BHSD.shape[2]
     group = q_BHTD.shape[1] // k_BHSD.shape[1]
@@ -48,6 +50,24 @@ def causal_attention(q_BHTD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.T
         return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, is_causal=True, scale=scale, enable_gqa=group > 1)
     if group > 1:
         k_BHSD, v_BHSD = k_BHSD.repeat_interleave(group, dim=1), v_BHSD.repeat_interleave(group, dim=1)
+    if _cudnn_attention(q_BHTD):
+        return _prefix_plus_chunk(q_BHTD, k_BHSD, v_BHSD, scale)
     mask = (causal_lower_right(T, S) if q_BHTD.is_cuda
             else torch.ones(T, S, dtype=torch.bool, device=q_BHTD.device).tril(S - T))
     return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=mask, scale=scale)
+
+
+def _cudnn_attention(x: torch.Tensor) -> bool:
+    return (x.is_cuda and torch.backends.cuda.cudnn_sdp_enabled()
+            and torch.cuda.get_device_capability(x.device) >= (9, 0))
+
+
+def _prefix_plus_chunk(q_BHTD, k_BHSD, v_BHSD, scale):
+    """The chunk case of `causal_attention` on cuDNN (equal head counts): softmax over the cached
+    keys and over the chunk's own keys separately, then combined with weights exp(lse_i − lse)."""
+    P = k_BHSD.shape[2] - q_BHTD.shape[2]
+    parts = [torch.ops.aten._scaled_dot_product_cudnn_attention(q_BHTD, k, v, None, True, 0.0, causal, False, scale=scale)[:2]
+             for k, v, causal in ((k_BHSD[:, :, :P], v_BHSD[:, :, :P], False), (k_BHSD[:, :, P:], v_BHSD[:, :, P:], True))]
+    (o1, lse1), (o2, lse2) = ((o.float(), lse.float().reshape(*q_BHTD.shape[:3], 1)) for o, lse in parts)
+    lse = torch.logaddexp(lse1, lse2)
+    return (o1 * (lse1 - lse).exp() + o2 * (lse2 - lse).exp()).to(q_BHTD.dtype)
