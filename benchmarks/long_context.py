@@ -12,6 +12,7 @@ one-token step (salaconvert.models.graph_decode) on a cache reserved for the who
 ms/token is GPU time, not Python and launch overhead.
 
     python benchmarks/long_context.py --out $OUT [--lengths 32768,131072,262144,524288,1048576]
+        [--profile N] [--kernel-profile N]   # where one prefill's time goes: by module kind / by GPU kernel
 Writes long_context-<card>.json and long_context-<card>.png under --out; prints a table last.
 """
 import argparse
@@ -106,6 +107,23 @@ def profile_prefill(model, length: int, chunk: int) -> dict:
     return {"length": length, "chunk": chunk, "total_s": total, "seconds": split}
 
 
+def kernel_profile(model, length: int, chunk: int, top: int = 30) -> dict:
+    """GPU milliseconds of the `top` costliest kernels over one chunked prefill (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from salaconvert.bench.run import _reserved_cache
+    from salaconvert.eval.forward import prefill
+
+    ids = torch.randint(0, model.config.vocab_size, (length,))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        prefill(model, ids, chunk, cache=_reserved_cache(model, length))
+        torch.cuda.synchronize()
+    costly = sorted((e for e in prof.key_averages() if e.device_time_total > 0), key=lambda e: -e.device_time_total)
+    empty_cache()
+    return {"length": length, "chunk": chunk, "total_gpu_ms": round(sum(e.device_time_total for e in costly) / 1e3, 1),
+            "top_ms": {e.key[:90]: [round(e.device_time_total / 1e3, 1), e.count] for e in costly[:top]}}
+
+
 def run(model, length: int, chunk: int, decode: int, kv_cache: str = "auto") -> dict:
     try:
         row = measure(model, length, BenchSettings([length], decode, chunk, kv_cache=kv_cache))
@@ -127,6 +145,8 @@ def main():
                     help="record longer lengths as not run for the teacher (an earlier run's out-of-memory)")
     ap.add_argument("--profile", type=int, default=None,
                     help="also split one chunked prefill of this many tokens by module kind, teacher and hybrid")
+    ap.add_argument("--kernel-profile", type=int, default=None,
+                    help="also list the costliest GPU kernels of one hybrid prefill of this many tokens")
     ap.add_argument("--kv-cache", choices=("auto", "fp8"), default="auto",
                     help="the hybrid's sparse K/V storage (fp8: half the bytes; results get a -kvfp8 suffix)")
     ap.add_argument("--smoke", action="store_true", help="a small model on the CPU at the given (short) lengths")
@@ -159,6 +179,10 @@ def main():
         profile = {"teacher": profile_prefill(teacher, args.profile, args.teacher_chunk),
                    "hybrid": profile_prefill(hybrid, args.profile, args.chunk)}
         print(json.dumps(profile), flush=True)
+    kernels = None
+    if args.kernel_profile and not args.smoke:
+        kernels = kernel_profile(hybrid, args.kernel_profile, args.chunk)
+        print(json.dumps(kernels), flush=True)
     card_name = "cpu-smoke" if args.smoke else torch.cuda.get_device_name()
     card = card_name.replace(" ", "-") + ("-kvfp8" if args.kv_cache == "fp8" else "")
     report = {
@@ -168,6 +192,7 @@ def main():
                      "python": platform.python_version()},
         "layer_types": hybrid.config.layer_types, "decode_tokens": args.decode, "kv_cache": args.kv_cache,
         "cache_bytes_per_token": hybrid.config.cache_bytes_per_token(2), "rows": rows, "profile": profile,
+        "hybrid_kernels": kernels,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"long_context-{card}.json").write_text(json.dumps(report, indent=2) + "\n")
