@@ -9,7 +9,8 @@ Ours at the SPEC budget (96 blocks: init 1 + local 32 + 63 chosen) and at NSA's 
 top-16 selection (gates on, no sliding window), as in ../shared/anchors. SDPA is torch's own
 backend choice (cuDNN on an H100: 1.8x faster than its flash backend there, results/sdpa_backends-*)
 over K/V expanded to 32 heads, the anchors' call; the meta row names the backend taken. Times are
-medians of CUDA-event timed calls after a warm-up call. Writes DIR/infllmv2-<card>.json and prints one JSON line per number.
+medians of CUDA-event timed calls after a warm-up call. Writes DIR/infllmv2-<card>.json and prints
+one JSON line per number.
 
 --sweep adds, at 128K for group 16 (Hkv = 2) and group 4 (Hkv = 8), every knob variant of
 kernels/infllmv2 (selection keys / BC / warps / coarse normaliser, attention tile tokens × warps,
@@ -668,7 +669,8 @@ def main():
         fla_v = fla.__version__
     except Exception:
         fla_v = None
-    meta = dict(card=name, torch=torch.__version__, triton=triton.__version__, fla=fla_v, sdpa_backend=sdpa_choice(),
+    meta = dict(card=name, torch=torch.__version__, triton=triton.__version__, fla=fla_v,
+                sdpa_backend=sdpa_choice(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 shapes=dict(B=1, Hq=H, Hkv=HKV, d=D, dtype=str(DT), block=64, ours96=OURS96, ours16=OURS16),
                 knobs=knob_values(), argv=sys.argv[1:])

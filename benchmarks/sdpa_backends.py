@@ -16,12 +16,12 @@ import statistics
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from salaconvert.layers.common import causal_attention
 
+sdpa = torch.nn.functional.scaled_dot_product_attention
 BACKENDS = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
 
@@ -58,22 +58,22 @@ def cases():
     dev, dt, H, D = "cuda", torch.bfloat16, 32, 128
     for T in (32768, 131072):
         q, k, v = (torch.randn(1, H, T, D, device=dev, dtype=dt) for _ in range(3))
-        yield f"fwd_causal_{T // 1024}K", (lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True)), 3
+        yield f"fwd_causal_{T // 1024}K", (lambda q=q, k=k, v=v: sdpa(q, k, v, is_causal=True)), 3
     T = 32768
     q, k, v = (torch.randn(1, H, T, D, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
     def fwd_bwd():
-        F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(torch.ones_like(q))
+        sdpa(q, k, v, is_causal=True).backward(torch.ones_like(q))
     yield "fwdbwd_causal_32K", fwd_bwd, 3
     q = torch.randn(1, H, T, D, device=dev, dtype=dt)
     k8, v8 = (torch.randn(1, 8, T, D, device=dev, dtype=dt) for _ in range(2))
-    yield "fwd_causal_32K_gqa8_enable_gqa", (lambda: F.scaled_dot_product_attention(q, k8, v8, is_causal=True, enable_gqa=True)), 3
-    yield "fwd_causal_32K_gqa8_expanded", (lambda: F.scaled_dot_product_attention(
-        q, k8.repeat_interleave(4, 1), v8.repeat_interleave(4, 1), is_causal=True)), 3
+    yield "fwd_causal_32K_gqa8_enable_gqa", (lambda: sdpa(q, k8, v8, is_causal=True, enable_gqa=True)), 3
+    yield "fwd_causal_32K_gqa8_expanded", (lambda: sdpa(q, k8.repeat_interleave(4, 1), v8.repeat_interleave(4, 1),
+                                                        is_causal=True)), 3
     T, S = 16384, 262144
     qc = torch.randn(1, H, T, D, device=dev, dtype=dt)
     kc, vc = (torch.randn(1, H, S, D, device=dev, dtype=dt) for _ in range(2))
-    yield "chunk_16K_of_256K_lower_right", (lambda: F.scaled_dot_product_attention(qc, kc, vc, attn_mask=causal_lower_right(T, S))), 3
-    yield "chunk_16K_x_240K_prefix_nomask", (lambda: F.scaled_dot_product_attention(qc, kc[:, :, :S - T], vc[:, :, :S - T])), 3
+    yield "chunk_16K_of_256K_lower_right", (lambda: sdpa(qc, kc, vc, attn_mask=causal_lower_right(T, S))), 3
+    yield "chunk_16K_x_240K_prefix_nomask", (lambda: sdpa(qc, kc[:, :, :S - T], vc[:, :, :S - T])), 3
     k8, v8 = kc[:, ::4].contiguous(), vc[:, ::4].contiguous()
     yield "chunk_16K_of_256K_gqa8_salaconvert", (lambda: causal_attention(qc, k8, v8)), 3
 

@@ -66,8 +66,10 @@ def _prefix_plus_chunk(q_BHTD, k_BHSD, v_BHSD, scale):
     """The chunk case of `causal_attention` on cuDNN (equal head counts): softmax over the cached
     keys and over the chunk's own keys separately, then combined with weights exp(lse_i − lse)."""
     P = k_BHSD.shape[2] - q_BHTD.shape[2]
-    parts = [torch.ops.aten._scaled_dot_product_cudnn_attention(q_BHTD, k, v, None, True, 0.0, causal, False, scale=scale)[:2]
-             for k, v, causal in ((k_BHSD[:, :, :P], v_BHSD[:, :, :P], False), (k_BHSD[:, :, P:], v_BHSD[:, :, P:], True))]
+    cudnn = torch.ops.aten._scaled_dot_product_cudnn_attention  # (output, logsumexp, ...)
+    parts = [cudnn(q_BHTD, k, v, None, True, 0.0, causal, False, scale=scale)[:2]
+             for k, v, causal in ((k_BHSD[:, :, :P], v_BHSD[:, :, :P], False),
+                                  (k_BHSD[:, :, P:], v_BHSD[:, :, P:], True))]
     (o1, lse1), (o2, lse2) = ((o.float(), lse.float().reshape(*q_BHTD.shape[:3], 1)) for o, lse in parts)
     lse = torch.logaddexp(lse1, lse2)
     return (o1 * (lse1 - lse).exp() + o2 * (lse2 - lse).exp()).to(q_BHTD.dtype)
