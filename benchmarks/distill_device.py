@@ -11,7 +11,6 @@ metrics.jsonl and the log to --out.
 """
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -72,7 +71,7 @@ def main() -> None:
     log(f"distilling on {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
     report = distill(hybrid, str(teacher), args.data, Path(args.work) / "distilled", recipe=args.recipe,
                      overrides=args.set, overwrite=True, step=log)
-    if int(os.environ.get("RANK", "0")):  # under accelerate launch the main process reports
+    if not report["main_process"]:  # under accelerate launch the main process reports
         return
     metrics = [json.loads(line) for line in (Path(args.work) / "distilled" / "metrics.jsonl").read_text().splitlines()]
     report["steady_tokens_per_s"] = {str(n): steady_rate(metrics, n) for n in (1, 2)}

@@ -4,7 +4,7 @@ Builds smollm2-135m's 1:3 hybrid from the GGUF as distill does (frozen tensors s
 every student parameter trainable in fp32, fused AdamW, bf16 autocast, B = 32, T = 512) and times
 the stage-2 step (teacher forward, student forward, chunked KL, backward, optimizer) per variant:
 
-  eager      the step as salaconvert.distill.train runs it
+  eager      the step as salaconvert.distill.train runs it, without gradient checkpointing
   nokl       the KL replaced by a trivial loss on the student's hidden states (the KL's cost)
   compiled   each decoder layer of both models under torch.compile, as distill does on the GPU
              (runtime.compile; the Triton attention ops stay eager behind torch.compiler.disable)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from salaconvert.distill.data import read_documents
+from salaconvert.distill.data import read_documents, tokenize
 from salaconvert.eval.forward import cache_nbytes, prefill
 from salaconvert.io.load import load_model, load_tokenizer, resolve_source
 from salaconvert.models.cache import FP8, make_hybrid_cache
@@ -27,14 +27,10 @@ from salaconvert.models.cache import FP8, make_hybrid_cache
 
 def token_ids(tokenizer, data: list[str], tokens: int, skip: int) -> torch.Tensor:
     """`tokens` ids of the documents in `data` joined by EOS, after the first `skip` (held out from a demo's training)."""
-    ids = []
-    for doc in read_documents(data, "text"):
-        ids += tokenizer(doc.text)["input_ids"] + [tokenizer.eos_token_id]
-        if len(ids) >= skip + tokens:
-            break
+    ids = tokenize(read_documents(data, "text"), tokenizer, max_tokens=skip + tokens)
     if len(ids) < skip + tokens:
         raise SystemExit(f"the data holds {len(ids)} tokens, {skip + tokens} wanted")
-    return torch.tensor(ids[skip:skip + tokens])
+    return ids[skip:skip + tokens]
 
 
 def logprobs(model, ids: torch.Tensor, chunk: int, kv_dtype) -> tuple[torch.Tensor, int]:

@@ -36,6 +36,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from salaconvert.bench.run import BenchSettings, measure
 from salaconvert.layer_selection import LayerPlan, uniform_layer_types
+from salaconvert.models.cache import KV_DTYPES
 from salaconvert.surgery.convert import convert
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -63,7 +64,7 @@ def empty_cache():
         torch.cuda.empty_cache()
 
 
-def profile_prefill(model, length: int, chunk: int) -> dict:
+def profile_prefill(model, length: int, chunk: int, kv_cache: str = "auto") -> dict:
     """Seconds of one chunked prefill spent in each kind of module (CUDA events around each call)."""
     from salaconvert.bench.run import _reserved_cache
     from salaconvert.eval.forward import prefill
@@ -102,7 +103,7 @@ def profile_prefill(model, length: int, chunk: int) -> dict:
     sync()
     t0 = time.perf_counter()
     try:
-        prefill(model, ids, chunk, cache=_reserved_cache(model, length))
+        prefill(model, ids, chunk, cache=_reserved_cache(model, length, kv_dtype=KV_DTYPES[kv_cache]))
         sync()
     finally:
         for h in handles:
@@ -114,7 +115,7 @@ def profile_prefill(model, length: int, chunk: int) -> dict:
     return {"length": length, "chunk": chunk, "total_s": total, "seconds": split}
 
 
-def kernel_profile(model, length: int, chunk: int, top: int = 30) -> dict:
+def kernel_profile(model, length: int, chunk: int, kv_cache: str = "auto", top: int = 30) -> dict:
     """GPU milliseconds of the `top` costliest kernels over one chunked prefill (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -123,7 +124,7 @@ def kernel_profile(model, length: int, chunk: int, top: int = 30) -> dict:
 
     ids = torch.randint(0, model.config.vocab_size, (length,))
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        prefill(model, ids, chunk, cache=_reserved_cache(model, length))
+        prefill(model, ids, chunk, cache=_reserved_cache(model, length, kv_dtype=KV_DTYPES[kv_cache]))
         torch.cuda.synchronize()
     costly = sorted((e for e in prof.key_averages() if e.device_time_total > 0), key=lambda e: -e.device_time_total)
     empty_cache()
@@ -154,7 +155,7 @@ def main():
                     help="also split one chunked prefill of this many tokens by module kind, teacher and hybrid")
     ap.add_argument("--kernel-profile", type=int, default=None,
                     help="also list the costliest GPU kernels of one hybrid prefill of this many tokens")
-    ap.add_argument("--kv-cache", choices=("auto", "fp8"), default="auto",
+    ap.add_argument("--kv-cache", choices=tuple(KV_DTYPES), default="auto",
                     help="the hybrid's sparse K/V storage (fp8: half the bytes; results get a -kvfp8 suffix)")
     ap.add_argument("--smoke", action="store_true", help="a small model on the CPU at the given (short) lengths")
     args = ap.parse_args()
@@ -184,11 +185,11 @@ def main():
     profile = None
     if args.profile:
         profile = {"teacher": profile_prefill(teacher, args.profile, args.teacher_chunk),
-                   "hybrid": profile_prefill(hybrid, args.profile, args.chunk)}
+                   "hybrid": profile_prefill(hybrid, args.profile, args.chunk, args.kv_cache)}
         print(json.dumps(profile), flush=True)
     kernels = None
     if args.kernel_profile and not args.smoke:
-        kernels = kernel_profile(hybrid, args.kernel_profile, args.chunk)
+        kernels = kernel_profile(hybrid, args.kernel_profile, args.chunk, args.kv_cache)
         print(json.dumps(kernels), flush=True)
     card_name = "cpu-smoke" if args.smoke else torch.cuda.get_device_name()
     card = card_name.replace(" ", "-") + ("-kvfp8" if args.kv_cache == "fp8" else "")

@@ -12,7 +12,9 @@ Each backend that refuses a shape is recorded as such. Writes DIR/sdpa_backends-
 """
 import argparse
 import json
+import os
 import statistics
+import sys
 from pathlib import Path
 
 import torch
@@ -89,9 +91,10 @@ def main():
             print(json.dumps(row), flush=True)
             rows.append(row)
     card = torch.cuda.get_device_name().replace(" ", "_")
-    q = torch.randn(1, 32, 4096, 128, device="cuda", dtype=torch.bfloat16)
-    choice = torch._fused_sdp_choice(q, q, q, None, 0.0, True)  # the backend the default path takes
-    meta = dict(torch=torch.__version__, card=torch.cuda.get_device_name(), default_choice=SDPBackend(choice).name)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from infllmv2 import sdpa_choice  # the same shape, dtype and call
+
+    meta = dict(torch=torch.__version__, card=torch.cuda.get_device_name(), default_choice=sdpa_choice())
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"sdpa_backends-{card}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
 

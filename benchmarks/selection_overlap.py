@@ -35,20 +35,16 @@ def real_qk(tokens: int, data: list[str], layers: list[int], model: str = "smoll
             device: str = "cpu", dtype: str = "float32"):
     """{layer: (q [1, T, Hq, d], k [1, T, Hkv, d])} from the model's projections (no RoPE) on the
     first `tokens` tokens of the `data` files (one after another, documents joined by EOS)."""
-    from salaconvert.distill.data import read_documents
+    from salaconvert.distill.data import read_documents, tokenize
     from salaconvert.io.load import load_model, load_tokenizer, resolve_source
     from salaconvert.models.prefill_attention import chunk_causal_attention
 
     source = resolve_source(model)
     model, tok = load_model(source, dtype, device), load_tokenizer(source)
-    ids = []
-    for doc in read_documents(data, "text"):
-        ids += tok(doc.text)["input_ids"] + [tok.eos_token_id]
-        if len(ids) >= tokens:
-            break
+    ids = tokenize(read_documents(data, "text"), tok, max_tokens=tokens)
     if len(ids) < tokens:
         raise SystemExit(f"{tokens} tokens wanted, the data holds {len(ids)}")
-    ids = torch.tensor(ids[:tokens], device=device)[None]
+    ids = ids[:tokens].to(device)[None]
     blocks = model.model.layers
     d = model.config.head_dim
     got, hooks = {}, []

@@ -26,7 +26,7 @@ from salaconvert.kernels._interpreter import fix_interpreter_index
 from salaconvert.kernels.infllmv2._interp import rmax, rsum
 from salaconvert.kernels.infllmv2 import layout
 from salaconvert.kernels.infllmv2.layout import next_pow2
-from salaconvert.kernels.infllmv2.select import _pool_width
+from salaconvert.kernels.infllmv2.select import _pool_width, orderable_int32
 
 fix_interpreter_index()
 LOG2E = 1.4426950408889634
@@ -137,9 +137,7 @@ def _dec_score_kernel(q, kc, lens, m_buf, l_buf, keys, scale_log2, dense_len, Hk
     causal = o_b <= qb
     forced = (o_b < INIT) | (o_b > qb - LOCAL)
     score = tl.where(forced, float("inf"), best)
-    bits = score.to(tl.int32, bitcast=True)
-    key32 = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    key = (key32.to(tl.int64) << 32) | (4294967295 - o_b.to(tl.int64))
+    key = (orderable_int32(score).to(tl.int64) << 32) | (4294967295 - o_b.to(tl.int64))
     key = tl.where(causal, key, -9223372036854775807 - 1)
     tl.store(keys + i_bh.to(tl.int64) * NBMAX + o_b, key, mask=o_b < NBMAX)
 

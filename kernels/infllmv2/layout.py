@@ -97,12 +97,5 @@ def empty(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def tile_rows() -> int:
-    """Rows (tokens × padded group heads) per dk/dv tile: 64, one wgmma-sized tile. The interpreter
-    uses the same value, so CI exercises the tile shapes the GPU runs. (The forward/dq and the
-    selection tiles have their own knobs: parallel.ATTN_ROWS, select.SELECT_ROWS.)"""
-    return 64
-
-
 def next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())

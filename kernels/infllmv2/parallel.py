@@ -32,7 +32,6 @@ from salaconvert.kernels.infllmv2.select import select_blocks
 
 fix_interpreter_index()
 LOG2E = 1.4426950408889634
-BIG = 1 << 30
 
 
 @triton.jit
@@ -238,6 +237,8 @@ ATTN_ROWS = 64
 ATTN_TOKENS: int | None = None
 ATTN_WARPS = 4  # num_warps of the forward launch
 ATTN_STAGES = 3  # num_stages of the forward launch (Triton's default; run 11: 2 and 4 slower)
+# Rows (tokens × padded group heads) per dk/dv dot: one wgmma-sized tile, the interpreter's too.
+DKV_ROWS = 64
 # the dq launch (q, dO and dq per row). Run 12, 32K fwd+bwd: 68.3 ms vs 77.4 with 3 stages; 8 warps 88.6
 DQ_WARPS, DQ_STAGES = 4, 2
 
@@ -389,7 +390,7 @@ class InfLLMv2Function(torch.autograd.Function):
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         tok_list, sh, sn, sb, slo, shi = _dkv_segments(idx, seqs, Hkv, cfg["block_size"], cfg["dense_len"], seg=256)
         if sh.numel():
-            _, BTK = _tile_tokens(G, max(seqs.Tq_list), max(1, layout.tile_rows() // GP))  # no wasted rows: tall
+            _, BTK = _tile_tokens(G, max(seqs.Tq_list), max(1, DKV_ROWS // GP))  # no wasted rows: tall
             _dkv_kernel[(sh.numel(),)](
                 q, k, v, do, dk, dv, lse, delta, tok_list, sh, sn, sb, slo, shi,
                 seqs.q_start, seqs.k_start, seqs.Tq, seqs.Tk, scale, scale * LOG2E, q.stride(0), k.stride(0), Hq,

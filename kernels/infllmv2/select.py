@@ -11,10 +11,10 @@ the same pass and each (token, block) score is written as one int64 sort key
 
     key = orderable_int32(score) << 32 | (2^32 − 1 − block)
 
-so that torch.topk over keys is exactly "score descending, block id ascending" (README, ties).
+so that the top K keys are exactly "score descending, block id ascending" (README, ties).
 Blocks after the query's own get the smallest int64, which marks them as never selectable.
-With SELECT_KEYS = "fp32" the scores themselves are written and scores_to_blocks makes
-torch.topk's answer exact (fix_ties).
+With SELECT_KEYS = "fp32" (the default) the scores themselves are written and the exact radix
+top-k (_radix_topk_kernel; or torch.topk + fix_ties, FP32_TOPK) picks the blocks.
 """
 from __future__ import annotations
 
@@ -111,12 +111,17 @@ def _chunk_scores(b_q, kc, kcs, Tc, i_h, b0, m_safe, inv_l, pos, m_row, pos_t, q
 
 
 @triton.jit
+def orderable_int32(x):
+    """fp32 -> int32 with the same order (−0 just below +0)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
 def _int64_keys(score, causal, b0, BNB: tl.constexpr):
     """orderable_int32(score) << 32 | (2^32 − 1 − block); int64 min where not causal."""
     o_b = b0 + tl.arange(0, BNB)
-    bits = score.to(tl.int32, bitcast=True)
-    key32 = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    key = (key32.to(tl.int64) << 32) | (4294967295 - o_b[None, :].to(tl.int64))
+    key = (orderable_int32(score).to(tl.int64) << 32) | (4294967295 - o_b[None, :].to(tl.int64))
     return tl.where(causal, key, -9223372036854775807 - 1)
 
 
@@ -127,8 +132,8 @@ def _select_keys_kernel(q, kc, kn, keys, tile_n, tile_i, q_start, kc_start, kn_s
                         BNB: tl.constexpr, P: tl.constexpr, BS: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr,
                         NKS: tl.constexpr, NST: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
                         FP32: tl.constexpr):
-    """Writes every (token, block) sort key; torch.topk picks the blocks (keys_to_blocks /
-    scores_to_blocks). kn: the normaliser's keys (window NKS, stride NST), kc itself when exact."""
+    """Writes every (token, block) sort key; a top-k picks the blocks (keys_to_blocks /
+    scores_to_blocks / radix_topk). kn: the normaliser's keys (window NKS, stride NST), kc itself when exact."""
     i_tile, i_h = tl.program_id(0), tl.program_id(1)
     b_q, m_row, pos, i0, qs, kcs, Tq, Tk, Tc = _tile_queries(q, tile_n, tile_i, q_start, kc_start, seq_Tq, seq_Tk,
                                                              seq_Tc, i_tile, i_h, stride_qt, G, GP, BT, D)
@@ -206,8 +211,7 @@ def _radix_topk_kernel(scores, out, n_rows, NB, stride_s, stride_o, K,
     o_b = tl.arange(0, BLOCK)
     m = (rows < n_rows)[:, None] & (o_b[None, :] < NB)
     s = tl.load(scores + rows.to(tl.int64)[:, None] * stride_s + o_b[None, :], mask=m, other=float("-inf"))
-    bits = s.to(tl.int32, bitcast=True)
-    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # int32 order == float order
+    key = orderable_int32(s)
     lo = rmin(key, 1).to(tl.int64)  # invariant: count(key >= lo) >= K, or lo is the row minimum
     hi = rmax(key, 1).to(tl.int64)
     for _ in range(32):
@@ -267,7 +271,7 @@ def select_blocks(q: torch.Tensor, kc: torch.Tensor, seqs: Seqs, *, block_size: 
     coarse keys of coarse_norm (4× kernel and stride) and their sequence table; None = exact
     normaliser over kc. fused (default FUSED_TOPK) keeps the top-k in registers; otherwise the sort
     keys (SELECT_KEYS) are materialised for at most `chunk_elems` (row, head, block) triples at a
-    time and reduced by torch.topk.
+    time and reduced by a top-k (FP32_TOPK).
     """
     Nq, Hq, D = q.shape
     Hkv = kc.shape[1]

@@ -71,4 +71,6 @@ def linear_kl(hs_BTD: torch.Tensor, ht_BTD: torch.Tensor, w_s: torch.Tensor, w_t
     Logits exist for `chunk` positions (× B rows) at a time. Under autocast the matmuls run in the
     autocast dtype; the softmaxes always in fp32.
     """
+    if not torch.is_grad_enabled():  # no backward will come: no gradient work inside (needs_input_grad cannot tell)
+        hs_BTD, w_s = hs_BTD.detach(), w_s.detach()
     return LinearKL.apply(hs_BTD, ht_BTD.detach(), w_s, w_t.detach(), chunk, temperature)

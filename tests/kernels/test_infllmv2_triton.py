@@ -240,7 +240,7 @@ def test_tile_unions_lists_every_block_once_with_its_tokens(spread):
 
 
 def test_one_token_tiles_fwd_bwd(monkeypatch):
-    # ATTN_TOKENS = 1 at group 16: the per-token loop over K slots (−1 padding included) instead of the merge
+    # ATTN_TOKENS = 1 at group 16: the per-token loop over K slots (−1 padding included) instead of the union walk
     monkeypatch.setattr(parallel_mod, "ATTN_TOKENS", 1)
     q, k, v = _qkv(1, 50, 50, 16, 1, 16, seed=21)
     _compare_fwd_bwd(q, k, v, RTOL_FP32, "1-token tiles", topk=4, dense_len=0, **SMALL)

@@ -272,18 +272,18 @@ def make_hybrid_cache(config, reserve: int | None = None, batch_size: int = 1, d
     if kv_dtype not in (None, FP8):
         raise ValueError(f"kv_dtype {kv_dtype}: sparse K/V are stored in the model's dtype (None) or {FP8}")
     cache = DynamicCache(config=config)
-    for layer in cache.layers:
-        if isinstance(layer, SparseAttentionCacheLayer):
-            layer.kv_dtype = kv_dtype
     if reserve:
         _reserve_full_attention(cache, config.layer_types, reserve)
-        shape = (batch_size, 0, config.num_key_value_heads, config.head_dim)
-        for layer in cache.layers:
-            if isinstance(layer, SparseAttentionCacheLayer):
-                empty = torch.empty(shape, dtype=dtype, device=device)
-                layer.lazy_initialization(empty, empty)
-                layer.kernel_size, layer.stride = config.sparse["kernel_size"], config.sparse["stride"]
-                layer.reserve(reserve)
+    shape = (batch_size, 0, config.num_key_value_heads, config.head_dim)
+    for layer in cache.layers:
+        if not isinstance(layer, SparseAttentionCacheLayer):
+            continue
+        layer.kv_dtype = kv_dtype
+        if reserve:
+            empty = torch.empty(shape, dtype=dtype, device=device)
+            layer.lazy_initialization(empty, empty)
+            layer.kernel_size, layer.stride = config.sparse["kernel_size"], config.sparse["stride"]
+            layer.reserve(reserve)
     return cache
 
 

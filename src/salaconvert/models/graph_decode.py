@@ -17,13 +17,13 @@ whose buffers already hold the whole run (`make_hybrid_cache(reserve=...)`,
 On a CUDA device `step` replays the graph; elsewhere (and with graph=False) it runs the very same
 forward eagerly, which is what the CPU tests compare against the plain eager decode.
 """
-import contextlib
 
 import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import LinearAttentionLayer
 
 from salaconvert.models.cache import FullAttentionCacheLayer, SparseAttentionCacheLayer, cache_argument
+from salaconvert.models.prefill_attention import borrowed_attention
 
 _ATTENTION = "salaconvert_decode"
 _WARMUP_STEPS = 2  # on a side stream before capture: Triton compiles, cuBLAS picks its kernels
@@ -101,18 +101,9 @@ class GraphDecoder:
                              use_cache=True, logits_to_keep=1, **{cache_argument(self.model): self.cache}, **kwargs)
         return out.logits[:, -1].float()
 
-    @contextlib.contextmanager
     def _decode_attention(self):
         """Full-attention modules use grouped_decode_attention for the duration of a forward."""
-        if self._attn_config is None:
-            yield
-            return
-        before = self._attn_config._attn_implementation
-        self._attn_config._attn_implementation = _ATTENTION
-        try:
-            yield
-        finally:
-            self._attn_config._attn_implementation = before
+        return borrowed_attention(self._attn_config, _ATTENTION)
 
     def _capture(self) -> None:
         # Warm-up steps run for real: they advance the Lightning states, which are saved and put

@@ -39,11 +39,20 @@ def chunk_causal_attention(model):
     layer_types = getattr(config, "layer_types", None) or ["full_attention"]
     plain = (getattr(config, "_attn_implementation", None) == "sdpa" and getattr(config, "sliding_window", None) is None
              and set(layer_types) <= {"full_attention"})
-    if not plain:
+    with borrowed_attention(config if plain else None, _ATTENTION):
+        yield
+
+
+@contextlib.contextmanager
+def borrowed_attention(config, name: str):
+    """For the duration, the attention modules reading `config` use the registered implementation
+    `name`; the one they had comes back after. config None: nothing changes."""
+    if config is None:
         yield
         return
-    config._attn_implementation = _ATTENTION
+    before = config._attn_implementation
+    config._attn_implementation = name
     try:
         yield
     finally:
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = before
