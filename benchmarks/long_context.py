@@ -155,11 +155,16 @@ def main():
                     help="also split one chunked prefill of this many tokens by module kind, teacher and hybrid")
     ap.add_argument("--kernel-profile", type=int, default=None,
                     help="also list the costliest GPU kernels of one hybrid prefill of this many tokens")
+    ap.add_argument("--unfused-glue", action="store_true",
+                    help="the hybrid's norms, RoPE and gate on the PyTorch path (what salaconvert.kernels.norm replaced)")
     ap.add_argument("--kv-cache", choices=tuple(KV_DTYPES), default="auto",
                     help="the hybrid's sparse K/V storage (fp8: half the bytes; results get a -kvfp8 suffix)")
     ap.add_argument("--smoke", action="store_true", help="a small model on the CPU at the given (short) lengths")
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",") if x]
+    if args.unfused_glue:
+        import salaconvert.layers.common as common
+        common._fused = lambda *a: False
     device = "cpu" if args.smoke else "cuda"
     teacher, hybrid = build_models(SMOKE if args.smoke else LLAMA3_8B, device)
     warm = min([4096, *lengths])
@@ -199,6 +204,7 @@ def main():
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
         "layer_types": hybrid.config.layer_types, "decode_tokens": args.decode, "kv_cache": args.kv_cache,
+        "fused_glue": not args.unfused_glue,
         "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "cache_bytes_per_token": hybrid.config.cache_bytes_per_token(2), "rows": rows, "profile": profile,
         "hybrid_kernels": kernels,

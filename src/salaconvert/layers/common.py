@@ -4,6 +4,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
+from salaconvert.kernels.dispatch import use_triton
+
 
 class RMSNorm(nn.Module):
     """RMSNorm over the last dimension, computed in fp32."""
@@ -31,6 +33,35 @@ def apply_rope(x_BTHD: torch.Tensor, cos_BTD: torch.Tensor, sin_BTD: torch.Tenso
     """The teacher's rotary embedding (the cos/sin its rotary module produced), on [B, T, H, d]."""
     cos, sin = cos_BTD.unsqueeze(2), sin_BTD.unsqueeze(2)
     return (x_BTHD * cos + rotate_half(x_BTHD) * sin).to(x_BTHD.dtype)
+
+
+def _fused(x: torch.Tensor, *modules: nn.Module) -> bool:
+    """Whether the fused glue kernels (salaconvert.kernels.norm, forward only) serve this call: a
+    Triton device and no gradient wanted; training keeps the PyTorch path below."""
+    if not use_triton(x):
+        return False
+    return not torch.is_grad_enabled() or not (x.requires_grad or any(
+        p.requires_grad for m in modules for p in m.parameters()))
+
+
+def norm_rope(x_BTHD: torch.Tensor, norm: nn.Module, cos_BTD: torch.Tensor | None, sin_BTD: torch.Tensor | None):
+    """apply_rope(norm(x)) (norm an RMSNorm or nn.Identity; cos None: no RoPE), fused where it may be."""
+    rms = isinstance(norm, RMSNorm)
+    if (rms or cos_BTD is not None) and _fused(x_BTHD, norm):
+        from salaconvert.kernels.norm import norm_rope as fused_norm_rope
+
+        return fused_norm_rope(x_BTHD, norm.weight if rms else None, cos_BTD, sin_BTD, norm.eps if rms else 0.0)
+    x_BTHD = norm(x_BTHD)
+    return x_BTHD if cos_BTD is None else apply_rope(x_BTHD, cos_BTD, sin_BTD)
+
+
+def gated_rms_norm(x_BTD: torch.Tensor, norm: RMSNorm, z_BTD: torch.Tensor) -> torch.Tensor:
+    """norm(x) · sigmoid(z), fused where it may be."""
+    if _fused(x_BTD, norm):
+        from salaconvert.kernels.norm import gated_rms_norm as fused_gated_rms_norm
+
+        return fused_gated_rms_norm(x_BTD, z_BTD, norm.weight, norm.eps)
+    return norm(x_BTD) * torch.sigmoid(z_BTD)
 
 
 def causal_attention(q_BHTD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, scale: float | None = None):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from salaconvert.kernels.lightning import lightning_attn, lightning_attn_step
-from salaconvert.layers.common import RMSNorm, apply_rope
+from salaconvert.layers.common import RMSNorm, gated_rms_norm, norm_rope
 
 
 class LightningAttention(nn.Module):
@@ -38,11 +38,10 @@ class LightningAttention(nn.Module):
         x_BTD = hidden_states
         B, T, _ = x_BTD.shape
         d = self.head_dim
-        q = self.q_norm(self.q_proj(x_BTD).view(B, T, -1, d))
-        k = self.k_norm(self.k_proj(x_BTD).view(B, T, -1, d))
-        v = self.v_proj(x_BTD).view(B, T, -1, d)
         cos, sin = position_embeddings
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = norm_rope(self.q_proj(x_BTD).view(B, T, -1, d), self.q_norm, cos, sin)
+        k = norm_rope(self.k_proj(x_BTD).view(B, T, -1, d), self.k_norm, cos, sin)
+        v = self.v_proj(x_BTD).view(B, T, -1, d)
         if isinstance(attention_mask, torch.Tensor) and T > 1:
             k = k * _real_tokens(attention_mask, T)[:, :, None, None].to(k.dtype)
 
@@ -55,7 +54,7 @@ class LightningAttention(nn.Module):
             if past_key_values is not None:
                 past_key_values.update_recurrent_state(final, self.layer_idx)
 
-        o_BTD = self.o_norm(o.reshape(B, T, -1)) * torch.sigmoid(self.z_proj(x_BTD))
+        o_BTD = gated_rms_norm(o.reshape(B, T, -1), self.o_norm, self.z_proj(x_BTD))
         return self.o_proj(o_BTD), None
 
     def _cached_state(self, cache):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from salaconvert.kernels.infllmv2 import infllmv2_attn, infllmv2_decode
-from salaconvert.layers.common import RMSNorm, apply_rope, causal_attention
+from salaconvert.layers.common import RMSNorm, causal_attention, norm_rope
 
 _KERNEL_KEYS = ("block_size", "topk", "init_blocks", "local_blocks", "kernel_size", "stride", "dense_len")
 
@@ -40,12 +40,10 @@ class SparseAttention(nn.Module):
         x_BTD = hidden_states
         B, T, _ = x_BTD.shape
         d = self.head_dim
-        q = self.q_norm(self.q_proj(x_BTD).view(B, T, -1, d))
-        k = self.k_norm(self.k_proj(x_BTD).view(B, T, -1, d))
+        cos, sin = position_embeddings if self.rope else (None, None)
+        q = norm_rope(self.q_proj(x_BTD).view(B, T, -1, d), self.q_norm, cos, sin)
+        k = norm_rope(self.k_proj(x_BTD).view(B, T, -1, d), self.k_norm, cos, sin)
         v = self.v_proj(x_BTD).view(B, T, -1, d)
-        if self.rope:
-            cos, sin = position_embeddings
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         kw = self.kernel_kwargs
         layer = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
         if layer is not None and layer.position is not None:

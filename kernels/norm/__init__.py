@@ -1,0 +1,86 @@
+"""Fused RMSNorm glue of the hybrid's attention modules, forward only (inference).
+
+A Lightning layer's queries and keys go through RMSNorm then RoPE, and its output through RMSNorm
+times a sigmoid gate (SPEC §2). In PyTorch each of these is several elementwise passes over the
+activations in fp32 (cast, square, mean, scale, weight, cast back; RoPE's negate, concatenate,
+two products and a sum): at 256K tokens about 1 s of the Llama-3-8B-shaped hybrid's prefill
+(benchmarks/notes-long-context.md, run 10). Each op here is one read and one write, in fp32
+inside, rounded once.
+
+    norm_rope(x, weight, cos, sin, eps)   x [..., H, d] -> rope(rmsnorm(x) · weight)
+        weight None: no norm; cos None: no RoPE. cos/sin [..., d] per token (transformers' rotary
+        embedding: rotate_half convention, out = x·cos + rotate_half(x)·sin).
+    gated_rms_norm(x, z, weight, eps)     x, z [..., D] -> rmsnorm(x) · weight · sigmoid(z)
+
+No backward: the layers call these only where no gradient is wanted and keep their PyTorch path
+(the reference the tests compare with) for training. salaconvert.layers.common dispatches.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from salaconvert.kernels._interpreter import fix_interpreter_index
+
+fix_interpreter_index()
+ROWS = 16  # (token, head) rows per norm_rope program
+
+
+@triton.jit
+def _norm_rope_kernel(x, w, cos, sin, y, n_rows, H, eps, HALF: tl.constexpr, HP: tl.constexpr,
+                      NORM: tl.constexpr, ROPE: tl.constexpr, BR: tl.constexpr):
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    o = tl.arange(0, HP)
+    m = (r < n_rows)[:, None] & (o < HALF)[None, :]
+    row = r.to(tl.int64)[:, None] * (2 * HALF)
+    xa = tl.load(x + row + o[None, :], mask=m, other=0.).to(tl.float32)
+    xb = tl.load(x + row + HALF + o[None, :], mask=m, other=0.).to(tl.float32)
+    if NORM:
+        inv = tl.rsqrt((tl.sum(xa * xa, 1) + tl.sum(xb * xb, 1)) / (2 * HALF) + eps)
+        xa = xa * inv[:, None] * tl.load(w + o, mask=o < HALF, other=0.).to(tl.float32)[None, :]
+        xb = xb * inv[:, None] * tl.load(w + HALF + o, mask=o < HALF, other=0.).to(tl.float32)[None, :]
+    if ROPE:
+        tok = (r // H).to(tl.int64)[:, None] * (2 * HALF)
+        ca = tl.load(cos + tok + o[None, :], mask=m, other=0.).to(tl.float32)
+        cb = tl.load(cos + tok + HALF + o[None, :], mask=m, other=0.).to(tl.float32)
+        sa = tl.load(sin + tok + o[None, :], mask=m, other=0.).to(tl.float32)
+        sb = tl.load(sin + tok + HALF + o[None, :], mask=m, other=0.).to(tl.float32)
+        xa, xb = xa * ca - xb * sa, xb * cb + xa * sb
+    tl.store(y + row + o[None, :], xa.to(y.dtype.element_ty), mask=m)
+    tl.store(y + row + HALF + o[None, :], xb.to(y.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _gated_norm_kernel(x, z, w, y, D, eps, BD: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64) * D
+    o = tl.arange(0, BD)
+    m = o < D
+    b_x = tl.load(x + row + o, mask=m, other=0.).to(tl.float32)
+    b_z = tl.load(z + row + o, mask=m, other=0.).to(tl.float32)
+    inv = tl.rsqrt(tl.sum(b_x * b_x, 0) / D + eps)
+    b_y = b_x * inv * tl.load(w + o, mask=m, other=0.).to(tl.float32) * tl.sigmoid(b_z)
+    tl.store(y + row + o, b_y.to(y.dtype.element_ty), mask=m)
+
+
+def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None,
+              eps: float) -> torch.Tensor:
+    """x [..., T, H, d] (d even) -> rope(rmsnorm(x) · weight) in x's dtype; cos/sin [..., T, d]."""
+    d, H = x.shape[-1], x.shape[-2]
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    n_rows = x.numel() // d
+    if cos is not None:
+        cos, sin = cos.reshape(-1, d).contiguous(), sin.reshape(-1, d).contiguous()
+    _norm_rope_kernel[(triton.cdiv(n_rows, ROWS),)](
+        x, weight, cos, sin, y, n_rows, H, eps, HALF=d // 2, HP=triton.next_power_of_2(d // 2),
+        NORM=weight is not None, ROPE=cos is not None, BR=ROWS)
+    return y
+
+
+def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x, z [..., D] -> rmsnorm(x) · weight · sigmoid(z) in x's dtype."""
+    D = x.shape[-1]
+    x, z = x.contiguous(), z.contiguous()
+    y = torch.empty_like(x)
+    BD = triton.next_power_of_2(D)
+    _gated_norm_kernel[(x.numel() // D,)](x, z, weight, y, D, eps, BD=BD, num_warps=8 if BD >= 2048 else 4)
+    return y

@@ -1,0 +1,93 @@
+"""The fused RMSNorm glue (salaconvert.kernels.norm) against the modules' PyTorch path.
+
+On CPU the kernels run through the Triton interpreter (conftest.py). fp32: the kernel keeps fp32
+throughout as the reference does, so they differ by summation order only (1e-5 relative). bf16 on
+the GPU: the reference rounds after the norm and again inside RoPE, the kernel once at the end
+(1e-2 relative against the fp32 reference). The layers' dispatch is checked too: fused where no
+gradient is wanted, the PyTorch path (which the gradients go through) in training.
+"""
+import pytest
+import torch
+
+from helpers import assert_close
+from salaconvert.kernels import norm as norm_kernels
+from salaconvert.layers.common import RMSNorm, apply_rope
+from tiny import GPU_SPARSE, tiny_hybrid
+
+
+def _rope_tables(B, T, d, g):
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    ang = (torch.arange(T).float()[:, None] + torch.rand(B, 1, 1, generator=g) * 50) * inv  # [B, T, d/2]
+    emb = torch.cat((ang, ang), -1)
+    return emb.cos(), emb.sin()
+
+
+@pytest.mark.parametrize("d,H,norm,rope", [(16, 3, True, True), (64, 4, True, True), (80, 2, True, True),
+                                           (16, 3, False, True), (16, 3, True, False)])
+def test_norm_rope_equals_module_path(d, H, norm, rope):
+    g = torch.Generator().manual_seed(d + H)
+    B, T = 2, 37  # 222 (token, head) rows: not a multiple of the program's 16
+    x = torch.randn(B, T, H, d, generator=g) * 3
+    module = RMSNorm(d, eps=1e-5)
+    with torch.no_grad():
+        module.weight.copy_(torch.rand(d, generator=g) + 0.5)
+    cos, sin = _rope_tables(B, T, d, g) if rope else (None, None)
+    ref = module(x) if norm else x
+    ref = apply_rope(ref, cos, sin) if rope else ref
+    out = norm_kernels.norm_rope(x, module.weight if norm else None, cos, sin, 1e-5)
+    assert_close(out, ref, rtol=1e-5, what=f"norm_rope d={d} norm={norm} rope={rope}")
+
+
+@pytest.mark.parametrize("D", [48, 256])
+def test_gated_rms_norm_equals_module_path(D):
+    g = torch.Generator().manual_seed(D)
+    x, z = torch.randn(3, 5, D, generator=g), torch.randn(3, 5, D, generator=g)
+    module = RMSNorm(D, eps=1e-6)
+    with torch.no_grad():
+        module.weight.copy_(torch.rand(D, generator=g) + 0.5)
+    out = norm_kernels.gated_rms_norm(x, z, module.weight, 1e-6)
+    assert_close(out, module(x) * torch.sigmoid(z), rtol=1e-5, what=f"gated_rms_norm D={D}")
+
+
+def test_layers_fuse_only_where_no_gradient_is_wanted(monkeypatch):
+    monkeypatch.setenv("SALACONVERT_KERNELS", "triton")
+    calls = []
+    for name in ("norm_rope", "gated_rms_norm"):
+        real = getattr(norm_kernels, name)
+        monkeypatch.setattr(norm_kernels, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    hybrid = tiny_hybrid(["linear_attention", "sparse_attention", "linear_attention", "full_attention"], arch="qwen3",
+                         sparse=GPU_SPARSE)  # the Triton sparse path needs blocks of 16
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        fused = hybrid(ids).logits
+    assert calls.count("gated_rms_norm") == 2 and calls.count("norm_rope") >= 4
+    calls.clear()
+    trained = hybrid(ids).logits  # parameters want gradients: the PyTorch path
+    assert not calls
+    monkeypatch.setenv("SALACONVERT_KERNELS", "torch")
+    with torch.no_grad():
+        plain = hybrid(ids).logits
+    assert_close(fused, plain, rtol=1e-5, what="fused glue vs PyTorch path, logits")
+    assert_close(trained.detach(), plain, rtol=1e-5, what="training path, logits")
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_against_fp32_reference():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    g = torch.Generator().manual_seed(0)
+    B, T, H, d = 2, 1000, 32, 128
+    x = torch.randn(B, T, H, d, generator=g).cuda()
+    w = (torch.rand(d, generator=g) + 0.5).cuda()
+    cos, sin = (t.cuda() for t in _rope_tables(B, T, d, g))
+    module = RMSNorm(d, eps=1e-5).cuda()
+    with torch.no_grad():
+        module.weight.copy_(w)
+    ref = apply_rope(module(x), cos, sin)
+    out = norm_kernels.norm_rope(x.bfloat16(), w.bfloat16(), cos.bfloat16(), sin.bfloat16(), 1e-5)
+    assert_close(out.float(), ref, rtol=1e-2, what="norm_rope bf16")
+    D = H * d
+    o, z = torch.randn(B, T, D, generator=g).cuda(), torch.randn(B, T, D, generator=g).cuda()
+    big = RMSNorm(D).cuda()
+    out = norm_kernels.gated_rms_norm(o.bfloat16(), z.bfloat16(), big.weight.bfloat16(), 1e-6)
+    assert_close(out.float(), big(o) * torch.sigmoid(z), rtol=1e-2, what="gated_rms_norm bf16")
