@@ -81,16 +81,18 @@ def causal_attention(q_BHTD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.T
         return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, is_causal=True, scale=scale, enable_gqa=group > 1)
     if group > 1:
         k_BHSD, v_BHSD = k_BHSD.repeat_interleave(group, dim=1), v_BHSD.repeat_interleave(group, dim=1)
-    if _cudnn_attention(q_BHTD):
+    if _cudnn_attention(q_BHTD, k_BHSD, v_BHSD):
         return _prefix_plus_chunk(q_BHTD, k_BHSD, v_BHSD, scale)
     mask = (causal_lower_right(T, S) if q_BHTD.is_cuda
             else torch.ones(T, S, dtype=torch.bool, device=q_BHTD.device).tril(S - T))
     return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=mask, scale=scale)
 
 
-def _cudnn_attention(x: torch.Tensor) -> bool:
-    return (x.is_cuda and torch.backends.cuda.cudnn_sdp_enabled()
-            and torch.cuda.get_device_capability(x.device) >= (9, 0))
+def _cudnn_attention(q, k, v) -> bool:
+    """sm90+ and SDPA's own cuDNN checks pass (enabled; fp16/bf16, head dims it takes)."""
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device) < (9, 0):
+        return False
+    return torch.backends.cuda.can_use_cudnn_attention(torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False, False))
 
 
 def _prefix_plus_chunk(q_BHTD, k_BHSD, v_BHSD, scale):
