@@ -1,19 +1,11 @@
-"""Fused RMSNorm glue of the hybrid's attention modules, forward only (inference).
-
-A Lightning layer's queries and keys go through RMSNorm then RoPE, and its output through RMSNorm
-times a sigmoid gate (SPEC §2). In PyTorch each of these is several elementwise passes over the
-activations in fp32 (cast, square, mean, scale, weight, cast back; RoPE's negate, concatenate,
-two products and a sum): at 256K tokens about 1 s of the Llama-3-8B-shaped hybrid's prefill
-(benchmarks/notes-long-context.md, run 10). Each op here is one read and one write, in fp32
-inside, rounded once.
+"""Fused RMSNorm glue of the hybrid's attention modules, forward only (inference): README.md here.
 
     norm_rope(x, weight, cos, sin, eps)   x [..., H, d] -> rope(rmsnorm(x) · weight)
         weight None: no norm; cos None: no RoPE. cos/sin [..., d] per token (transformers' rotary
         embedding: rotate_half convention, out = x·cos + rotate_half(x)·sin).
     gated_rms_norm(x, z, weight, eps)     x, z [..., D] -> rmsnorm(x) · weight · sigmoid(z)
 
-No backward: the layers call these only where no gradient is wanted and keep their PyTorch path
-(the reference the tests compare with) for training. salaconvert.layers.common dispatches.
+fp32 inside, rounded once. salaconvert.layers.common dispatches (only where no gradient is wanted).
 """
 import torch
 import triton
