@@ -53,6 +53,7 @@ def _gated_norm_kernel(x, z, w, y, D, eps, BD: tl.constexpr):
     tl.store(y + row + o, b_y.to(y.dtype.element_ty), mask=m)
 
 
+@torch.compiler.disable  # compiled layers (distill's evaluation) call the launch code as is
 def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None,
               eps: float) -> torch.Tensor:
     """x [..., T, H, d] (d even) -> rope(rmsnorm(x) · weight) in x's dtype; cos/sin [..., T, d]."""
@@ -68,6 +69,7 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor | 
     return y
 
 
+@torch.compiler.disable  # compiled layers (distill's evaluation) call the launch code as is
 def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x, z [..., D] -> rmsnorm(x) · weight · sigmoid(z) in x's dtype."""
     D = x.shape[-1]
