@@ -13,7 +13,7 @@ medians of CUDA-event timed calls after a warm-up call. Writes DIR/infllmv2-<car
 one JSON line per number.
 
 --sweep adds, at 128K for group 16 (Hkv = 2) and group 4 (Hkv = 8), every knob variant of
-kernels/infllmv2 (selection keys / BC / warps / coarse normaliser, attention tile tokens × warps,
+kernels/infllmv2 (selection top-k / BC / warps / coarse normaliser, attention tile tokens × warps,
 decode splits), the selection agreement of the coarse normaliser with the exact one, and the
 time split between stages. Past --deadline seconds every further row is recorded as skipped, so
 the JSON is always written. --smoke shrinks every shape (CPU interpreter check of the script).
@@ -198,15 +198,11 @@ def forward_rows(lengths, hkv=HKV, with_nsa=True, with_16=True):
             att = safe("ours_96_attend", ours_fn(q, k, v, OURS96, block_indices=idx), **meta)
             if T <= LEN(131072) and hkv == HKV:
                 from salaconvert.kernels.infllmv2 import parallel as par
-                from salaconvert.kernels.infllmv2.select import keys_to_blocks
                 tokens = par.ATTN_TOKENS
                 for t in (1, 4):
                     par.ATTN_TOKENS = t
                     safe(f"ours_96_attend_rows{t * 16}", ours_fn(q, k, v, OURS96, block_indices=idx), **meta)
                 par.ATTN_TOKENS = tokens
-                keys = torch.randint(-2 ** 62, 2 ** 62, (T, hkv, T // 64), device=DEV)
-                safe("ours_96_select_topk_part_int64", lambda: keys_to_blocks(keys, min(96, T // 64)), **meta)
-                del keys
             # the top-k part of the selection alone (fp32 scores): the radix kernel vs torch.topk + tie fix-up
             from salaconvert.kernels.infllmv2 import select as selmod
             NB, K = T // 64, min(OURS96["topk"], T // 64)
@@ -346,12 +342,10 @@ def sweep_rows(T=None):
                 if name == "16" and hkv != HKV:
                     continue
                 # selection variants: (label, select knobs, coarse_norm)
-                variants = [("base", {}, False), ("keys_fp32", dict(SELECT_KEYS="fp32"), False),
-                            ("coarse", {}, True), ("coarse_keys_fp32", dict(SELECT_KEYS="fp32"), True)]
+                variants = [("base", {}, False), ("torch_topk", dict(FP32_TOPK="torch"), False), ("coarse", {}, True)]
                 if name == "96" and hkv == HKV:
                     variants += [("bc128", dict(SELECT_BC=128), False), ("warps8", dict(SELECT_WARPS=8), False),
-                                 ("stages2", dict(SELECT_STAGES=2), False),
-                                 ("coarse_keys_fp32_bc128", dict(SELECT_KEYS="fp32", SELECT_BC=128), True)]
+                                 ("stages2", dict(SELECT_STAGES=2), False), ("coarse_bc128", dict(SELECT_BC=128), True)]
                 for label, kn, coarse in variants:
                     with knobs(sel, **kn):
                         safe(f"sweep_select_{name}_{label}",
@@ -360,13 +354,14 @@ def sweep_rows(T=None):
                     continue
                 try:
                     exact = parallel_infllmv2_select(q, k, **cfg)
-                    with knobs(sel, SELECT_KEYS="fp32"), count_ties(sel) as tied:
-                        fp32 = parallel_infllmv2_select(q, k, **cfg)
-                    rec(what=f"sweep_keys_fp32_vs_int64_{name}", rows_equal=(fp32 == exact).all(-1).float().mean().item(),
+                    with knobs(sel, FP32_TOPK="torch"), count_ties(sel) as tied:
+                        torch_topk = parallel_infllmv2_select(q, k, **cfg)
+                    rec(what=f"sweep_torch_topk_vs_radix_{name}",
+                        rows_equal=(torch_topk == exact).all(-1).float().mean().item(),
                         rows_tied_at_kth=round(sum(tied) / (T * hkv), 4), **meta)
                     coarse = parallel_infllmv2_select(q, k, coarse_norm=True, **cfg)
                     rec(what=f"sweep_agreement_coarse_vs_exact_{name}", **agreement(coarse, exact, cfg), **meta)
-                    del exact, fp32, coarse
+                    del exact, torch_topk, coarse
                 except Exception as ex:
                     rec(what=f"sweep_agreement_{name}", error=repr(ex)[:300], **meta)
                 empty_cache()
@@ -580,23 +575,6 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def check_fused_select():
-    """The fused top-k selection against the key + torch.topk path; fall back to the latter if it fails."""
-    from salaconvert.kernels.infllmv2 import select as sel
-    from salaconvert.kernels.infllmv2.parallel import parallel_infllmv2_select
-    q, k, _ = inputs(LEN(20000))
-    try:
-        sel.FUSED_TOPK = True
-        a = parallel_infllmv2_select(q, k, **OURS96)
-        sel.FUSED_TOPK = False
-        b = parallel_infllmv2_select(q, k, **OURS96)
-        rec(what="check_fused_select", rows_equal=(a == b).all(-1).float().mean().item())
-        sel.FUSED_TOPK = True
-    except Exception as ex:
-        sel.FUSED_TOPK = False
-        rec(what="check_fused_select", error=repr(ex)[:400], fallback="keys+torch.topk")
-
-
 def check_rows():
     """Correctness on the device at bench shapes (bf16 vs the fp32 reference on the same blocks)."""
     from salaconvert.kernels.infllmv2.decode import triton_infllmv2_decode
@@ -636,7 +614,7 @@ def knob_values() -> dict:
     from salaconvert.kernels.infllmv2 import parallel as par
     from salaconvert.kernels.infllmv2 import select as sel
     return {f"{m.__name__.rsplit('.', 1)[1]}.{n}": getattr(m, n) for m, names in (
-        (sel, ("FUSED_TOPK", "SELECT_BC", "SELECT_ROWS", "SELECT_WARPS", "SELECT_STAGES", "SELECT_KEYS", "FP32_TOPK")),
+        (sel, ("SELECT_BC", "SELECT_ROWS", "SELECT_WARPS", "SELECT_STAGES", "FP32_TOPK")),
         (par, ("ATTN_ROWS", "ATTN_TOKENS", "ATTN_WARPS", "ATTN_STAGES", "DKV_ROWS", "DQ_WARPS", "DQ_STAGES")),
         (dec, ("DECODE_CH", "DECODE_SPP", "DECODE_TOPK_CHUNK"))) for n in names}
 
@@ -680,8 +658,6 @@ def main():
     try:
         if "variants" in sections:
             variant_rows()
-        if "fused" in sections:
-            check_fused_select()
         if "check" in sections:
             check_rows()
         if "sweep" in sections:

@@ -28,7 +28,7 @@ from salaconvert.kernels.infllmv2._interp import rmax, rsum
 from salaconvert.kernels.infllmv2 import layout
 from salaconvert.kernels.infllmv2.layout import Seqs, compress_k_flat, make_seqs, make_tiles, next_pow2, with_windows
 from salaconvert.kernels.infllmv2.naive import _cfg, coarse_pool
-from salaconvert.kernels.infllmv2.select import select_blocks
+from salaconvert.kernels.infllmv2.select import pool_shape, select_blocks
 
 fix_interpreter_index()
 LOG2E = 1.4426950408889634
@@ -417,6 +417,7 @@ def _prepare(q, k, cu_seqlens, cfg):
         raise ValueError(f"head dim {D}: the Triton path takes 16, 32, 64, 128 or 256")
     if cfg["block_size"] < 16 or cfg["block_size"] & (cfg["block_size"] - 1):
         raise ValueError(f"block_size {cfg['block_size']}: the Triton path needs a power of two >= 16")
+    pool_shape(cfg["block_size"], cfg["kernel_size"], cfg["stride"])
     seqs = make_seqs(B, Tq, k.shape[1], cu_seqlens, cfg["kernel_size"], cfg["stride"], q.device)
     return seqs
 

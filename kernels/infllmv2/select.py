@@ -1,20 +1,21 @@
 """InfLLM-V2 stage 1 in Triton: compressed-key scores, group sum, max-pool into blocks, forced blocks.
 
 One program scores a tile of BT query tokens × the G query heads of one KV head (BT·GP rows, GP =
-next power of two ≥ G; padded head rows are masked). Pass 1 runs an online softmax over the
-causally visible compressed keys to get each row's exact normaliser (m, l) (or over the coarse
-keys with coarse_norm: README, step 5); pass 2 walks the key
-blocks in chunks of BNB and, for each of the P compressed keys overlapping a block, recomputes the
-row scores, normalises them, sums the G heads of each token in registers (per-head scores never
-reach memory) and keeps the running max: the max-pool. The forced/causal rules are applied in
-the same pass and each (token, block) score is written as one int64 sort key
+next power of two ≥ G; padded head rows carry a zero normaliser). Pass 1 runs an online softmax
+over the causally visible compressed keys to get each row's exact normaliser (or over the coarse
+keys with coarse_norm: README, step 5). Pass 2 walks the compressed keys once more, BC at a time:
+recomputes the row scores, normalises them, sums the G heads of each token in registers (per-head
+scores never reach memory), and max-pools the windows into blocks. With R = block / stride windows
+starting in each block and E = kernel / stride − 1 windows of the previous block reaching into it,
 
-    key = orderable_int32(score) << 32 | (2^32 − 1 − block)
+    score(block b) = max(windows bR … bR + R − 1, windows bR − E … bR − 1),
 
-so that the top K keys are exactly "score descending, block id ascending" (README, ties).
-Blocks after the query's own get the smallest int64, which marks them as never selectable.
-With SELECT_KEYS = "fp32" (the default) the scores themselves are written and the exact radix
-top-k (_radix_topk_kernel; or torch.topk + fix_ties, FP32_TOPK) picks the blocks.
+so each chunk of BC windows gives BC / R whole blocks, and the previous block's last E windows come
+from the neighbour in the chunk (or the carry from the chunk before). In both passes only the
+chunks at the diagonal build the causal masks. Forced/causal rules are applied in the same pass
+and each (token, block) score is written in fp32 (forced +inf, no visible window −1, after the
+query's own block −inf); an exact top-k (_radix_topk_kernel, or torch.topk + fix_ties) picks
+the blocks.
 """
 from __future__ import annotations
 
@@ -23,13 +24,12 @@ import triton
 import triton.language as tl
 
 from salaconvert.kernels._interpreter import fix_interpreter_index
-from salaconvert.kernels.infllmv2._interp import rcumsum, rmax, rmin, rsum, sort_rows
+from salaconvert.kernels.infllmv2._interp import rcumsum, rmax, rmin, rsum
 
 from salaconvert.kernels.infllmv2 import layout
 from salaconvert.kernels.infllmv2.layout import Seqs, make_tiles, next_pow2
 
 fix_interpreter_index()
-NEVER = -(2 ** 63)  # key of a block after the query's own
 
 
 @triton.jit
@@ -55,59 +55,134 @@ def _tile_queries(q, tile_n, tile_i, q_start, kc_start, seq_Tq, seq_Tk, seq_Tc, 
 
 
 @triton.jit
-def _normaliser(b_q, kc, kcs, Tc, i_h, pos, pos_hi, stride_kct, scale_log2, BM: tl.constexpr, D: tl.constexpr,
-                BC: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr):
-    """Pass 1: each row's softmax max and 1/sum over its causally visible keys kc (window KS, stride
-    ST): the fine compressed keys (exact) or the coarse ones (coarse_norm)."""
-    o_d = tl.arange(0, D)
-    # window j is visible at position t once j*ST + KS - 1 <= t
-    n_vis = tl.minimum(Tc, tl.where(pos_hi >= KS - 1, (tl.maximum(pos_hi, KS - 1) - KS + 1) // ST + 1, 0))
-    b_m = tl.full([BM], float("-inf"), tl.float32)
-    b_l = tl.full([BM], 0, tl.float32)
-    for j0 in range(0, n_vis, BC):
-        o_j = j0 + tl.arange(0, BC)
-        p_k = kc + (kcs + o_j).to(tl.int64)[:, None] * stride_kct + i_h * D + o_d[None, :]
-        b_k = tl.load(p_k, mask=(o_j < Tc)[:, None], other=0.).to(b_q.dtype)
-        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
-        vis = (o_j[None, :] < Tc) & (o_j[None, :] * ST + KS - 1 <= pos[:, None])
-        b_s = tl.where(vis, b_s, float("-inf"))
-        m_new = tl.maximum(b_m, rmax(b_s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0., m_new)
-        b_l = b_l * tl.exp2(b_m - m_safe) + rsum(tl.exp2(b_s - m_safe[:, None]), 1)
-        b_m = m_new
-    m_safe = tl.where(b_m == float("-inf"), 0., b_m)
-    inv_l = tl.where(b_l > 0, 1. / tl.where(b_l > 0, b_l, 1.), 0.)
-    return m_safe, inv_l
+def _n_visible(pos, Tc, KS: tl.constexpr, ST: tl.constexpr):
+    """How many compressed keys are visible at position pos: window j once j*ST + KS − 1 <= pos."""
+    return tl.minimum(Tc, tl.where(pos >= KS - 1, (tl.maximum(pos, KS - 1) - KS + 1) // ST + 1, 0))
 
 
 @triton.jit
-def _chunk_scores(b_q, kc, kcs, Tc, i_h, b0, m_safe, inv_l, pos, m_row, pos_t, qb_t, qb_hi, stride_kct, scale_log2,
-                  BT: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BNB: tl.constexpr, P: tl.constexpr,
-                  BS: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr):
-    """Pass 2 for blocks [b0, b0 + BNB): fp32 block scores [BT, BNB] (forced +inf, no visible window
-    −inf) and which blocks are causal candidates."""
+def _key_tile(kc, kcs, Tc, i_h, j0, stride_kct, BC: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr):
+    """Compressed keys [j0, j0 + BC) of KV head i_h: [BC, D]."""
+    o_j = j0 + tl.arange(0, BC)
     o_d = tl.arange(0, D)
-    o_b = b0 + tl.arange(0, BNB)
-    best = tl.full([BT, BNB], float("-inf"), tl.float32)
-    if b0 <= qb_hi:
-        num = o_b * BS - KS
-        lo = tl.where(num < 0, 0, tl.maximum(num, 0) // ST + 1)
-        hi = (o_b * BS + BS + ST - 1) // ST - 1
-        for p in tl.static_range(P):
-            # the p-th compressed window overlapping each block: the max-pool, one offset at a time
-            o_j = lo + p
-            ok_j = (o_j <= hi) & (o_j < Tc)
-            p_k = kc + (kcs + o_j).to(tl.int64)[:, None] * stride_kct + i_h * D + o_d[None, :]
-            b_k = tl.load(p_k, mask=ok_j[:, None], other=0.).to(b_q.dtype)
-            b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
-            vis = ok_j[None, :] & (o_j[None, :] * ST + KS - 1 <= pos[:, None]) & m_row[:, None]
-            b_p = tl.where(vis, tl.exp2(b_s - m_safe[:, None]) * inv_l[:, None], 0.)
-            b_sum = rsum(tl.reshape(b_p, [BT, GP, BNB]), 1)  # the group's heads of each token
-            vis_t = ok_j[None, :] & (o_j[None, :] * ST + KS - 1 <= pos_t[:, None])
-            best = tl.where(vis_t, tl.maximum(best, b_sum), best)
+    p_k = kc + (kcs + o_j).to(tl.int64)[:, None] * stride_kct + i_h * D + o_d[None, :]
+    if MASKED:
+        return tl.load(p_k, mask=(o_j < Tc)[:, None], other=0.)
+    return tl.load(p_k)
+
+
+@triton.jit
+def _softmax_step(b_q, kc, kcs, Tc, i_h, j0, b_m, b_l, pos, stride_kct, scale_log2, D: tl.constexpr,
+                  BC: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr, MASKED: tl.constexpr):
+    b_s = tl.dot(b_q, tl.trans(_key_tile(kc, kcs, Tc, i_h, j0, stride_kct, BC, D, MASKED).to(b_q.dtype)))
+    b_s = b_s * scale_log2
+    if MASKED:
+        o_j = j0 + tl.arange(0, BC)
+        b_s = tl.where((o_j[None, :] < Tc) & (o_j[None, :] * ST + KS - 1 <= pos[:, None]), b_s, float("-inf"))
+    m_new = tl.maximum(b_m, rmax(b_s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0., m_new)
+    b_l = b_l * tl.exp2(b_m - m_safe) + rsum(tl.exp2(b_s - m_safe[:, None]), 1)
+    return m_new, b_l
+
+
+@triton.jit
+def _normaliser(b_q, kc, kcs, Tc, i_h, pos, pos_lo, pos_hi, m_row, stride_kct, scale_log2, BM: tl.constexpr,
+                D: tl.constexpr, BC: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr):
+    """Pass 1: each row's log2-domain softmax offset over its causally visible keys kc (window KS,
+    stride ST: the fine compressed keys, or the coarse ones with coarse_norm), m + log2(sum), so
+    that p = exp2(s·scale_log2 − offset); +inf for rows that see nothing or are padding (p = 0)."""
+    b_m = tl.full([BM], float("-inf"), tl.float32)
+    b_l = tl.full([BM], 0, tl.float32)
+    n_all = _n_visible(pos_lo, Tc, KS, ST) // BC * BC  # chunks every row sees whole: no mask
+    for j0 in range(0, n_all, BC):
+        b_m, b_l = _softmax_step(b_q, kc, kcs, Tc, i_h, j0, b_m, b_l, pos, stride_kct, scale_log2, D, BC, KS, ST,
+                                 False)
+    for j0 in range(n_all, _n_visible(pos_hi, Tc, KS, ST), BC):
+        b_m, b_l = _softmax_step(b_q, kc, kcs, Tc, i_h, j0, b_m, b_l, pos, stride_kct, scale_log2, D, BC, KS, ST,
+                                 True)
+    ok = m_row & (b_l > 0)
+    return tl.where(ok, tl.where(ok, b_m, 0.) + tl.log2(tl.where(ok, b_l, 1.)), float("inf"))
+
+
+@triton.jit
+def _chunk_blocks(b_q, kc, kcs, Tc, i_h, c, offset, pos, pos_t, carry, stride_kct, scale_log2,
+                  BT: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BC: tl.constexpr, R: tl.constexpr,
+                  E: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr, MASKED: tl.constexpr):
+    """Pass 2 for the windows [c·BC, (c + 1)·BC): max-pooled group-summed probabilities of the
+    blocks they start, [BT, BC // R] (−inf where no window is visible to the token), and the new
+    carry: each token's max over the chunk's last E windows (they reach into the next block)."""
+    NBC: tl.constexpr = BC // R
+    j0 = c * BC
+    b_s = tl.dot(b_q, tl.trans(_key_tile(kc, kcs, Tc, i_h, j0, stride_kct, BC, D, MASKED).to(b_q.dtype)))
+    b_p = tl.exp2(b_s * scale_log2 - offset[:, None])
+    o_j = j0 + tl.arange(0, BC)
+    if MASKED:
+        b_p = tl.where(o_j[None, :] * ST + KS - 1 <= pos[:, None], b_p, 0.)
+    b_w = rsum(tl.reshape(b_p, [BT, GP, BC]), 1)  # the group's heads of each token
+    if MASKED:
+        b_w = tl.where(o_j[None, :] * ST + KS - 1 <= pos_t[:, None], b_w, float("-inf"))
+    b_w = tl.reshape(b_w, [BT, NBC, R])
+    own = rmax(b_w, 2)
+    o_r = tl.arange(0, R)[None, None, :]
+    tail = rmax(tl.where(o_r >= R - E, b_w, float("-inf")), 2)  # [BT, NBC]
+    # the previous block's tail, one block to the right: block 0 of the chunk takes the carry
+    o_b = tl.arange(0, NBC)
+    left = (o_b[:, None] + 1 == o_b[None, :])[None, :, :]
+    prev = rmax(tl.where(left, tail[:, :, None], float("-inf")), 1)
+    prev = tl.where(o_b[None, :] == 0, carry[:, None], prev)
+    return tl.maximum(own, prev), rmax(tl.where(o_b[None, :] == NBC - 1, tail, float("-inf")), 1)
+
+
+@triton.jit
+def _store_scores(keys, best, b0, qb_t, row_t, m_t, stride_keyt, i_h, NBMAX, NBC: tl.constexpr,
+                  INIT: tl.constexpr, LOCAL: tl.constexpr):
+    """Blocks [b0, b0 + NBC) of each token: forced +inf, −1 where no window is visible, −inf after
+    the token's own block (never selectable), else the score."""
+    o_b = b0 + tl.arange(0, NBC)
     causal = o_b[None, :] <= qb_t[:, None]
     forced = (o_b[None, :] < INIT) | (o_b[None, :] > qb_t[:, None] - LOCAL)
-    return tl.where(forced, float("inf"), best), causal
+    key = tl.where(forced, float("inf"), tl.where(best == float("-inf"), -1., best))
+    key = tl.where(causal, key, float("-inf"))
+    p_o = keys + row_t.to(tl.int64)[:, None] * stride_keyt + i_h * NBMAX + o_b[None, :]
+    tl.store(p_o, key, mask=m_t[:, None] & (o_b[None, :] < NBMAX))
+
+
+@triton.jit
+def _select_scores_kernel(q, kc, kn, keys, tile_n, tile_i, q_start, kc_start, kn_start, seq_Tq, seq_Tk, seq_Tc,
+                          seq_Tn, scale_log2, stride_qt, stride_kct, stride_knt, stride_keyt, NBMAX, key_row0,
+                          G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BC: tl.constexpr,
+                          R: tl.constexpr, E: tl.constexpr, BS: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr,
+                          NKS: tl.constexpr, NST: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr):
+    """Writes every (token, block) score of the tile; a top-k picks the blocks (radix_topk /
+    scores_to_blocks). kn: the normaliser's keys (window NKS, stride NST), kc itself when exact."""
+    NBC: tl.constexpr = BC // R
+    i_tile, i_h = tl.program_id(0), tl.program_id(1)
+    b_q, m_row, pos, i0, qs, kcs, Tq, Tk, Tc = _tile_queries(q, tile_n, tile_i, q_start, kc_start, seq_Tq, seq_Tk,
+                                                             seq_Tc, i_tile, i_h, stride_qt, G, GP, BT, D)
+    n = tl.load(tile_n + i_tile)
+    pos_lo = Tk - Tq + i0
+    pos_hi = Tk - Tq + tl.minimum(i0 + BT, Tq) - 1
+    offset = _normaliser(b_q, kn, tl.load(kn_start + n), tl.load(seq_Tn + n), i_h, pos, pos_lo, pos_hi, m_row,
+                         stride_knt, scale_log2, BT * GP, D, BC, NKS, NST)
+    tok_t = i0 + tl.arange(0, BT)
+    pos_t = Tk - Tq + tok_t
+    qb_t = pos_t // BS
+    row_t = qs + tok_t - key_row0
+    m_t = tok_t < Tq
+    carry = tl.full([BT], float("-inf"), tl.float32)
+    n_all = _n_visible(pos_lo, Tc, KS, ST) // BC  # chunks whose windows every token sees
+    n_causal = (pos_hi // BS) // NBC + 1  # chunks holding a block up to the tile's last
+    for c in range(0, n_all):
+        best, carry = _chunk_blocks(b_q, kc, kcs, Tc, i_h, c, offset, pos, pos_t, carry, stride_kct, scale_log2,
+                                    BT, GP, D, BC, R, E, KS, ST, False)
+        _store_scores(keys, best, c * NBC, qb_t, row_t, m_t, stride_keyt, i_h, NBMAX, NBC, INIT, LOCAL)
+    for c in range(n_all, n_causal):
+        best, carry = _chunk_blocks(b_q, kc, kcs, Tc, i_h, c, offset, pos, pos_t, carry, stride_kct, scale_log2,
+                                    BT, GP, D, BC, R, E, KS, ST, True)
+        _store_scores(keys, best, c * NBC, qb_t, row_t, m_t, stride_keyt, i_h, NBMAX, NBC, INIT, LOCAL)
+    never = tl.full([BT, NBC], float("-inf"), tl.float32)
+    for c in range(n_causal, tl.cdiv(NBMAX, NBC)):
+        _store_scores(keys, never, c * NBC, qb_t, row_t, m_t, stride_keyt, i_h, NBMAX, NBC, INIT, LOCAL)
 
 
 @triton.jit
@@ -115,85 +190,6 @@ def orderable_int32(x):
     """fp32 -> int32 with the same order (−0 just below +0)."""
     bits = x.to(tl.int32, bitcast=True)
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
-
-
-@triton.jit
-def _int64_keys(score, causal, b0, BNB: tl.constexpr):
-    """orderable_int32(score) << 32 | (2^32 − 1 − block); int64 min where not causal."""
-    o_b = b0 + tl.arange(0, BNB)
-    key = (orderable_int32(score).to(tl.int64) << 32) | (4294967295 - o_b[None, :].to(tl.int64))
-    return tl.where(causal, key, -9223372036854775807 - 1)
-
-
-@triton.jit
-def _select_keys_kernel(q, kc, kn, keys, tile_n, tile_i, q_start, kc_start, kn_start, seq_Tq, seq_Tk, seq_Tc,
-                        seq_Tn, scale_log2, stride_qt, stride_kct, stride_knt, stride_keyt, NBMAX, key_row0,
-                        G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BC: tl.constexpr,
-                        BNB: tl.constexpr, P: tl.constexpr, BS: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr,
-                        NKS: tl.constexpr, NST: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
-                        FP32: tl.constexpr):
-    """Writes every (token, block) sort key; a top-k picks the blocks (keys_to_blocks /
-    scores_to_blocks / radix_topk). kn: the normaliser's keys (window NKS, stride NST), kc itself when exact."""
-    i_tile, i_h = tl.program_id(0), tl.program_id(1)
-    b_q, m_row, pos, i0, qs, kcs, Tq, Tk, Tc = _tile_queries(q, tile_n, tile_i, q_start, kc_start, seq_Tq, seq_Tk,
-                                                             seq_Tc, i_tile, i_h, stride_qt, G, GP, BT, D)
-    n = tl.load(tile_n + i_tile)
-    pos_hi = Tk - Tq + tl.minimum(i0 + BT, Tq) - 1
-    m_safe, inv_l = _normaliser(b_q, kn, tl.load(kn_start + n), tl.load(seq_Tn + n), i_h, pos, pos_hi, stride_knt,
-                                scale_log2, BT * GP, D, BC, NKS, NST)
-    m_row = m_row & (inv_l > 0)  # coarse_norm: a row that sees no coarse key scores 0 (naive.py)
-    tok_t = i0 + tl.arange(0, BT)
-    pos_t = Tk - Tq + tok_t
-    for b0 in range(0, NBMAX, BNB):
-        score, causal = _chunk_scores(b_q, kc, kcs, Tc, i_h, b0, m_safe, inv_l, pos, m_row, pos_t, pos_t // BS,
-                                      pos_hi // BS, stride_kct, scale_log2, BT, GP, D, BNB, P, BS, KS, ST, INIT, LOCAL)
-        if FP32:
-            # visible scores are >= 0: a candidate with no visible window becomes -1, a non-causal block -inf
-            key = tl.where(causal, tl.where(score == float("-inf"), -1., score), float("-inf"))
-        else:
-            key = _int64_keys(score, causal, b0, BNB)
-        o_b = b0 + tl.arange(0, BNB)
-        p_o = keys + (qs + tok_t - key_row0).to(tl.int64)[:, None] * stride_keyt + i_h * NBMAX + o_b[None, :]
-        tl.store(p_o, key, mask=(tok_t < Tq)[:, None] & (o_b[None, :] < NBMAX))
-
-
-@triton.jit
-def _select_topk_kernel(q, kc, kn, out, tile_n, tile_i, q_start, kc_start, kn_start, seq_Tq, seq_Tk, seq_Tc, seq_Tn,
-                        scale_log2, stride_qt, stride_kct, stride_knt, stride_ot, NBMAX, TOPK,
-                        G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BC: tl.constexpr,
-                        KP: tl.constexpr, LOG_KP: tl.constexpr, P: tl.constexpr, BS: tl.constexpr, KS: tl.constexpr,
-                        ST: tl.constexpr, NKS: tl.constexpr, NST: tl.constexpr, INIT: tl.constexpr,
-                        LOCAL: tl.constexpr):
-    """Fused top-k: a running best-KP list of keys per token, merged with each chunk of KP blocks
-    by a bitonic sort of the 2·KP candidates; only causal chunks are visited, nothing but the final
-    block ids reaches memory."""
-    i_tile, i_h = tl.program_id(0), tl.program_id(1)
-    b_q, m_row, pos, i0, qs, kcs, Tq, Tk, Tc = _tile_queries(q, tile_n, tile_i, q_start, kc_start, seq_Tq, seq_Tk,
-                                                             seq_Tc, i_tile, i_h, stride_qt, G, GP, BT, D)
-    n = tl.load(tile_n + i_tile)
-    pos_hi = Tk - Tq + tl.minimum(i0 + BT, Tq) - 1
-    m_safe, inv_l = _normaliser(b_q, kn, tl.load(kn_start + n), tl.load(seq_Tn + n), i_h, pos, pos_hi, stride_knt,
-                                scale_log2, BT * GP, D, BC, NKS, NST)
-    m_row = m_row & (inv_l > 0)
-    tok_t = i0 + tl.arange(0, BT)
-    pos_t = Tk - Tq + tok_t
-    qb_hi = pos_hi // BS
-    top = tl.full([BT, KP], -9223372036854775807 - 1, tl.int64)
-    half = tl.arange(0, 2)[None, :, None]
-    for b0 in range(0, NBMAX, KP):
-        if b0 <= qb_hi:
-            score, causal = _chunk_scores(b_q, kc, kcs, Tc, i_h, b0, m_safe, inv_l, pos, m_row, pos_t, pos_t // BS,
-                                          qb_hi, stride_kct, scale_log2, BT, GP, D, KP, P, BS, KS, ST, INIT, LOCAL)
-            key = _int64_keys(score, causal, b0, KP)
-            both = sort_rows(tl.reshape(tl.join(top, key), [BT, 2 * KP]), LOG_KP + 1, 1)
-            top = rsum(tl.reshape(both, [BT, 2, KP]) * (1 - half), 1)  # the larger half, still sorted
-    o_c = tl.arange(0, KP)[None, :]
-    ids = (4294967295 - (top & 4294967295)).to(tl.int32)
-    ids = tl.where((top == -9223372036854775807 - 1) | (o_c >= TOPK), 1073741824, ids)
-    ids = sort_rows(ids, LOG_KP, 0)
-    ids = tl.where(ids == 1073741824, -1, ids)
-    p_o = out + (qs + tok_t).to(tl.int64)[:, None] * stride_ot + i_h * TOPK + o_c
-    tl.store(p_o, ids, mask=(tok_t < Tq)[:, None] & (o_c < TOPK))
 
 
 @triton.jit
@@ -240,43 +236,47 @@ def _pool_width(block_size: int, kernel_size: int, stride: int) -> int:
 
 
 # Knobs (README, "Knobs"; benchmarks/infllmv2.py --sweep measures the alternatives).
-# The fused top-k is exact but slower on an H100 (248 ms vs 69 ms for stage 1 at 128K, run 1 in
-# benchmarks/notes-infllmv2.md: the bitonic merge of 2·128 int64 keys per chunk costs more than
-# writing the keys and calling torch.topk), so the key path is the default; tests keep both right.
-FUSED_TOPK = False
-SELECT_BC = 64  # compressed keys per step of the normaliser pass (128: −4% in one run, not adopted)
+SELECT_BC = 64  # compressed keys per step of both passes (a multiple of block / stride)
 # Query rows (tokens × padded group heads) per scoring tile. Every tile streams all its visible
 # compressed keys through both passes, so the keys' traffic falls as the tile grows (64 rows:
-# 64 FLOP per byte of keys).
+# 64 FLOP per byte of keys); run 8 found 64 rows × 4 warps fastest all the same.
 SELECT_ROWS = 64
 SELECT_WARPS = 4  # num_warps of the selection launch
 SELECT_STAGES = 3  # num_stages of the selection launch (Triton's default)
-# Sort keys of the key path: "int64" (score bits | reversed block id, one torch.topk, exact) or
-# "fp32" (the scores alone, half the bytes: torch.topk on fp32, then rows whose K-th score is tied
-# with an unselected block are re-ranked by a stable sort; exact too, see scores_to_blocks).
-# H100 run 4, 128K: selection 70.7 → 61.2 ms (G = 16), 157.7 → 138.9 ms (G = 4), same blocks on every row.
-SELECT_KEYS = "fp32"
-# Top-K of the fp32 keys: "radix" (_radix_topk_kernel, exact in one pass) or "torch" (torch.topk,
+# Top-K of the scores: "radix" (_radix_topk_kernel, exact in one pass) or "torch" (torch.topk,
 # then fix_ties re-ranks the rows where a tie at the K-th score makes its answer ambiguous).
 FP32_TOPK = "radix"
+
+
+def pool_shape(block_size: int, kernel_size: int, stride: int) -> tuple[int, int]:
+    """(R, E): windows starting in each block, and windows of the previous block reaching into it.
+    The kernels' max-pool needs stride | block_size, stride | kernel_size and E <= R."""
+    if block_size % stride or kernel_size % stride or not stride <= kernel_size <= block_size + stride:
+        raise ValueError(f"block_size {block_size}, kernel_size {kernel_size}, stride {stride}: the kernels need "
+                         "block_size and kernel_size multiples of stride, stride <= kernel_size <= block_size + stride")
+    R = block_size // stride
+    if R & (R - 1):
+        raise ValueError(f"block_size / stride = {R}: the kernels need a power of two")
+    return R, kernel_size // stride - 1
 
 
 def select_blocks(q: torch.Tensor, kc: torch.Tensor, seqs: Seqs, *, block_size: int, topk: int,
                   init_blocks: int, local_blocks: int, kernel_size: int, stride: int, scale: float,
                   kn: torch.Tensor | None = None, seqs_n: Seqs | None = None,
-                  fused: bool | None = None, chunk_elems: int = 1 << 28) -> torch.Tensor:
+                  chunk_elems: int = 1 << 28) -> torch.Tensor:
     """Selected blocks of every query row. q [Nq, Hq, d], kc [sum Tc, Hkv, d] -> int32 [Nq, Hkv, topk].
 
     Rows ascending, −1 padded; block ids relative to each sequence's first key. kn / seqs_n: the
     coarse keys of coarse_norm (4× kernel and stride) and their sequence table; None = exact
-    normaliser over kc. fused (default FUSED_TOPK) keeps the top-k in registers; otherwise the sort
-    keys (SELECT_KEYS) are materialised for at most `chunk_elems` (row, head, block) triples at a
-    time and reduced by a top-k (FP32_TOPK).
+    normaliser over kc. The block scores are materialised for at most `chunk_elems` (row, head,
+    block) triples at a time and reduced by a top-k (FP32_TOPK).
     """
     Nq, Hq, D = q.shape
     Hkv = kc.shape[1]
     G = Hq // Hkv
     GP = next_pow2(G)
+    R, E = pool_shape(block_size, kernel_size, stride)
+    BC = max(SELECT_BC, 16, R)
     NBMAX = max((t + block_size - 1) // block_size for t in seqs.Tk_list)
     BT = max(1, min(SELECT_ROWS // GP, next_pow2(max(seqs.Tq_list))))
     BT = max(BT, 16 // GP if GP < 16 else 1)  # keep BT·GP ≥ 16 for tl.dot
@@ -289,41 +289,29 @@ def select_blocks(q: torch.Tensor, kc: torch.Tensor, seqs: Seqs, *, block_size: 
         NKS, NST = 4 * kernel_size, 4 * stride
         if kn.shape[0] == 0:
             kn = kn.new_zeros(1, Hkv, D)
-    P = _pool_width(block_size, kernel_size, stride)
     sl2 = scale * 1.4426950408889634
-    common = dict(G=G, GP=GP, BT=BT, D=D, BC=SELECT_BC, P=P, BS=block_size, KS=kernel_size, ST=stride,
+    common = dict(G=G, GP=GP, BT=BT, D=D, BC=BC, R=R, E=E, BS=block_size, KS=kernel_size, ST=stride,
                   NKS=NKS, NST=NST, INIT=init_blocks, LOCAL=local_blocks, num_warps=SELECT_WARPS,
                   num_stages=SELECT_STAGES)
     seq_args = (seqs.q_start, seqs.kc_start, seqs_n.kc_start, seqs.Tq, seqs.Tk, seqs.Tc, seqs_n.Tc)
-    if FUSED_TOPK if fused is None else fused:
-        KP = max(16, next_pow2(topk))
-        out = layout.empty((Nq, Hkv, topk), torch.int32, q.device)
-        _select_topk_kernel[(tile_n.numel(), Hkv)](
-            q, kc, kn, out, tile_n, tile_i, *seq_args, sl2, q.stride(0), kc.stride(0), kn.stride(0), out.stride(0),
-            NBMAX, topk, KP=KP, LOG_KP=KP.bit_length() - 1, **common)
-        return out
     K = min(topk, NBMAX)
-    fp32 = SELECT_KEYS == "fp32"
     out = torch.full((Nq, Hkv, topk), -1, dtype=torch.int32, device=q.device)
-    # whole tiles in groups, so the key buffer stays bounded
+    # whole tiles in groups, so the score buffer stays bounded
     tiles_per_chunk = max(1, chunk_elems // max(1, BT * Hkv * NBMAX))
-    BNB = 64 if NBMAX >= 64 else max(16, next_pow2(NBMAX))
     tile_row = (seqs.q_start.to(tile_n.device)[tile_n.long()] + tile_i).tolist()
     n_tiles = tile_n.numel()
     for c0 in range(0, n_tiles, tiles_per_chunk):
         c1 = min(n_tiles, c0 + tiles_per_chunk)
         r0 = tile_row[c0]
         r1 = tile_row[c1] if c1 < n_tiles else Nq
-        keys = layout.empty((r1 - r0, Hkv, NBMAX), torch.float32 if fp32 else torch.int64, q.device)
-        _select_keys_kernel[(c1 - c0, Hkv)](
-            q, kc, kn, keys, tile_n[c0:c1], tile_i[c0:c1], *seq_args, sl2, q.stride(0), kc.stride(0), kn.stride(0),
-            keys.stride(0), NBMAX, r0, BNB=BNB, FP32=fp32, **common)
-        if not fp32:
-            out[r0:r1, :, :K] = keys_to_blocks(keys, K)
-        elif FP32_TOPK == "radix":
-            radix_topk(keys.view(-1, NBMAX), out[r0:r1].view(-1, topk), K)
+        scores = layout.empty((r1 - r0, Hkv, NBMAX), torch.float32, q.device)
+        _select_scores_kernel[(c1 - c0, Hkv)](
+            q, kc, kn, scores, tile_n[c0:c1], tile_i[c0:c1], *seq_args, sl2, q.stride(0), kc.stride(0),
+            kn.stride(0), scores.stride(0), NBMAX, r0, **common)
+        if FP32_TOPK == "radix":
+            radix_topk(scores.view(-1, NBMAX), out[r0:r1].view(-1, topk), K)
         else:
-            out[r0:r1, :, :K] = scores_to_blocks(keys, K)
+            out[r0:r1, :, :K] = scores_to_blocks(scores, K)
     return out
 
 
@@ -335,15 +323,6 @@ def radix_topk(scores: torch.Tensor, out: torch.Tensor, K: int) -> None:
     R = max(1, min(16, 4096 // BLOCK))
     _radix_topk_kernel[(triton.cdiv(N, R),)](scores, out, N, NB, scores.stride(0), out.stride(0), K,
                                             R=R, BLOCK=BLOCK, num_warps=4 if BLOCK <= 4096 else 8)
-
-
-def keys_to_blocks(keys: torch.Tensor, K: int) -> torch.Tensor:
-    """Top-K of int64 sort keys [..., NB] -> int32 block ids [..., K], ascending, −1 where unselectable."""
-    vals = torch.topk(keys, K, dim=-1, sorted=False).values
-    ids = (4294967295 - (vals & 4294967295)).to(torch.int32)
-    ids = torch.where(vals == NEVER, torch.full_like(ids, 2 ** 30), ids)
-    ids = torch.sort(ids, dim=-1).values
-    return torch.where(ids == 2 ** 30, torch.full_like(ids, -1), ids)
 
 
 def scores_to_blocks(scores: torch.Tensor, K: int) -> torch.Tensor:

@@ -115,10 +115,8 @@ def test_coarse_norm_fwd_bwd():
 
 
 @pytest.mark.parametrize("G", [1, 4])
-def test_select_fp32_keys(G, monkeypatch):
-    # SELECT_KEYS = "fp32" with either top-k (radix kernel; torch.topk plus the tie fix-up), on
-    # inputs full of exact ties
-    monkeypatch.setattr(select_mod, "SELECT_KEYS", "fp32")
+def test_select_both_topks_on_ties(G, monkeypatch):
+    # either top-k (radix kernel; torch.topk plus the tie fix-up) on inputs full of exact ties
     q, k, _ = _qkv(1, 130, 130, 2 * G, 2, 16, seed=50 + G)
     k[:, 16:112] = k[:, 16:32].repeat(1, 6, 1, 1)
     kw = dict(topk=4, **SMALL)
@@ -127,6 +125,27 @@ def test_select_fp32_keys(G, monkeypatch):
             monkeypatch.setattr(select_mod, "FP32_TOPK", topk)
             assert torch.equal(parallel_infllmv2_select(q, k, coarse_norm=coarse, **kw),
                                naive_infllmv2_select(q, k, coarse_norm=coarse, **kw))
+
+
+@pytest.mark.parametrize("bc,G,pool", [(16, 3, (16, 8, 4)), (16, 16, (16, 8, 4)), (64, 4, (16, 8, 4)),
+                                       (16, 4, (16, 16, 8)), (16, 3, (16, 4, 4)), (16, 4, (16, 20, 4))])
+def test_select_across_window_chunks(bc, G, pool, monkeypatch):
+    # many chunks of `bc` windows: blocks whose windows every token sees (the unmasked loop), the
+    # carry of each chunk's last windows into the next chunk's first block, and window shapes with
+    # E = 1 (8/4, 16/8), E = 0 (4/4: windows never cross a block) and E = R (20/4). One local
+    # block, so the block before the query's own is scored, with windows not all visible yet.
+    monkeypatch.setattr(select_mod, "SELECT_BC", bc)
+    block, kernel, stride = pool
+    Hkv = 1 if G == 16 else 2
+    q, k, _ = _qkv(1, 150, 333, G * Hkv, Hkv, 16, seed=bc + G + kernel)
+    kw = dict(topk=6, block_size=block, kernel_size=kernel, stride=stride, init_blocks=1, local_blocks=1)
+    assert torch.equal(parallel_infllmv2_select(q, k, **kw), naive_infllmv2_select(q, k, **kw))
+
+
+def test_select_rejects_windows_the_max_pool_cannot_take():
+    q, k, _ = _qkv(1, 40, 40, 2, 1, 16)
+    with pytest.raises(ValueError, match="multiples of stride"):
+        parallel_infllmv2_select(q, k, topk=4, block_size=16, kernel_size=6, stride=4, init_blocks=1, local_blocks=2)
 
 
 def test_fix_ties_reranks_ambiguous_rows():
@@ -166,20 +185,6 @@ def _ranked_topk(scores, K):
     ids = torch.where(order.values[:, :K] > float("-inf"), order.indices[:, :K], NB + 1)
     want = torch.sort(ids, dim=-1).values
     return torch.where(want > NB, -1, want).to(torch.int32)
-
-
-@pytest.mark.parametrize("G,T,topk", [(3, 70, 5), (16, 50, 3)])
-def test_select_fused_topk(G, T, topk):
-    # the GPU default: top-k kept in registers with a bitonic merge (the other tests take the key path)
-    Hkv = 1 if G == 16 else 2
-    q, k, _ = _qkv(1, T, T, G * Hkv, Hkv, 16, seed=T)
-    k[:, 16:48] = k[:, 16:32].repeat(1, 2, 1, 1)  # exact ties too
-    kw = dict(topk=topk, **SMALL)
-    cfg = dict(block_size=16, topk=topk, init_blocks=1, local_blocks=2, kernel_size=8, stride=4)
-    seqs = layout.make_seqs(1, T, T, None, 8, 4, "cpu")
-    kc = layout.compress_k_flat(k[0], seqs, 8, 4)
-    fused = select_mod.select_blocks(q[0], kc, seqs, scale=16 ** -0.5, fused=True, **cfg)
-    assert torch.equal(fused[None], naive_infllmv2_select(q, k, **kw))
 
 
 def test_select_end_aligned_and_varlen():
