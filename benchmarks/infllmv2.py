@@ -19,7 +19,7 @@ time split between stages. Past --deadline seconds every further row is recorded
 the JSON is always written. --smoke shrinks every shape (CPU interpreter check of the script).
 Section 'real' (--only real) times stage 2 on block lists chosen by SmolLM2-135M on real text
 next to the random inputs' lists (real_rows; --real-model, --real-data); 'select_tiles' and
-'attn_tiles' sweep the scoring and attention tiles (rows × warps × stages) at 128K (and 256K).
+'attn_tiles' sweep the scoring and attention tiles (rows × warps × stages, keys per step) at 128K.
 """
 from __future__ import annotations
 
@@ -405,23 +405,26 @@ def attend_tiles(q, k, v, meta):
 
 
 def select_tile_rows(lengths):
-    """Stage 1 alone for scoring tiles of 64 / 128 / 256 query rows × 4 / 8 warps, group 16 and 4."""
+    """Stage 1 alone for scoring tiles of 64 / 128 / 256 query rows × 4 / 8 warps, 64 / 128
+    compressed keys per step and 2 / 3 / 4 pipeline stages, group 16 and 4."""
     from salaconvert.kernels.infllmv2 import select as selmod
     from salaconvert.kernels.infllmv2.parallel import parallel_infllmv2_select
+    variants = [dict(SELECT_ROWS=r, SELECT_WARPS=w) for r, w in ((64, 4), (128, 4), (128, 8), (256, 8))]
+    variants += [dict(SELECT_BC=128), dict(SELECT_BC=128, SELECT_ROWS=128, SELECT_WARPS=8),
+                 dict(SELECT_STAGES=2), dict(SELECT_STAGES=4)]
     for T in lengths:
         for hkv in (HKV, H // 4):
             meta = dict(T=T, Hkv=hkv, mode="fwd")
             q, k, _ = inputs(T, hkv)
             with torch.no_grad():
                 base = parallel_infllmv2_select(q, k, **OURS96)
-                for rows in (64, 128, 256):
-                    for warps in (4, 8):
-                        with knobs(selmod, SELECT_ROWS=rows, SELECT_WARPS=warps):
-                            t = safe(f"ours_96_select_rows{rows}_warps{warps}",
-                                     lambda: parallel_infllmv2_select(q, k, **OURS96), **meta)
-                            if t and rows != 64:
-                                same = (parallel_infllmv2_select(q, k, **OURS96) == base).all(-1).float().mean().item()
-                                rec(what=f"select_rows{rows}_warps{warps}_rows_equal", share=round(same, 4), **meta)
+                for kn in variants:
+                    label = "_".join(f"{n.split('_')[1].lower()}{v}" for n, v in kn.items())
+                    with knobs(selmod, **kn):
+                        t = safe(f"ours_96_select_{label}", lambda: parallel_infllmv2_select(q, k, **OURS96), **meta)
+                        if t:
+                            same = (parallel_infllmv2_select(q, k, **OURS96) == base).all(-1).float().mean().item()
+                            rec(what=f"select_{label}_rows_equal", share=round(same, 4), **meta)
             del q, k, base
             empty_cache()
 
@@ -678,7 +681,7 @@ def main():
                 del q, k, v
                 empty_cache()
         if "select_tiles" in sections:
-            select_tile_rows([LEN(t) for t in (131072, 262144)])
+            select_tile_rows([LEN(131072)])
         if "real" in sections:
             real_rows([LEN(t) for t in ([32768] if args.quick else [32768, 65536, 131072, 262144])], args.real_model,
                       args.real_data)

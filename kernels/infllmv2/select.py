@@ -170,19 +170,22 @@ def _select_scores_kernel(q, kc, kn, keys, tile_n, tile_i, q_start, kc_start, kn
     row_t = qs + tok_t - key_row0
     m_t = tok_t < Tq
     carry = tl.full([BT], float("-inf"), tl.float32)
-    n_all = _n_visible(pos_lo, Tc, KS, ST) // BC  # chunks whose windows every token sees
-    n_causal = (pos_hi // BS) // NBC + 1  # chunks holding a block up to the tile's last
+    # only blocks up to the last token's last non-local one need a score (later ones are forced
+    # or after the token's own block): chunks [0, n_scored), the first n_all of them unmasked
+    last = pos_hi // BS - LOCAL
+    n_scored = tl.where(last >= INIT, last // NBC + 1, 0)
+    n_all = tl.minimum(_n_visible(pos_lo, Tc, KS, ST) // BC, n_scored)
     for c in range(0, n_all):
         best, carry = _chunk_blocks(b_q, kc, kcs, Tc, i_h, c, offset, pos, pos_t, carry, stride_kct, scale_log2,
                                     BT, GP, D, BC, R, E, KS, ST, False)
         _store_scores(keys, best, c * NBC, qb_t, row_t, m_t, stride_keyt, i_h, NBMAX, NBC, INIT, LOCAL)
-    for c in range(n_all, n_causal):
+    for c in range(n_all, n_scored):
         best, carry = _chunk_blocks(b_q, kc, kcs, Tc, i_h, c, offset, pos, pos_t, carry, stride_kct, scale_log2,
                                     BT, GP, D, BC, R, E, KS, ST, True)
         _store_scores(keys, best, c * NBC, qb_t, row_t, m_t, stride_keyt, i_h, NBMAX, NBC, INIT, LOCAL)
-    never = tl.full([BT, NBC], float("-inf"), tl.float32)
-    for c in range(n_causal, tl.cdiv(NBMAX, NBC)):
-        _store_scores(keys, never, c * NBC, qb_t, row_t, m_t, stride_keyt, i_h, NBMAX, NBC, INIT, LOCAL)
+    unscored = tl.full([BT, NBC], float("-inf"), tl.float32)
+    for c in range(n_scored, tl.cdiv(NBMAX, NBC)):
+        _store_scores(keys, unscored, c * NBC, qb_t, row_t, m_t, stride_keyt, i_h, NBMAX, NBC, INIT, LOCAL)
 
 
 @triton.jit
