@@ -35,6 +35,21 @@ def test_convert_writes_a_checkpoint_and_report(teacher_dir, tmp_path):
         assert no_gpu.exit_code == 2 and "CUDA is not available" in no_gpu.output
 
 
+@pytest.mark.parametrize("field,value,says", [("sparse", {"kernel_size": 40}, "kernel_size 40"),
+                                               ("layer_types", ["sparse_attention", "mamba", "linear_attention",
+                                                                "linear_attention"], "unknown type")])
+def test_a_hybrid_config_the_kernels_cannot_run_exits_2(field, value, says, teacher_dir, tmp_path):
+    out = tmp_path / "hybrid"
+    assert run_cli("convert", teacher_dir, "--out", out, "--ratio", "1:3").exit_code == 0
+    config = json.loads((out / "config.json").read_text())
+    config[field] = {**config[field], **value} if isinstance(value, dict) else value
+    (out / "config.json").write_text(json.dumps(config))
+    result = run_cli("info", out)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and says in lines[0], result.output
+
+
 def test_convert_uses_a_plan_file_exactly(teacher_dir, tmp_path):
     plan = tmp_path / "plan.json"
     types = ["linear_attention", "sparse_attention", "full_attention", "linear_attention"]

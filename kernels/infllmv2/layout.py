@@ -33,6 +33,18 @@ def n_compressed(Tk: int, kernel_size: int, stride: int) -> int:
     return max(0, (Tk - kernel_size) // stride + 1)
 
 
+def pool_shape(block_size: int, kernel_size: int, stride: int) -> tuple[int, int]:
+    """(R, E): windows starting in each block, and windows of the previous block reaching into it.
+    The Triton kernels' max-pool (select.py) needs stride | block_size, stride | kernel_size and E <= R."""
+    if block_size % stride or kernel_size % stride or not stride <= kernel_size <= block_size + stride:
+        raise ValueError(f"block_size {block_size}, kernel_size {kernel_size}, stride {stride}: the kernels need "
+                         "block_size and kernel_size multiples of stride, stride <= kernel_size <= block_size + stride")
+    R = block_size // stride
+    if R & (R - 1):
+        raise ValueError(f"block_size / stride = {R}: the kernels need a power of two")
+    return R, kernel_size // stride - 1
+
+
 def make_seqs(B: int, Tq: int, Tk: int, cu_seqlens: torch.Tensor | None, kernel_size: int, stride: int,
               device) -> Seqs:
     if cu_seqlens is None:

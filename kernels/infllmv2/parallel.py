@@ -26,9 +26,10 @@ from salaconvert.kernels._interpreter import fix_interpreter_index
 from salaconvert.kernels.infllmv2._interp import rmax, rsum
 
 from salaconvert.kernels.infllmv2 import layout
-from salaconvert.kernels.infllmv2.layout import Seqs, compress_k_flat, make_seqs, make_tiles, next_pow2, with_windows
+from salaconvert.kernels.infllmv2.layout import (Seqs, compress_k_flat, make_seqs, make_tiles, next_pow2, pool_shape,
+                                                with_windows)
 from salaconvert.kernels.infllmv2.naive import _cfg, coarse_pool
-from salaconvert.kernels.infllmv2.select import pool_shape, select_blocks
+from salaconvert.kernels.infllmv2.select import select_blocks
 
 fix_interpreter_index()
 LOG2E = 1.4426950408889634

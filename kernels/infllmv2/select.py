@@ -27,7 +27,7 @@ from salaconvert.kernels._interpreter import fix_interpreter_index
 from salaconvert.kernels.infllmv2._interp import rcumsum, rmax, rmin, rsum
 
 from salaconvert.kernels.infllmv2 import layout
-from salaconvert.kernels.infllmv2.layout import Seqs, make_tiles, next_pow2
+from salaconvert.kernels.infllmv2.layout import Seqs, make_tiles, next_pow2, pool_shape
 
 fix_interpreter_index()
 
@@ -249,18 +249,6 @@ SELECT_STAGES = 2  # num_stages of the selection launch (run 17, 128K: 36.4 vs 3
 # Top-K of the scores: "radix" (_radix_topk_kernel, exact in one pass) or "torch" (torch.topk,
 # then fix_ties re-ranks the rows where a tie at the K-th score makes its answer ambiguous).
 FP32_TOPK = "radix"
-
-
-def pool_shape(block_size: int, kernel_size: int, stride: int) -> tuple[int, int]:
-    """(R, E): windows starting in each block, and windows of the previous block reaching into it.
-    The kernels' max-pool needs stride | block_size, stride | kernel_size and E <= R."""
-    if block_size % stride or kernel_size % stride or not stride <= kernel_size <= block_size + stride:
-        raise ValueError(f"block_size {block_size}, kernel_size {kernel_size}, stride {stride}: the kernels need "
-                         "block_size and kernel_size multiples of stride, stride <= kernel_size <= block_size + stride")
-    R = block_size // stride
-    if R & (R - 1):
-        raise ValueError(f"block_size / stride = {R}: the kernels need a power of two")
-    return R, kernel_size // stride - 1
 
 
 def select_blocks(q: torch.Tensor, kc: torch.Tensor, seqs: Seqs, *, block_size: int, topk: int,

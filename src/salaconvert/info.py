@@ -13,12 +13,13 @@ def checkpoint_info(folder: str | Path) -> dict:
         raise InputError(f"{folder}: no such directory")
     if not config_path.is_file():
         raise InputError(f"{folder}: no config.json, so it is not a checkpoint")
+    from salaconvert.io.load import load_config, resolve_source
     from salaconvert.models import SalaHybridConfig
 
     raw = json.loads(config_path.read_text())
     if raw.get("model_type") != SalaHybridConfig.model_type:
         raise InputError(f"{folder}: model_type is {raw.get('model_type')!r}, not a salaconvert hybrid")
-    config = SalaHybridConfig.from_pretrained(folder)
+    config = load_config(resolve_source(str(folder)))
     sidecar = read_sidecar(folder)
     stages = sidecar.get("distillation", {}).get("stages_done", [])
     cache = config.cache_bytes_per_token(2)

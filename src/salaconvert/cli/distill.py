@@ -106,11 +106,14 @@ def print_report(report: dict) -> None:
 def _print_estimate(checkpoint: Path, recipe, stage: str, as_json: bool) -> None:
     from salaconvert.distill.estimate import estimate_memory
     from salaconvert.errors import InputError
+    from salaconvert.io.load import load_config, resolve_source
     from salaconvert.models import SalaHybridConfig
 
     if not (checkpoint / "config.json").is_file():
         raise InputError(f"{checkpoint}: no config.json (expected a hybrid checkpoint)")
-    config = SalaHybridConfig.from_pretrained(str(checkpoint))
+    config = load_config(resolve_source(str(checkpoint)))
+    if not isinstance(config, SalaHybridConfig):
+        raise InputError(f"{checkpoint}: model_type is {config.model_type!r}, not a salaconvert hybrid")
     stages = [n for n in (1, 2, 3) if recipe.stage(n).enabled] if stage == "all" else [int(stage)]
     ckpt = recipe.runtime.gradient_checkpointing != "off"
     result = estimate_memory(config, recipe, stages, bf16=recipe.runtime.precision != "fp32", gradient_checkpointing=ckpt)

@@ -68,18 +68,20 @@ def _in_hub_cache(repo_id: str) -> bool:
 
 
 def load_config(source: ModelSource):
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     import salaconvert.models  # noqa: F401  (registers sala_hybrid with the Auto classes)
 
     try:
         return AutoConfig.from_pretrained(source.path, **source.kwargs())
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, StrictDataclassError) as e:
         raise InputError(f"{source.spec}: cannot read its config ({_first_line(e)})") from None
 
 
 def load_model(source: ModelSource, dtype: str = "auto", device: str | None = None):
     """The causal LM at `source`, in eval mode, with weights in `dtype` ("auto" keeps the stored dtype)."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoModelForCausalLM
 
     import salaconvert.models  # noqa: F401
@@ -87,7 +89,7 @@ def load_model(source: ModelSource, dtype: str = "auto", device: str | None = No
     torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, device_map=device, **source.kwargs())
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, StrictDataclassError) as e:
         raise InputError(f"{source.spec}: cannot load it as a causal LM ({_first_line(e)})") from None
     if model.dtype not in DTYPES.values():
         model = model.float()
@@ -118,5 +120,7 @@ def save_as_hf_directory(source: ModelSource, folder, dtype: str = "float32") ->
 
 
 def _first_line(e: BaseException) -> str:
+    """The first line of an error's message; a config validator's own error rather than its wrapper's."""
+    e = e.__cause__ if type(e).__name__ == "StrictDataclassClassValidationError" and e.__cause__ else e
     text = str(e).strip().splitlines()
     return text[0][:200] if text else type(e).__name__

@@ -87,6 +87,11 @@ class SalaHybridConfig(PreTrainedConfig):
         if self.num_hidden_layers is not None and len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
 
+    def validate_sparse_windows(self):
+        """The sparse layers' block / compressed window / stride must suit the kernels' max-pool."""
+        from salaconvert.kernels.infllmv2.layout import pool_shape
+        pool_shape(self.sparse["block_size"], self.sparse["kernel_size"], self.sparse["stride"])
+
     def teacher_config(self) -> PreTrainedConfig:
         """The teacher's own config object, rebuilt from the nested dict."""
         fields = dict(self.teacher)
