@@ -36,7 +36,7 @@ def test_convert_writes_a_checkpoint_and_report(teacher_dir, tmp_path):
 
 
 @pytest.mark.parametrize("field,value,says", [("sparse", {"kernel_size": 40}, "kernel_size 40"),
-                                               ("layer_types", ["sparse_attention", "mamba", "linear_attention",
+                                               ("layer_types", ["sparse_attention", "bogus", "linear_attention",
                                                                 "linear_attention"], "unknown type")])
 def test_a_hybrid_config_the_kernels_cannot_run_exits_2(field, value, says, teacher_dir, tmp_path):
     out = tmp_path / "hybrid"

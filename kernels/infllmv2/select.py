@@ -135,22 +135,22 @@ def _chunk_blocks(b_q, kc, kcs, Tc, i_h, c, offset, pos, pos_t, carry, stride_kc
 
 
 @triton.jit
-def _store_scores(keys, best, b0, qb_t, row_t, m_t, stride_keyt, i_h, NBMAX, NBC: tl.constexpr,
+def _store_scores(scores, best, b0, qb_t, row_t, m_t, stride_st, i_h, NBMAX, NBC: tl.constexpr,
                   INIT: tl.constexpr, LOCAL: tl.constexpr):
     """Blocks [b0, b0 + NBC) of each token: forced +inf, −1 where no window is visible, −inf after
     the token's own block (never selectable), else the score."""
     o_b = b0 + tl.arange(0, NBC)
     causal = o_b[None, :] <= qb_t[:, None]
     forced = (o_b[None, :] < INIT) | (o_b[None, :] > qb_t[:, None] - LOCAL)
-    key = tl.where(forced, float("inf"), tl.where(best == float("-inf"), -1., best))
-    key = tl.where(causal, key, float("-inf"))
-    p_o = keys + row_t.to(tl.int64)[:, None] * stride_keyt + i_h * NBMAX + o_b[None, :]
-    tl.store(p_o, key, mask=m_t[:, None] & (o_b[None, :] < NBMAX))
+    score = tl.where(forced, float("inf"), tl.where(best == float("-inf"), -1., best))
+    score = tl.where(causal, score, float("-inf"))
+    p_o = scores + row_t.to(tl.int64)[:, None] * stride_st + i_h * NBMAX + o_b[None, :]
+    tl.store(p_o, score, mask=m_t[:, None] & (o_b[None, :] < NBMAX))
 
 
 @triton.jit
-def _select_scores_kernel(q, kc, kn, keys, tile_n, tile_i, q_start, kc_start, kn_start, seq_Tq, seq_Tk, seq_Tc,
-                          seq_Tn, scale_log2, stride_qt, stride_kct, stride_knt, stride_keyt, NBMAX, key_row0,
+def _select_scores_kernel(q, kc, kn, scores, tile_n, tile_i, q_start, kc_start, kn_start, seq_Tq, seq_Tk, seq_Tc,
+                          seq_Tn, scale_log2, stride_qt, stride_kct, stride_knt, stride_st, NBMAX, row0,
                           G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BC: tl.constexpr,
                           R: tl.constexpr, E: tl.constexpr, BS: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr,
                           NKS: tl.constexpr, NST: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr):
@@ -168,7 +168,7 @@ def _select_scores_kernel(q, kc, kn, keys, tile_n, tile_i, q_start, kc_start, kn
     tok_t = i0 + tl.arange(0, BT)
     pos_t = Tk - Tq + tok_t
     qb_t = pos_t // BS
-    row_t = qs + tok_t - key_row0
+    row_t = qs + tok_t - row0
     m_t = tok_t < Tq
     carry = tl.full([BT], float("-inf"), tl.float32)
     # only blocks up to the last token's last non-local one need a score (later ones are forced
@@ -179,14 +179,14 @@ def _select_scores_kernel(q, kc, kn, keys, tile_n, tile_i, q_start, kc_start, kn
     for c in range(0, n_all):
         best, carry = _chunk_blocks(b_q, kc, kcs, Tc, i_h, c, offset, pos, pos_t, carry, stride_kct, scale_log2,
                                     BT, GP, D, BC, R, E, KS, ST, False)
-        _store_scores(keys, best, c * NBC, qb_t, row_t, m_t, stride_keyt, i_h, NBMAX, NBC, INIT, LOCAL)
+        _store_scores(scores, best, c * NBC, qb_t, row_t, m_t, stride_st, i_h, NBMAX, NBC, INIT, LOCAL)
     for c in range(n_all, n_scored):
         best, carry = _chunk_blocks(b_q, kc, kcs, Tc, i_h, c, offset, pos, pos_t, carry, stride_kct, scale_log2,
                                     BT, GP, D, BC, R, E, KS, ST, True)
-        _store_scores(keys, best, c * NBC, qb_t, row_t, m_t, stride_keyt, i_h, NBMAX, NBC, INIT, LOCAL)
+        _store_scores(scores, best, c * NBC, qb_t, row_t, m_t, stride_st, i_h, NBMAX, NBC, INIT, LOCAL)
     unscored = tl.full([BT, NBC], float("-inf"), tl.float32)
     for c in range(n_scored, tl.cdiv(NBMAX, NBC)):
-        _store_scores(keys, unscored, c * NBC, qb_t, row_t, m_t, stride_keyt, i_h, NBMAX, NBC, INIT, LOCAL)
+        _store_scores(scores, unscored, c * NBC, qb_t, row_t, m_t, stride_st, i_h, NBMAX, NBC, INIT, LOCAL)
 
 
 @triton.jit
