@@ -120,7 +120,11 @@ def save_as_hf_directory(source: ModelSource, folder, dtype: str = "float32") ->
 
 
 def _first_line(e: BaseException) -> str:
-    """The first line of an error's message; a config validator's own error rather than its wrapper's."""
-    e = e.__cause__ if type(e).__name__ == "StrictDataclassClassValidationError" and e.__cause__ else e
+    """The first line of an error's message; for a config validator's, the validator's own error
+    (the wrapper's first line only names the validator)."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    if isinstance(e, StrictDataclassError) and e.__cause__ is not None:
+        e = e.__cause__
     text = str(e).strip().splitlines()
     return text[0][:200] if text else type(e).__name__
