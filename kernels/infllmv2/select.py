@@ -250,6 +250,13 @@ SELECT_STAGES = 2  # num_stages of the selection launch (run 17, 128K: 36.4 vs 3
 # Top-K of the scores: "radix" (_radix_topk_kernel, exact in one pass) or "torch" (torch.topk,
 # then fix_ties re-ranks the rows where a tie at the K-th score makes its answer ambiguous).
 FP32_TOPK = "radix"
+# The radix top-k's program: rows of at most RADIX_ELEMS scores in all, RADIX_PER_THREAD scores
+# per thread (so its warps), at most RADIX_WARPS_MAX warps. Run 21 (H100, results/radix-topk-*):
+# one row and 4 warps beat 4096 scores over up to 8 warps (128K 5.61 vs 7.40 ms, 512K 90.6 vs
+# 130.6; equal at 256K); more warps per row only add cross-warp reductions to each of 32 passes.
+RADIX_ELEMS = 1024
+RADIX_PER_THREAD = 8
+RADIX_WARPS_MAX = 4
 
 
 def select_blocks(q: torch.Tensor, kc: torch.Tensor, seqs: Seqs, *, block_size: int, topk: int,
@@ -312,9 +319,10 @@ def radix_topk(scores: torch.Tensor, out: torch.Tensor, K: int) -> None:
     into the first slots of out [N, ≥K] (int32, pre-filled with −1) as ascending block ids."""
     N, NB = scores.shape
     BLOCK = max(16, next_pow2(NB))
-    R = max(1, min(16, 4096 // BLOCK))
+    R = max(1, min(16, RADIX_ELEMS // BLOCK))
+    warps = max(1, min(RADIX_WARPS_MAX, R * BLOCK // (32 * RADIX_PER_THREAD)))
     _radix_topk_kernel[(triton.cdiv(N, R),)](scores, out, N, NB, scores.stride(0), out.stride(0), K,
-                                            R=R, BLOCK=BLOCK, num_warps=4 if BLOCK <= 4096 else 8)
+                                            R=R, BLOCK=BLOCK, num_warps=warps)
 
 
 def scores_to_blocks(scores: torch.Tensor, K: int) -> torch.Tensor:
