@@ -1,7 +1,7 @@
 """InfLLM-V2 stage 1 in Triton: compressed-key scores, group sum, max-pool into blocks, forced blocks.
 
 One program scores a tile of BT query tokens × the G query heads of one KV head (BT·GP rows, GP =
-next power of two ≥ G; padded head rows carry a zero normaliser). Pass 1 runs an online softmax
+next power of two ≥ G; padded head rows get an infinite offset, so p = 0). Pass 1 runs an online softmax
 over the causally visible compressed keys to get each row's exact normaliser (or over the coarse
 keys with coarse_norm: README, step 5). Pass 2 walks the compressed keys once more, BC at a time:
 recomputes the row scores, normalises them, sums the G heads of each token in registers (per-head
@@ -12,7 +12,8 @@ starting in each block and E = kernel / stride − 1 windows of the previous blo
 
 so each chunk of BC windows gives BC / R whole blocks, and the previous block's last E windows come
 from the neighbour in the chunk (or the carry from the chunk before). In both passes only the
-chunks at the diagonal build the causal masks. Forced/causal rules are applied in the same pass
+chunks at the diagonal build the causal masks, and pass 2 stops at the tile's last non-local
+block (local blocks are forced). Forced/causal rules are applied in the same pass
 and each (token, block) score is written in fp32 (forced +inf, no visible window −1, after the
 query's own block −inf); an exact top-k (_radix_topk_kernel, or torch.topk + fix_ties) picks
 the blocks.
