@@ -25,8 +25,8 @@ import triton.language as tl
 from salaconvert.kernels._interpreter import fix_interpreter_index
 from salaconvert.kernels.infllmv2._interp import rmax, rsum
 from salaconvert.kernels.infllmv2 import layout
-from salaconvert.kernels.infllmv2.layout import next_pow2
-from salaconvert.kernels.infllmv2.select import _pool_width, orderable_int32
+from salaconvert.kernels.infllmv2.layout import next_pow2, pool_shape
+from salaconvert.kernels.infllmv2.select import orderable_int32
 
 fix_interpreter_index()
 LOG2E = 1.4426950408889634
@@ -324,7 +324,7 @@ def triton_infllmv2_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     keys = layout.empty((B * Hkv, NBMAX), torch.int64, dev)
     _dec_score_kernel[(B * Hkv, triton.cdiv(NBMAX, BNB))](
         q, kc_cache, lens, m_buf, l_buf, keys, sl2, dense_len, Hkv, NBMAX, q.stride(0), kc_cache.stride(0),
-        kc_cache.stride(1), G=G, BM=BM, D=D, BNB=BNB, P=_pool_width(block_size, kernel_size, stride), BS=block_size,
+        kc_cache.stride(1), G=G, BM=BM, D=D, BNB=BNB, P=sum(pool_shape(block_size, kernel_size, stride)), BS=block_size,
         KS=kernel_size, ST=stride, INIT=init_blocks, LOCAL=local_blocks, NSP=NSP, NSPP=next_pow2(NSP))
     K = min(topk, NBMAX)
     idx = _topk_keys(keys, K)  # the attention decodes the ids itself

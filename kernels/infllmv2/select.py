@@ -229,17 +229,6 @@ def _radix_topk_kernel(scores, out, n_rows, NB, stride_s, stride_o, K,
     tl.store(out + rows.to(tl.int64)[:, None] * stride_o + slot, o_b[None, :], mask=take)
 
 
-def _pool_width(block_size: int, kernel_size: int, stride: int) -> int:
-    """Largest number of compressed windows that overlap one block (5 for 64/32/16)."""
-    best = 1
-    for b in range(0, 64):
-        num = b * block_size - kernel_size
-        lo = 0 if num < 0 else num // stride + 1
-        hi = (b * block_size + block_size + stride - 1) // stride - 1
-        best = max(best, hi - lo + 1)
-    return best
-
-
 # Knobs (README, "Knobs"; benchmarks/infllmv2.py --sweep measures the alternatives).
 SELECT_BC = 64  # compressed keys per step of both passes (a multiple of block / stride)
 # Query rows (tokens × padded group heads) per scoring tile. Every tile streams all its visible
