@@ -1,0 +1,110 @@
+"""What the InfLLM-V2 selection kernels compile to on an H100, without an H100.
+
+    python benchmarks/sass_stats.py [--out DIR]   # on any machine with Triton: no GPU needed
+
+Compiles stage 1's scoring kernel (`select._select_scores_kernel`, groups 16 and 4, d = 128,
+bf16, the SPEC's 64/32/16 windows and the current knobs) and the radix top-k at 2048 blocks for
+sm90 on the CPU: `triton.compile` with a `GPUTarget`, then the `cuobjdump` and `nvdisasm` that
+ship in Triton's wheel. Reports per kernel: registers, spill stack, shared memory, and for every
+loop of the SASS (a backward branch) its instruction count per thread and the commonest opcodes,
+so a change to a kernel can be judged by what it issues before any GPU time is spent. The
+launch-time specialisations that matter (16-byte divisibility of pointers and strides) are given
+as the runtime would give them. Reading with Triton 3.6 (`results/sass_stats-sm90.json`): the
+scoring kernel's unmasked loops issue 230 (pass 1) and 350 (pass 2) instructions per thread per
+64-key step, 90 registers, no spills; before the sixth session's rewrite, 257 + 590 and 165.
+"""
+import argparse
+import collections
+import inspect
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile, never interpret
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from salaconvert.kernels.infllmv2 import select  # noqa: E402
+
+SM90 = GPUTarget("cuda", 90, 32)
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+# arguments the launcher specialises as multiples of 16 at the benchmark shapes
+DIVISIBLE = {"stride_qt", "stride_kct", "stride_knt", "stride_st", "NBMAX", "row0", "NB", "stride_s", "stride_o"}
+
+
+def compile_sm90(fn, types: dict, constants: dict, num_warps: int, num_stages: int = 3):
+    names = list(inspect.signature(fn.fn).parameters)
+    signature = {n: "constexpr" if n in constants else types.get(n, "i32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if signature[n].startswith("*") or n in DIVISIBLE}
+    source = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in constants.items()}, attrs=attrs)
+    return triton.compile(source, target=SM90, options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def sass_report(kernel, work: Path, name: str) -> dict:
+    cubin = work / f"{name}.cubin"
+    cubin.write_bytes(kernel.asm["cubin"])
+    usage = subprocess.run([BIN / "cuobjdump", "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|SHARED):(\d+)", usage))
+    sass = subprocess.run([BIN / "nvdisasm", "-c", cubin], capture_output=True, text=True).stdout
+    return {"registers": int(fields.get("REG", -1)), "stack_bytes": int(fields.get("STACK", -1)),
+            "shared_bytes": int(fields.get("SHARED", -1)), "loops": _loops(sass)}
+
+
+def _loops(sass: str) -> list[dict]:
+    """Each backward branch's body: instructions per thread per trip and the commonest opcodes."""
+    code, labels, pending = [], {}, None
+    for line in sass.splitlines():
+        label = re.match(r"^\s*\.(L_x_\d+):", line)
+        if label:
+            pending = label.group(1)
+            continue
+        ins = re.match(r"\s*/\*([0-9a-f]+)\*/\s+(.*?);", line)
+        if ins:
+            addr = int(ins.group(1), 16)
+            if pending:
+                labels[pending], pending = addr, None
+            code.append((addr, ins.group(2).strip()))
+    loops = []
+    for addr, text in code:
+        target = re.search(r"BRA\s+(?:`\()?\.?(L_x_\d+)", text)
+        if target and labels.get(target.group(1), addr + 1) < addr:
+            body = [t for a, t in code if labels[target.group(1)] <= a <= addr]
+            ops = collections.Counter((t.split()[1] if t.startswith("@") else t.split()[0]).split(".")[0] for t in body)
+            loops.append({"instructions": len(body), "top": dict(ops.most_common(8))})
+    return loops
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=None, help="also write DIR/sass_stats-sm90.json")
+    args = ap.parse_args()
+    work = Path(os.environ.get("TMPDIR", "/tmp")) / "salaconvert-sass"
+    work.mkdir(parents=True, exist_ok=True)
+    ptrs = {"q": "*bf16", "kc": "*bf16", "kn": "*bf16", "scores": "*fp32", "tile_n": "*i32", "tile_i": "*i32",
+            "q_start": "*i64", "kc_start": "*i64", "kn_start": "*i64", "seq_Tq": "*i32", "seq_Tk": "*i32",
+            "seq_Tc": "*i32", "seq_Tn": "*i32", "scale_log2": "fp32"}
+    R, E = select.pool_shape(64, 32, 16)
+    report = {"triton": triton.__version__, "target": "sm90",
+              "knobs": {k: getattr(select, k) for k in ("SELECT_BC", "SELECT_ROWS", "SELECT_WARPS", "SELECT_STAGES")}}
+    for G in (16, 4):
+        GP = triton.next_power_of_2(G)
+        constants = dict(G=G, GP=GP, BT=max(1, select.SELECT_ROWS // GP), D=128, BC=select.SELECT_BC, R=R, E=E, BS=64,
+                         KS=32, ST=16, NKS=32, NST=16, INIT=1, LOCAL=32)
+        kernel = compile_sm90(select._select_scores_kernel, ptrs, constants, select.SELECT_WARPS, select.SELECT_STAGES)
+        report[f"select_scores_G{G}"] = sass_report(kernel, work, f"select_G{G}")
+    radix = compile_sm90(select._radix_topk_kernel, {"scores": "*fp32", "out": "*i32"}, dict(R=1, BLOCK=2048),
+                         num_warps=min(select.RADIX_WARPS_MAX, 2048 // (32 * select.RADIX_PER_THREAD)))
+    report["radix_topk_2048"] = sass_report(radix, work, "radix")
+    print(json.dumps(report, indent=1))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "sass_stats-sm90.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
