@@ -34,7 +34,7 @@ import torch  # noqa: E402
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from salaconvert.bench.run import BenchSettings, measure
+from salaconvert.bench.run import BenchSettings, measure, warm_sparse_path
 from salaconvert.layer_selection import LayerPlan, uniform_layer_types
 from salaconvert.models.cache import KV_DTYPES
 from salaconvert.surgery.convert import convert
@@ -132,26 +132,6 @@ def kernel_profile(model, length: int, chunk: int, kv_cache: str = "auto", top: 
             "top_ms": {e.key[:90]: [round(e.device_time_total / 1e3, 1), e.count] for e in costly[:top]}}
 
 
-def warm_selection_widths(model, max_len: int) -> None:
-    """Compile stage 1 for every block-score row width the run will meet. Its top-k holds a whole
-    row in registers, so each power-of-two width up to max_len / block is a kernel of its own, and
-    a chunked prefill meets a new one at every doubling of its prefix: left cold, their compiles
-    land inside the timed prefill (about 4 s of a 256K one on an H100: long-context run 13)."""
-    from salaconvert.kernels.infllmv2 import infllmv2_select
-
-    cfg = model.config
-    keys = ("block_size", "topk", "init_blocks", "local_blocks", "kernel_size", "stride", "dense_len")
-    kw = {k: cfg.sparse[k] for k in keys}
-    p = next(model.parameters())
-    q = torch.randn(1, 16, cfg.num_attention_heads, cfg.head_dim, device=p.device, dtype=p.dtype)
-    width = 2 * cfg.sparse["dense_len"]
-    while width < 2 * max_len:
-        k = torch.randn(1, min(width, max_len), cfg.num_key_value_heads, cfg.head_dim, device=p.device, dtype=p.dtype)
-        infllmv2_select(q, k, **kw)
-        width *= 2
-    empty_cache()
-
-
 def run(model, length: int, chunk: int, decode: int, kv_cache: str = "auto") -> dict:
     try:
         row = measure(model, length, BenchSettings([length], decode, chunk, kv_cache=kv_cache))
@@ -189,10 +169,8 @@ def main():
     teacher, hybrid = build_models(SMOKE if args.smoke else LLAMA3_8B, device)
     warm = min([4096, *lengths])
     run(teacher, warm, warm, 4)  # warm-up: kernels compiled, allocator primed
-    # The hybrid's sparse path (above dense_len, chunked queries) compiles its own kernels: warm it too.
-    sparse_warm = min([2 * hybrid.config.sparse["dense_len"] + 1024, *lengths])
-    run(hybrid, sparse_warm, min(args.chunk, sparse_warm // 2), 4, args.kv_cache)
-    warm_selection_widths(hybrid, max(lengths))
+    run(hybrid, warm, warm, 4, args.kv_cache)
+    warm_sparse_path(hybrid, max(lengths), args.chunk, args.kv_cache)  # the sparse path's kernels, every width
     rows = []
     teacher_failed = False
     for n in lengths:

@@ -82,3 +82,26 @@ def test_a_failing_length_is_recorded_and_the_others_still_run():
               "results": {"hybrid": result}, "versions": {"salaconvert": "0", "torch": "0", "transformers": "0"}}
     md = markdown(report)
     assert "| hybrid | 96 | failed |" in md and "kernel said no" in md
+
+
+def test_warm_sparse_path_compiles_the_sparse_path_at_every_selection_width(monkeypatch):
+    # the Triton path (here through the interpreter): one prefill across dense_len, then a stage-1
+    # call at every power-of-two row width up to the longest length; nothing on the torch path
+    import salaconvert.kernels.infllmv2 as infllmv2
+    from salaconvert.bench import run as bench_run
+    from tiny import GPU_SPARSE, tiny_hybrid
+
+    widths, prefills = [], []
+    real_select, real_measure = infllmv2.infllmv2_select, bench_run.measure
+    monkeypatch.setattr(infllmv2, "infllmv2_select", lambda q, k, **kw: widths.append(k.shape[1]) or real_select(q, k, **kw))
+    monkeypatch.setattr(bench_run, "measure", lambda m, n, s: prefills.append((n, s.chunk)) or real_measure(m, n, s))
+    hybrid = tiny_hybrid(["sparse_attention"] + ["linear_attention"] * 3, sparse=GPU_SPARSE)  # dense_len 48
+    monkeypatch.setenv("SALACONVERT_KERNELS", "torch")
+    bench_run.warm_sparse_path(hybrid, 200, 64)
+    assert widths == [] and prefills == []
+    monkeypatch.setenv("SALACONVERT_KERNELS", "triton")
+    bench_run.warm_sparse_path(hybrid, 40, 64)  # no length past dense_len
+    assert widths == [] and prefills == []
+    bench_run.warm_sparse_path(hybrid, 200, 64)
+    assert prefills == [(200, 64)]
+    assert widths == [96, 192, 200]
