@@ -3,8 +3,8 @@
     python benchmarks/sass_stats.py [--out DIR]   # on any machine with Triton: no GPU needed
 
 Compiles stage 1's scoring kernel (`select._select_scores_kernel`, groups 16 and 4, d = 128,
-bf16, the SPEC's 64/32/16 windows and the current knobs) and the radix top-k at 2048 blocks for
-sm90 on the CPU: `triton.compile` with a `GPUTarget`, then the `cuobjdump` and `nvdisasm` that
+bf16, the SPEC's 64/32/16 windows and the current knobs), the radix top-k at 2048 blocks and
+stage 2's forward (`parallel._fwd_kernel`, 96 blocks, groups 16 and 4) for sm90 on the CPU: `triton.compile` with a `GPUTarget`, then the `cuobjdump` and `nvdisasm` that
 ship in Triton's wheel. Reports per kernel: registers, spill stack, shared memory, and for every
 loop of the SASS (a backward branch) its instruction count per thread and the commonest opcodes,
 so a change to a kernel can be judged by what it issues before any GPU time is spent. The
@@ -28,12 +28,13 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from salaconvert.kernels.infllmv2 import select  # noqa: E402
+from salaconvert.kernels.infllmv2 import parallel, select  # noqa: E402
 
 SM90 = GPUTarget("cuda", 90, 32)
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 # arguments the launcher specialises as multiples of 16 at the benchmark shapes
-DIVISIBLE = {"stride_qt", "stride_kct", "stride_knt", "stride_st", "NBMAX", "row0", "NB", "stride_s", "stride_o"}
+DIVISIBLE = {"stride_qt", "stride_kct", "stride_knt", "stride_st", "NBMAX", "row0", "NB", "stride_s", "stride_o",
+             "stride_kt", "stride_it", "U", "Hq"}
 
 
 def compile_sm90(fn, types: dict, constants: dict, num_warps: int, num_stages: int = 3):
@@ -100,6 +101,15 @@ def main():
     radix = compile_sm90(select._radix_topk_kernel, {"scores": "*fp32", "out": "*i32"}, dict(R=1, BLOCK=2048),
                          num_warps=min(select.RADIX_WARPS_MAX, 2048 // (32 * select.RADIX_PER_THREAD)))
     report["radix_topk_2048"] = sass_report(radix, work, "radix")
+    attn = {"q": "*bf16", "k": "*bf16", "v": "*bf16", "o": "*bf16", "lse": "*fp32", "idx": "*i32", "tile_n": "*i32",
+            "tile_i": "*i32", "q_start": "*i64", "k_start": "*i64", "seq_Tq": "*i32", "seq_Tk": "*i32",
+            "u_blk": "*i32", "u_bits": "*i32", "u_len": "*i32", "scale_log2": "fp32"}
+    for G in (16, 4):
+        GP = triton.next_power_of_2(G)
+        BT = min(16, max(1, parallel.ATTN_ROWS // GP))
+        kernel = compile_sm90(parallel._fwd_kernel, attn, dict(G=G, GP=GP, BT=BT, D=128, BS=64, K=96),
+                              parallel.ATTN_WARPS, parallel.ATTN_STAGES)
+        report[f"stage2_fwd_G{G}"] = sass_report(kernel, work, f"fwd_G{G}")
     print(json.dumps(report, indent=1))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
