@@ -160,6 +160,7 @@ def warm_sparse_path(model, max_len: int, chunk: int, kv_cache: str = "auto") ->
     """
     from salaconvert.kernels.dispatch import use_triton
     from salaconvert.kernels.infllmv2 import infllmv2_select
+    from salaconvert.layers.sparse import KERNEL_KEYS
 
     cfg = model.config
     p = next(model.parameters())
@@ -170,12 +171,11 @@ def warm_sparse_path(model, max_len: int, chunk: int, kv_cache: str = "auto") ->
         return
     n = min(2 * dense_len + 1024, max_len)
     measure(model, n, BenchSettings([n], 2, min(chunk, n // 2), kv_cache=kv_cache))
-    keys = ("block_size", "topk", "init_blocks", "local_blocks", "kernel_size", "stride", "dense_len")
     q = torch.randn(1, 16, cfg.num_attention_heads, cfg.head_dim, device=p.device, dtype=p.dtype)
     width = 2 * dense_len
     while width < 2 * max_len:
         k = torch.randn(1, min(width, max_len), cfg.num_key_value_heads, cfg.head_dim, device=p.device, dtype=p.dtype)
-        infllmv2_select(q, k, **{name: cfg.sparse[name] for name in keys})
+        infllmv2_select(q, k, **{name: cfg.sparse[name] for name in KERNEL_KEYS})
         width *= 2
 
 

@@ -13,7 +13,8 @@ from torch import nn
 from salaconvert.kernels.infllmv2 import infllmv2_attn, infllmv2_decode
 from salaconvert.layers.common import RMSNorm, causal_attention, norm_rope
 
-_KERNEL_KEYS = ("block_size", "topk", "init_blocks", "local_blocks", "kernel_size", "stride", "dense_len")
+KERNEL_KEYS = (  # the sparse config entries the InfLLM-V2 ops take
+    "block_size", "topk", "init_blocks", "local_blocks", "kernel_size", "stride", "dense_len")
 
 
 class SparseAttention(nn.Module):
@@ -32,7 +33,7 @@ class SparseAttention(nn.Module):
         self.k_norm = RMSNorm(d, eps) if config.sparse["qk_norm"] else nn.Identity()
         self.og_proj = nn.Linear(D, Hq * d, bias=False) if config.sparse["output_gate"] else None
         self.rope = config.sparse["rope"]
-        self.kernel_kwargs = {key: config.sparse[key] for key in _KERNEL_KEYS}
+        self.kernel_kwargs = {key: config.sparse[key] for key in KERNEL_KEYS}
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, cache=None,
                 **kwargs):
