@@ -33,6 +33,7 @@ from salaconvert.kernels.infllmv2.select import select_blocks
 
 fix_interpreter_index()
 LOG2E = 1.4426950408889634
+RESCALE_LOG2 = tl.constexpr(8.0)  # lazy rescale threshold: a row max may grow 2^8 before l and acc follow
 
 
 @triton.jit
@@ -45,16 +46,21 @@ def _attend_fwd(b_q, b_m, b_l, b_acc, k, v, i_h, ks, Tk, blk, pos, rowsel, strid
     m_k = ((o_k >= 0) & (o_k < Tk))[:, None]  # blk = -1 (padding) loads nothing
     b_k = tl.load(p_k, mask=m_k, other=0.)
     b_v = tl.load(p_v, mask=m_k, other=0.)
-    b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
+    b_s = tl.dot(b_q, tl.trans(b_k))  # raw scores: the scale folds into the exponent's FMA below
     ok = rowsel[:, None] & (o_k[None, :] <= pos[:, None])
     b_s = tl.where(ok, b_s, float("-inf"))
-    m_new = tl.maximum(b_m, rmax(b_s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0., m_new)
-    alpha = tl.exp2(b_m - m_safe)
-    b_p = tl.exp2(b_s - m_safe[:, None])
-    b_l = b_l * alpha + rsum(b_p, 1)
-    b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
-    return m_new, b_l, b_acc
+    m_new = tl.maximum(b_m, rmax(b_s, 1) * scale_log2)
+    # lazy rescale: the running max moves (and l, acc with it) only when some row's max grew by more
+    # than 2^RESCALE_LOG2 or saw its first score; otherwise exponents stay relative to the old max
+    if rmax((m_new > b_m + RESCALE_LOG2).to(tl.int32), 0) != 0:
+        alpha = tl.exp2(b_m - tl.where(m_new == float("-inf"), 0., m_new))
+        b_l = b_l * alpha
+        b_acc = b_acc * alpha[:, None]
+        b_m = m_new
+    b_p = tl.exp2(b_s * scale_log2 - tl.where(b_m == float("-inf"), 0., b_m)[:, None])
+    b_l += rsum(b_p, 1)
+    b_acc += tl.dot(b_p.to(b_v.dtype), b_v)
+    return b_m, b_l, b_acc
 
 
 @triton.jit
@@ -74,6 +80,38 @@ def _attend_dq(b_q, b_do, b_lse, b_delta, b_dq, k, v, i_h, ks, Tk, blk, pos, row
     b_ds = b_p * (b_dp - b_delta[:, None])
     b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
     return b_dq
+
+
+@triton.jit
+def _walk(idx, u_blk, u_bits, u_len, U, qs, i0, i_tile, i_h, Tq, Tk, dense_len, stride_it,
+          BT: tl.constexpr, BS: tl.constexpr, K: tl.constexpr):
+    """Where a (tile, KV head) reads its block ids and token masks, and how many blocks it walks:
+    every causal block when the sequence is at or under dense_len, else its K slots (one-token
+    tiles) or its union (tile_unions). One loop serves all three: a second loop in the kernel makes
+    ptxas serialise every wgmma (C7515)."""
+    if BT == 1:
+        p_blk = idx + (qs + i0).to(tl.int64) * stride_it + i_h * K
+        p_bits = u_bits
+        n_sparse = K
+    else:
+        row = i_tile.to(tl.int64) * tl.num_programs(1) + i_h
+        p_blk = u_blk + row * U
+        p_bits = u_bits + row * U
+        n_sparse = tl.load(u_len + row)
+    n_dense = (Tk - Tq + tl.minimum(i0 + BT, Tq) - 1) // BS + 1
+    return p_blk, p_bits, tl.where(Tk <= dense_len, n_dense, n_sparse)
+
+
+@triton.jit
+def _step(p_blk, p_bits, u, sparse, r_t, m_row, BT: tl.constexpr):
+    """Block u of the walk and the rows that attend to it (padding slots, −1, select no row)."""
+    blk = tl.where(sparse, tl.load(p_blk + u, mask=sparse, other=0), u)
+    if BT == 1:
+        rowsel = m_row & (blk >= 0)
+    else:
+        bits = tl.load(p_bits + u, mask=sparse, other=-1)
+        rowsel = (((bits >> r_t) & 1) != 0) & m_row
+    return blk, rowsel
 
 
 @triton.jit
@@ -102,26 +140,12 @@ def _fwd_kernel(q, k, v, o, lse, idx, tile_n, tile_i, q_start, k_start, seq_Tq, 
     b_m = tl.full([BM], float("-inf"), tl.float32)
     b_l = tl.full([BM], 0, tl.float32)
     b_acc = tl.full([BM, D], 0, tl.float32)
-    if Tk <= dense_len:
-        qb_hi = (Tk - Tq + tl.minimum(i0 + BT, Tq) - 1) // BS
-        for blk in range(0, qb_hi + 1):
-            b_m, b_l, b_acc = _attend_fwd(b_q, b_m, b_l, b_acc, k, v, i_h, ks, Tk, blk, pos, m_row,
-                                          stride_kt, scale_log2, BS, D)
-    elif BT == 1:
-        # one token per tile: a plain loop over its K slots, which Triton software-pipelines
-        p_i = idx + (qs + i0).to(tl.int64) * stride_it + i_h * K
-        for i in range(0, K):
-            blk = tl.load(p_i + i)
-            b_m, b_l, b_acc = _attend_fwd(b_q, b_m, b_l, b_acc, k, v, i_h, ks, Tk, blk, pos, m_row & (blk >= 0),
-                                          stride_kt, scale_log2, BS, D)
-    else:
-        # the tile's union, listed beforehand (tile_unions): a plain loop Triton can pipeline
-        u0 = (i_tile.to(tl.int64) * tl.num_programs(1) + i_h) * U
-        for u in range(0, tl.load(u_len + i_tile * tl.num_programs(1) + i_h)):
-            blk = tl.load(u_blk + u0 + u)
-            rowsel = (((tl.load(u_bits + u0 + u) >> r_t) & 1) != 0) & m_row
-            b_m, b_l, b_acc = _attend_fwd(b_q, b_m, b_l, b_acc, k, v, i_h, ks, Tk, blk, pos, rowsel,
-                                          stride_kt, scale_log2, BS, D)
+    p_blk, p_bits, n_blk = _walk(idx, u_blk, u_bits, u_len, U, qs, i0, i_tile, i_h, Tq, Tk, dense_len, stride_it,
+                                 BT, BS, K)
+    for u in range(0, n_blk):
+        blk, rowsel = _step(p_blk, p_bits, u, Tk > dense_len, r_t, m_row, BT)
+        b_m, b_l, b_acc = _attend_fwd(b_q, b_m, b_l, b_acc, k, v, i_h, ks, Tk, blk, pos, rowsel, stride_kt,
+                                      scale_log2, BS, D)
 
     ok = b_l > 0
     b_o = b_acc / tl.where(ok, b_l, 1.)[:, None]
@@ -158,24 +182,12 @@ def _dq_kernel(q, k, v, do, dq, lse, delta, idx, tile_n, tile_i, q_start, k_star
     b_lse = tl.load(lse + o_l, mask=m_row, other=0.)
     b_delta = tl.load(delta + o_l, mask=m_row, other=0.)
     b_dq = tl.full([BM, D], 0, tl.float32)
-    if Tk <= dense_len:
-        qb_hi = (Tk - Tq + tl.minimum(i0 + BT, Tq) - 1) // BS
-        for blk in range(0, qb_hi + 1):
-            b_dq = _attend_dq(b_q, b_do, b_lse, b_delta, b_dq, k, v, i_h, ks, Tk, blk, pos, m_row,
-                              stride_kt, scale_log2, BS, D)
-    elif BT == 1:
-        p_i = idx + (qs + i0).to(tl.int64) * stride_it + i_h * K
-        for i in range(0, K):
-            blk = tl.load(p_i + i)
-            b_dq = _attend_dq(b_q, b_do, b_lse, b_delta, b_dq, k, v, i_h, ks, Tk, blk, pos, m_row & (blk >= 0),
-                              stride_kt, scale_log2, BS, D)
-    else:
-        u0 = (i_tile.to(tl.int64) * tl.num_programs(1) + i_h) * U
-        for u in range(0, tl.load(u_len + i_tile * tl.num_programs(1) + i_h)):
-            blk = tl.load(u_blk + u0 + u)
-            rowsel = (((tl.load(u_bits + u0 + u) >> r_t) & 1) != 0) & m_row
-            b_dq = _attend_dq(b_q, b_do, b_lse, b_delta, b_dq, k, v, i_h, ks, Tk, blk, pos, rowsel,
-                              stride_kt, scale_log2, BS, D)
+    p_blk, p_bits, n_blk = _walk(idx, u_blk, u_bits, u_len, U, qs, i0, i_tile, i_h, Tq, Tk, dense_len, stride_it,
+                                 BT, BS, K)
+    for u in range(0, n_blk):
+        blk, rowsel = _step(p_blk, p_bits, u, Tk > dense_len, r_t, m_row, BT)
+        b_dq = _attend_dq(b_q, b_do, b_lse, b_delta, b_dq, k, v, i_h, ks, Tk, blk, pos, rowsel, stride_kt,
+                          scale_log2, BS, D)
     tl.store(dq + o_qd, (b_dq * scale).to(dq.dtype.element_ty), mask=m_row[:, None])
 
 
