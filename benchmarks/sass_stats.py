@@ -4,14 +4,19 @@
 
 Compiles stage 1's scoring kernel (`select._select_scores_kernel`, groups 16 and 4, d = 128,
 bf16, the SPEC's 64/32/16 windows and the current knobs), the radix top-k at 2048 blocks and
-stage 2's forward (`parallel._fwd_kernel`, 96 blocks, groups 16 and 4) for sm90 on the CPU: `triton.compile` with a `GPUTarget`, then the `cuobjdump` and `nvdisasm` that
-ship in Triton's wheel. Reports per kernel: registers, spill stack, shared memory, and for every
+stage 2's forward, dq and dk/dv kernels (`parallel`, 96 blocks, groups 16 and 4) for sm90 on the
+CPU: `triton.compile` with a `GPUTarget`, then the `cuobjdump`, `nvdisasm` and `ptxas` that ship
+in Triton's wheel. Reports per kernel: registers, spill stack, shared memory, whether ptxas
+serialised its wgmmas (its C7515 note: one instruction outside the wgmma pipeline that writes an
+accumulator makes every wgmma of the kernel wait for the previous one), and for every
 loop of the SASS (a backward branch) its instruction count per thread and the commonest opcodes,
 so a change to a kernel can be judged by what it issues before any GPU time is spent. The
 launch-time specialisations that matter (16-byte divisibility of pointers and strides) are given
 as the runtime would give them. Reading with Triton 3.6 (`results/sass_stats-sm90.json`): the
 scoring kernel's unmasked loops issue 230 (pass 1) and 350 (pass 2) instructions per thread per
 64-key step, 90 registers, no spills; before the sixth session's rewrite, 257 + 590 and 165.
+Stage 2's forward and dq kernels had their wgmmas serialised (C7515) until the seventh session
+merged their two block loops into one; the dk/dv kernel holds 255 registers and spills 152-192 bytes.
 """
 import argparse
 import collections
@@ -52,8 +57,13 @@ def sass_report(kernel, work: Path, name: str) -> dict:
     usage = subprocess.run([BIN / "cuobjdump", "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
     fields = dict(re.findall(r"(REG|STACK|SHARED):(\d+)", usage))
     sass = subprocess.run([BIN / "nvdisasm", "-c", cubin], capture_output=True, text=True).stdout
+    ptx = work / f"{name}.ptx"
+    ptx.write_text(kernel.asm["ptx"])
+    ptxas = subprocess.run([BIN / "ptxas", "-arch=sm_90a", "-v", ptx, "-o", work / f"{name}.ptxas.cubin"],
+                           capture_output=True, text=True)
     return {"registers": int(fields.get("REG", -1)), "stack_bytes": int(fields.get("STACK", -1)),
-            "shared_bytes": int(fields.get("SHARED", -1)), "loops": _loops(sass)}
+            "shared_bytes": kernel.metadata.shared, "wgmma_serialized": "C7515" in ptxas.stdout + ptxas.stderr,
+            "loops": _loops(sass)}
 
 
 def _loops(sass: str) -> list[dict]:
@@ -104,12 +114,19 @@ def main():
     attn = {"q": "*bf16", "k": "*bf16", "v": "*bf16", "o": "*bf16", "lse": "*fp32", "idx": "*i32", "tile_n": "*i32",
             "tile_i": "*i32", "q_start": "*i64", "k_start": "*i64", "seq_Tq": "*i32", "seq_Tk": "*i32",
             "u_blk": "*i32", "u_bits": "*i32", "u_len": "*i32", "scale_log2": "fp32"}
+    grads = {"do": "*bf16", "dq": "*bf16", "dk": "*fp32", "dv": "*fp32", "delta": "*fp32", "scale": "fp32",
+             "tok_list": "*i32", "seg_h": "*i32", "seg_n": "*i32", "seg_b": "*i32", "seg_lo": "*i64", "seg_hi": "*i64"}
     for G in (16, 4):
         GP = triton.next_power_of_2(G)
         BT = min(16, max(1, parallel.ATTN_ROWS // GP))
-        kernel = compile_sm90(parallel._fwd_kernel, attn, dict(G=G, GP=GP, BT=BT, D=128, BS=64, K=96),
-                              parallel.ATTN_WARPS, parallel.ATTN_STAGES)
+        shape = dict(G=G, GP=GP, BT=BT, D=128, BS=64, K=96)
+        kernel = compile_sm90(parallel._fwd_kernel, attn, shape, parallel.ATTN_WARPS, parallel.ATTN_STAGES)
         report[f"stage2_fwd_G{G}"] = sass_report(kernel, work, f"fwd_G{G}")
+        kernel = compile_sm90(parallel._dq_kernel, {**attn, **grads}, shape, parallel.DQ_WARPS, parallel.DQ_STAGES)
+        report[f"stage2_dq_G{G}"] = sass_report(kernel, work, f"dq_G{G}")
+        kernel = compile_sm90(parallel._dkv_kernel, {**attn, **grads}, dict(G=G, GP=GP, BT=max(1, parallel.DKV_ROWS // GP),
+                                                                           D=128, BS=64), 4)
+        report[f"stage2_dkv_G{G}"] = sass_report(kernel, work, f"dkv_G{G}")
     print(json.dumps(report, indent=1))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
