@@ -618,7 +618,8 @@ def knob_values() -> dict:
     from salaconvert.kernels.infllmv2 import select as sel
     return {f"{m.__name__.rsplit('.', 1)[1]}.{n}": getattr(m, n) for m, names in (
         (sel, ("SELECT_BC", "SELECT_ROWS", "SELECT_WARPS", "SELECT_STAGES", "FP32_TOPK")),
-        (par, ("ATTN_ROWS", "ATTN_TOKENS", "ATTN_WARPS", "ATTN_STAGES", "DKV_ROWS", "DQ_WARPS", "DQ_STAGES")),
+        (par, ("ATTN_ROWS", "ATTN_TOKENS", "ATTN_WARPS", "ATTN_STAGES", "DKV_ROWS", "DKV_WARPS", "DKV_STAGES", "DQ_WARPS",
+              "DQ_STAGES")),
         (dec, ("DECODE_CH", "DECODE_SPP", "DECODE_TOPK_CHUNK"))) for n in names}
 
 

@@ -16,7 +16,8 @@ as the runtime would give them. Reading with Triton 3.6 (`results/sass_stats-sm9
 scoring kernel's unmasked loops issue 230 (pass 1) and 350 (pass 2) instructions per thread per
 64-key step, 90 registers, no spills; before the sixth session's rewrite, 257 + 590 and 165.
 Stage 2's forward and dq kernels had their wgmmas serialised (C7515) until the seventh session
-merged their two block loops into one; the dk/dv kernel holds 255 registers and spills 152-192 bytes.
+merged their two block loops into one. The dk/dv kernel spilled 152-192 bytes on 4 warps; on 8 (the
+default since run 24) it holds 250-255 registers and spills at most 16 bytes.
 """
 import argparse
 import collections
@@ -124,8 +125,9 @@ def main():
         report[f"stage2_fwd_G{G}"] = sass_report(kernel, work, f"fwd_G{G}")
         kernel = compile_sm90(parallel._dq_kernel, {**attn, **grads}, shape, parallel.DQ_WARPS, parallel.DQ_STAGES)
         report[f"stage2_dq_G{G}"] = sass_report(kernel, work, f"dq_G{G}")
-        kernel = compile_sm90(parallel._dkv_kernel, {**attn, **grads}, dict(G=G, GP=GP, BT=max(1, parallel.DKV_ROWS // GP),
-                                                                           D=128, BS=64), 4)
+        kernel = compile_sm90(parallel._dkv_kernel, {**attn, **grads},
+                              dict(G=G, GP=GP, BT=max(1, parallel.DKV_ROWS // GP), D=128, BS=64),
+                              parallel.DKV_WARPS, parallel.DKV_STAGES)
         report[f"stage2_dkv_G{G}"] = sass_report(kernel, work, f"dkv_G{G}")
     print(json.dumps(report, indent=1))
     if args.out:

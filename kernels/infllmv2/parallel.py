@@ -250,10 +250,14 @@ ATTN_ROWS = 64
 ATTN_TOKENS: int | None = None
 ATTN_WARPS = 4  # num_warps of the forward launch
 ATTN_STAGES = 3  # num_stages of the forward launch (Triton's default; run 11: 2 and 4 slower)
-# Rows (tokens × padded group heads) per dk/dv dot: one wgmma-sized tile, the interpreter's too.
-DKV_ROWS = 64
 # the dq launch (q, dO and dq per row). Run 12, 32K fwd+bwd: 68.3 ms vs 77.4 with 3 stages; 8 warps 88.6
 DQ_WARPS, DQ_STAGES = 4, 2
+# the dk/dv launch for rows of q / dO up to 256 bytes (bf16 at d = 128): query rows (tokens × padded
+# group heads) per step, warps, stages. Run 24, stage 2 fwd+bwd on fixed lists: 128 rows on 8 warps
+# against 64 on 4 took 32K 62.0 -> 60.8 ms, 64K 144.1 -> 135.0, group 4 at 128K 745.4 -> 745.5; on 4
+# warps the [64 x 128] dk and dv accumulators spill (benchmarks/sass_stats.py). Wider rows (fp32,
+# d = 256) take 64 rows on 4 warps: 3 stages of 128 would not fit in shared memory.
+DKV_ROWS, DKV_WARPS, DKV_STAGES = 128, 8, 3
 
 
 def _tile_tokens(G: int, Tq_max: int, tokens: int | None) -> tuple[int, int]:
@@ -403,11 +407,12 @@ class InfLLMv2Function(torch.autograd.Function):
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         tok_list, sh, sn, sb, slo, shi = _dkv_segments(idx, seqs, Hkv, cfg["block_size"], cfg["dense_len"], seg=256)
         if sh.numel():
-            _, BTK = _tile_tokens(G, max(seqs.Tq_list), max(1, DKV_ROWS // GP))  # no wasted rows: tall
+            rows, warps = (DKV_ROWS, DKV_WARPS) if D * q.element_size() <= 256 else (64, 4)
+            _, BTK = _tile_tokens(G, max(seqs.Tq_list), max(1, rows // GP))  # no wasted rows: tall
             _dkv_kernel[(sh.numel(),)](
                 q, k, v, do, dk, dv, lse, delta, tok_list, sh, sn, sb, slo, shi,
                 seqs.q_start, seqs.k_start, seqs.Tq, seqs.Tk, scale, scale * LOG2E, q.stride(0), k.stride(0), Hq,
-                G=G, GP=GP, BT=BTK, D=D, BS=cfg["block_size"])
+                G=G, GP=GP, BT=BTK, D=D, BS=cfg["block_size"], num_warps=warps, num_stages=DKV_STAGES)
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 

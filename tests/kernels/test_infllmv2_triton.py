@@ -297,6 +297,14 @@ def test_bad_shapes_raise():
         triton_infllmv2_decode(q[:, :2], k, v, torch.tensor([20], dtype=torch.int32), topk=3, **SMALL)
 
 
+@pytest.mark.parametrize("first", [46, 47])
+def test_queries_starting_inside_a_block_fwd_bwd(first):
+    # the first query sits at block 2's second-to-last (46) or last (47) token: the dk/dv kernel's
+    # row chunk that starts there must mask the block's later keys in the first case only
+    q, k, v = _qkv(1, 70 - first, 70, 4, 1, 16, seed=first)
+    _compare_fwd_bwd(q, k, v, RTOL_FP32, f"first query at {first}", topk=3, dense_len=0, **SMALL)
+
+
 def test_chunked_queries_are_last_rows():
     q, k, v = _qkv(1, 80, 80, 4, 2, 16, seed=11)
     kw = dict(topk=3, dense_len=0, **SMALL)
