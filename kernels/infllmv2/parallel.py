@@ -254,9 +254,9 @@ ATTN_STAGES = 3  # num_stages of the forward launch (Triton's default; run 11: 2
 DQ_WARPS, DQ_STAGES = 4, 2
 # the dk/dv launch for rows of q / dO up to 256 bytes (bf16 at d = 128): query rows (tokens × padded
 # group heads) per step, warps, stages. Run 24, stage 2 fwd+bwd on fixed lists: 128 rows on 8 warps
-# against 64 on 4 took 32K 62.0 -> 60.8 ms, 64K 144.1 -> 135.0, group 4 at 128K 745.4 -> 745.5; on 4
-# warps the [64 x 128] dk and dv accumulators spill (benchmarks/sass_stats.py). Wider rows (fp32,
-# d = 256) take 64 rows on 4 warps: 3 stages of 128 would not fit in shared memory.
+# against 64 on 4 took 32K 62.0 -> 60.8 ms, 64K 144.1 -> 135.0, group 4 at 128K 745.4 -> 745.5 and
+# at 32K 95.0 -> 96.1; on 4 warps the [64 x 128] dk and dv accumulators spill (sass_stats.py).
+# Wider rows (fp32, d = 256) take 64 rows on 4 warps: 3 stages of 128 would not fit in shared memory.
 DKV_ROWS, DKV_WARPS, DKV_STAGES = 128, 8, 3
 
 
