@@ -60,6 +60,7 @@ def test_a_failing_length_is_recorded_and_the_others_still_run():
 
     from salaconvert.bench.report import markdown
     from salaconvert.bench.run import BenchSettings, bench_model
+    from salaconvert.models.cache import cache_argument
     from tiny import tiny_teacher
 
     class FailsPast64(torch.nn.Module):
@@ -72,7 +73,7 @@ def test_a_failing_length_is_recorded_and_the_others_still_run():
             seen = 0 if past_key_values is None else past_key_values.get_seq_length()
             if seen + input_ids.shape[1] > 64:
                 raise RuntimeError("kernel said no")
-            return self.inner(input_ids=input_ids, past_key_values=past_key_values, **kw)
+            return self.inner(input_ids=input_ids, **{cache_argument(self.inner): past_key_values}, **kw)
 
     result = bench_model(FailsPast64(), BenchSettings([16, 96, 32], decode_tokens=2, chunk=32).validate())
     rows = {r["length"]: r for r in result["rows"]}

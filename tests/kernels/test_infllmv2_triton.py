@@ -205,6 +205,8 @@ def test_sparse_fwd_bwd_equals_reference(G):
     _compare_fwd_bwd(q, k, v, RTOL_FP32, f"G={G}", topk=3, dense_len=0, **SMALL)
 
 
+# the backward kernels exponentiate masked (future) keys too and discard them: at growth 4 those overflow
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
 @pytest.mark.parametrize("growth", [1.0, 4.0])
 def test_forward_follows_growing_row_maxima(growth):
     # every token sees every block (topk > blocks); block b's keys are scaled by 1 + growth·b, so each
