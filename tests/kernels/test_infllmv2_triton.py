@@ -301,8 +301,8 @@ def test_bad_shapes_raise():
 
 @pytest.mark.parametrize("first", [46, 47])
 def test_queries_starting_inside_a_block_fwd_bwd(first):
-    # the first query sits at block 2's second-to-last (46) or last (47) token: the dk/dv kernel's
-    # row chunk that starts there must mask the block's later keys in the first case only
+    # end-aligned queries whose first one sits at block 2's second-to-last (46) or last (47) token:
+    # a row chunk of the backward that starts there sees the block's later keys masked or not
     q, k, v = _qkv(1, 70 - first, 70, 4, 1, 16, seed=first)
     _compare_fwd_bwd(q, k, v, RTOL_FP32, f"first query at {first}", topk=3, dense_len=0, **SMALL)
 
