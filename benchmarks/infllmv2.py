@@ -19,7 +19,8 @@ time split between stages. Past --deadline seconds every further row is recorded
 the JSON is always written. --smoke shrinks every shape (CPU interpreter check of the script).
 Section 'real' (--only real) times stage 2 on block lists chosen by SmolLM2-135M on real text
 next to the random inputs' lists (real_rows; --real-model, --real-data); 'select_tiles' and
-'attn_tiles' sweep the scoring and attention tiles (rows × warps × stages, keys per step) at 128K.
+'attn_tiles' sweep the scoring and attention tiles (rows × warps × stages, keys per step) at 128K;
+'floor' times stage 2's forward kernel next to the same walk with loads only (floor_rows).
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 H, HKV, D = 32, 2, 128
 DT = torch.bfloat16
@@ -503,6 +506,78 @@ def real_rows(lengths, model: str, data: list[str]):
     empty_cache()
 
 
+@triton.jit
+def _stream_kernel(k, v, out, u_blk, u_len, U, k_start, tile_n, Tk, stride_kt, D: tl.constexpr, BS: tl.constexpr):
+    """Stage 2's walk without its math: every block of a (tile, KV head)'s union list, K and V
+    loaded whole and summed, so the time is that of moving the bytes (section 'floor')."""
+    i_tile, i_h = tl.program_id(0), tl.program_id(1)
+    row = i_tile.to(tl.int64) * tl.num_programs(1) + i_h
+    ks = tl.load(k_start + tl.load(tile_n + i_tile))
+    o_d = tl.arange(0, D)
+    acc = tl.zeros([BS, D], tl.float32)
+    for u in range(0, tl.load(u_len + row)):
+        o_k = tl.load(u_blk + row * U + u) * BS + tl.arange(0, BS)
+        off = (ks + o_k).to(tl.int64)[:, None] * stride_kt + i_h * D + o_d[None, :]
+        m_k = (o_k < Tk)[:, None]
+        acc += tl.load(k + off, mask=m_k, other=0.).to(tl.float32) + tl.load(v + off, mask=m_k, other=0.).to(tl.float32)
+    tl.store(out + row * D + o_d, tl.sum(acc, 0))
+
+
+def floor_rows(lengths):
+    """What stage 2 costs against the bytes it must move. On fixed random lists (as section 'fwd'),
+    per (T, Hkv): the forward kernel alone, the listing of the tiles' unions, and the same walk with
+    loads only (_stream_kernel) over the union lists ("stream") and over lists of as many blocks
+    drawn from each tile's own 32 latest ("stream_hot": a working set the L2 holds), with the
+    K/V bytes each walk reads and the rate it reached."""
+    from salaconvert.kernels.infllmv2 import parallel as par
+    from salaconvert.kernels.infllmv2.layout import make_tiles
+    from salaconvert.kernels.infllmv2.naive import _cfg
+    for T, hkv in lengths:
+        meta = dict(T=T, Hkv=hkv, mode="fwd")
+        if late("floor", **meta):
+            continue
+        q, k, v = inputs(T, hkv)
+        cfg = _cfg(**{**dict(block_size=64, kernel_size=32, stride=16, dense_len=8192), **OURS96})
+        with torch.no_grad():
+            seqs = par._prepare(q, k, None, cfg)
+            qf, kf, vf = q[0], k[0], v[0]
+            idx = par.parallel_infllmv2_select(q, k, **OURS96)[0]
+            G = H // hkv
+            GP, BT = par._tile_tokens(G, T, par.ATTN_TOKENS)
+            tile_n, tile_i = make_tiles(seqs, BT, q.device)
+            safe("floor_unions", lambda: par.tile_unions(idx, seqs, tile_n, tile_i, BT), **meta)
+            u_blk, u_bits, u_len = par.tile_unions(idx, seqs, tile_n, tile_i, BT)
+            o = torch.empty_like(qf)
+            lse = torch.empty(T, H, device=q.device, dtype=torch.float32)
+            scale_log2 = D ** -0.5 * par.LOG2E
+            grid = (tile_n.numel(), hkv)
+
+            def fwd():
+                par._fwd_kernel[grid](qf, kf, vf, o, lse, idx, tile_n, tile_i, seqs.q_start, seqs.k_start, seqs.Tq,
+                                      seqs.Tk, u_blk, u_bits, u_len, u_blk.shape[1], scale_log2, cfg["dense_len"],
+                                      qf.stride(0), kf.stride(0), idx.stride(0), H, G=G, GP=GP, BT=BT, D=D,
+                                      BS=cfg["block_size"], K=idx.shape[2], num_warps=par.ATTN_WARPS,
+                                      num_stages=par.ATTN_STAGES)
+            ms = safe("floor_fwd_kernel", fwd, **meta)
+            bs = cfg["block_size"]
+            # the tile's own block and the 31 before it, over and over: as many steps, all L2-resident
+            own = ((tile_i.long() + BT - 1).clamp(max=T - 1) // bs).repeat_interleave(hkv)[:, None]
+            hot = (own - torch.arange(u_blk.shape[1], device=q.device) % cfg["local_blocks"]).clamp(min=0)
+            out = torch.empty(u_len.numel(), D, device=q.device, dtype=torch.float32)
+            gb = u_len.sum().item() * bs * D * 2 * kf.element_size() / 1e9
+            rec(what="floor_bytes", gb=round(gb, 2), blocks_per_tile=round(u_len.float().mean().item(), 1),
+                tile_tokens=BT, **meta)
+            for what, blk in (("floor_stream", u_blk), ("floor_stream_hot", hot.int())):
+                t = safe(what, lambda: _stream_kernel[grid](kf, vf, out, blk, u_len, blk.shape[1], seqs.k_start,
+                                                            tile_n, T, kf.stride(0), D=D, BS=bs, num_warps=8), **meta)
+                if t:
+                    rec(what=f"{what}_rate", tb_per_s=round(gb / t, 3), **meta)
+            if ms:
+                rec(what="floor_fwd_kernel_rate", tb_per_s=round(gb / ms, 3), **meta)
+        del q, k, v, idx, u_blk, u_bits, u_len
+        empty_cache()
+
+
 def fwd_bwd_rows(lengths):
     for T in lengths:
         q, k, v = inputs(T)
@@ -681,6 +756,9 @@ def main():
                     attend_tiles(q, k, v, dict(T=LEN(131072), Hkv=hkv, mode="fwd"))
                 del q, k, v
                 empty_cache()
+        if "floor" in sections:
+            floor_rows([(LEN(t), h) for t, h in ((32768, HKV), (131072, HKV), (262144, HKV), (131072, H // 4),
+                                                  (262144, H // 4))])
         if "select_tiles" in sections:
             select_tile_rows([LEN(131072)])
         if "real" in sections:
