@@ -409,12 +409,13 @@ def attend_tiles(q, k, v, meta):
 
 def select_tile_rows(lengths):
     """Stage 1 alone for scoring tiles of 64 / 128 / 256 query rows × 4 / 8 warps, 64 / 128
-    compressed keys per step and 2 / 3 / 4 pipeline stages, group 16 and 4."""
+    compressed keys per step and 2 / 3 / 4 pipeline stages (the first variant is the default),
+    group 16 and 4."""
     from salaconvert.kernels.infllmv2 import select as selmod
     from salaconvert.kernels.infllmv2.parallel import parallel_infllmv2_select
     variants = [dict(SELECT_ROWS=r, SELECT_WARPS=w) for r, w in ((64, 4), (128, 4), (128, 8), (256, 8))]
     variants += [dict(SELECT_BC=128), dict(SELECT_BC=128, SELECT_ROWS=128, SELECT_WARPS=8),
-                 dict(SELECT_STAGES=2), dict(SELECT_STAGES=4)]
+                 dict(SELECT_STAGES=3), dict(SELECT_STAGES=4), dict(SELECT_ROWS=128, SELECT_WARPS=8, SELECT_STAGES=3)]
     for T in lengths:
         for hkv in (HKV, H // 4):
             meta = dict(T=T, Hkv=hkv, mode="fwd")
