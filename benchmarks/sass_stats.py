@@ -16,7 +16,9 @@ as the runtime would give them. Reading with Triton 3.6 (`results/sass_stats-sm9
 scoring kernel's unmasked loops issue 230 (pass 1) and 350 (pass 2) instructions per thread per
 64-key step, 90 registers, no spills; before the sixth session's rewrite, 257 + 590 and 165.
 Stage 2's forward and dq kernels had their wgmmas serialised (C7515) until the seventh session
-merged their two block loops into one. The dk/dv kernel spilled 152-192 bytes on 4 warps; on 8 (the
+merged their two block loops into one; since the eighth session's per-program K/V offsets and
+eager rescale the forward issues 502 instructions per thread per block step at group 16 (590
+before). The dk/dv kernel spilled 152-192 bytes on 4 warps; on 8 (the
 default since run 24) it holds 250-255 registers and spills at most 16 bytes.
 """
 import argparse
