@@ -1,0 +1,89 @@
+"""Stage 2 of InfLLM-V2, two versions of `parallel.py` in one process on the same fixed block lists.
+
+    git show 489fc3b:kernels/infllmv2/parallel.py > /tmp/parallel_old.py
+    python benchmarks/stage2_ab.py --old /tmp/parallel_old.py --out $OUT [--rounds 3]
+
+Times made in separate processes differ by more than the changes worth measuring (the spread
+between calls on the lent GPUs is 3–8%), so this imports an older `parallel.py` next to the
+installed one and alternates them, round after round: the forward (and forward + backward where
+marked) of `parallel_infllmv2_attn` on the benchmark's random inputs (benchmarks/infllmv2.py), with
+`block_indices` from one selection, so both versions walk the same lists. Also records each
+output's largest difference from the first version's, relative to max |o|. Writes
+DIR/stage2-ab.json (runs 27, 30 and 31 of notes-infllmv2.md). --smoke: tiny shapes on the CPU
+under TRITON_INTERPRET=1, a check of the script (its times mean nothing).
+"""
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import infllmv2 as bench  # noqa: E402
+from salaconvert.kernels.infllmv2 import parallel as new  # noqa: E402
+
+# (T, Hkv, with forward + backward)
+CASES = [(32768, 2, True), (32768, 8, True), (65536, 2, True), (131072, 2, False), (131072, 8, False),
+         (262144, 8, False)]
+
+
+def load(path: Path):
+    spec = importlib.util.spec_from_file_location("parallel_old", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def median_ms(fn, reps: int) -> float:
+    fn()
+    bench.sync()
+    return statistics.median(bench.timed(fn) for _ in range(reps))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--old", type=Path, required=True, help="the other parallel.py")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1)")
+    args = ap.parse_args()
+    if args.smoke:
+        bench.smoke_mode()
+    versions = {"old": load(args.old), "new": new}
+    rows = []
+    for T, hkv, backward in CASES:
+        T = bench.LEN(T)
+        hkv = min(hkv, bench.H)
+        q, k, v = bench.inputs(T, hkv)
+        with torch.no_grad():
+            idx = new.parallel_infllmv2_select(q, k, **bench.OURS96)
+        first = None
+        for rnd in range(args.rounds):
+            for name, module in versions.items():
+                attn = module.parallel_infllmv2_attn
+                with torch.no_grad():
+                    o = attn(q, k, v, block_indices=idx, **bench.OURS96).float()
+                    first = o if first is None else first
+                    row = dict(T=T, Hkv=hkv, variant=name, round=rnd,
+                               rel_diff_vs_first=round(((o - first).abs().max() / first.abs().max()).item(), 5),
+                               fwd_ms=round(median_ms(lambda: attn(q, k, v, block_indices=idx, **bench.OURS96),
+                                                      5 if T < 200000 else 3), 3))
+                if backward:
+                    qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+
+                    def step():
+                        out = attn(qq, kk, vv, block_indices=idx, **bench.OURS96)
+                        out.backward(torch.ones_like(out))
+                    row["fwdbwd_ms"] = round(median_ms(step, 5), 3)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        bench.empty_cache()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "stage2-ab.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
