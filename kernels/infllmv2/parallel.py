@@ -265,6 +265,7 @@ DQ_WARPS, DQ_STAGES = 4, 2
 # at 32K 95.0 -> 96.1; on 4 warps the [64 x 128] dk and dv accumulators spill (sass_stats.py).
 # Wider rows (fp32, d = 256) take 64 rows on 4 warps: 3 stages of 128 would not fit in shared memory.
 DKV_ROWS, DKV_WARPS, DKV_STAGES = 128, 8, 3
+DKV_SEG = 256  # query tokens per dk/dv program at most: a block's tokens beyond it go to further programs
 
 
 def _tile_tokens(G: int, Tq_max: int, tokens: int | None) -> tuple[int, int]:
@@ -412,7 +413,8 @@ class InfLLMv2Function(torch.autograd.Function):
             num_warps=DQ_WARPS, num_stages=DQ_STAGES)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-        tok_list, sh, sn, sb, slo, shi = _dkv_segments(idx, seqs, Hkv, cfg["block_size"], cfg["dense_len"], seg=256)
+        tok_list, sh, sn, sb, slo, shi = _dkv_segments(idx, seqs, Hkv, cfg["block_size"], cfg["dense_len"],
+                                                       seg=DKV_SEG)
         if sh.numel():
             rows, warps = (DKV_ROWS, DKV_WARPS) if D * q.element_size() <= 256 else (64, 4)
             _, BTK = _tile_tokens(G, max(seqs.Tq_list), max(1, rows // GP))  # no wasted rows: tall

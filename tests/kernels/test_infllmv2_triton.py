@@ -218,6 +218,15 @@ def test_forward_follows_growing_row_maxima(growth):
     _compare_fwd_bwd(q, k, v, RTOL_FP32, f"growth {growth}", topk=6, dense_len=0, **SMALL)
 
 
+@pytest.mark.parametrize("seg", [1, 5])
+def test_dkv_sums_a_block_split_over_many_programs(monkeypatch, seg):
+    # the dk/dv kernel takes at most DKV_SEG tokens of a block per program; the programs of one block
+    # meet through atomic adds: with 1 or 5 tokens a program every block is split (unevenly at 5)
+    monkeypatch.setattr(parallel_mod, "DKV_SEG", seg)
+    q, k, v = _qkv(1, 70, 70, 6, 2, 16, seed=11)
+    _compare_fwd_bwd(q, k, v, RTOL_FP32, f"seg {seg}", topk=3, dense_len=0, **SMALL)
+
+
 def test_kernels_walk_the_listed_unions(monkeypatch):
     # the forward reads tile_unions' token masks: with every mask cleared no row attends to anything
     real = parallel_mod.tile_unions
