@@ -111,3 +111,75 @@ def empty(shape, dtype, device) -> torch.Tensor:
 
 def next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
+
+
+def block_segments(idx: torch.Tensor, seqs: Seqs, block_size: int, dense_len: int, seg: int,
+                   chunk_rows: int | None = None):
+    """CSR of (KV head, sequence, block) -> the query rows that attend to it, cut into segments of ≤ seg rows.
+
+    idx int32 [Nq, Hkv, K]: each query row's selected blocks (−1 anywhere: none). Sequences at or
+    under dense_len attend to every causal block instead (their rows of one block form one range).
+    Returns tok_list int32 [L] (query rows), slot, per-segment (h, n, b, lo, hi) tensors (lo/hi:
+    positions in tok_list) and seg_chunk. With `chunk_rows` (every sequence sparse), the entries of
+    rows [c·chunk_rows, (c + 1)·chunk_rows) come before those of later rows, each chunk's segments
+    are marked c in seg_chunk int64, and slot int64 [Nq, Hkv, K] holds each entry's position in
+    tok_list (−1: none); else slot and seg_chunk are None.
+    """
+    dev = idx.device
+    Nq, Hkv, K = idx.shape
+    N = seqs.n
+    NBMAX = max((t + block_size - 1) // block_size for t in seqs.Tk_list)
+    seq_of_row = torch.repeat_interleave(torch.arange(N, device=dev), seqs.Tq.long().to(dev))
+    dense_seq = seqs.Tk.to(dev) <= dense_len
+    if chunk_rows is not None and bool(dense_seq.any()):
+        raise ValueError("block_segments: chunk_rows takes sparse sequences only")
+    groups = []  # (h, n, b, lo, hi) tensors, lo/hi into tok_list
+    tok_parts = []
+    slot, base = None, 0
+    # sparse sequences: sort (chunk, h, n, b, row) keys of every valid selection entry
+    valid = (idx >= 0) & ~dense_seq[seq_of_row][:, None, None]
+    n_groups = Hkv * N * NBMAX
+    if valid.any():
+        r = torch.arange(Nq, device=dev, dtype=torch.int64)[:, None, None].expand(Nq, Hkv, K)
+        h = torch.arange(Hkv, device=dev, dtype=torch.int64)[None, :, None].expand(Nq, Hkv, K)
+        g = (h * N + seq_of_row[:, None, None]) * NBMAX + idx.long()
+        if chunk_rows is not None:
+            g = g + torch.div(r, chunk_rows, rounding_mode="floor") * n_groups
+        key = torch.where(valid, g * Nq + r, torch.full_like(r, torch.iinfo(torch.int64).max))
+        key, order = torch.sort(key.flatten())
+        nvalid = int(valid.sum())
+        if chunk_rows is not None:
+            slot = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=dev))
+            slot = torch.where(valid, slot.view(Nq, Hkv, K), -1)
+        key = key[:nvalid]
+        tok_parts.append((key % Nq).to(torch.int32))
+        gid, counts = torch.unique_consecutive(key // Nq, return_counts=True)
+        ends = torch.cumsum(counts, 0)
+        groups.append((gid, ends - counts, ends))
+        base = nvalid
+    # dense sequences: every causal (row, block) pair; rows of one block are one range
+    dense_ids = torch.nonzero(dense_seq).flatten().tolist()
+    if dense_ids:
+        tok_parts.append(torch.arange(Nq, device=dev, dtype=torch.int32))
+    for n in dense_ids:
+        qs, tq, tk = int(seqs.q_start[n]), seqs.Tq_list[n], seqs.Tk_list[n]
+        b = torch.arange((tk + block_size - 1) // block_size, device=dev, dtype=torch.int64)
+        lo = base + qs + torch.clamp(b * block_size - (tk - tq), min=0)
+        hi = torch.full_like(lo, base + qs + tq)
+        keep = lo < hi
+        b, lo, hi = b[keep], lo[keep], hi[keep]
+        for hh in range(Hkv):
+            groups.append(((hh * N + n) * NBMAX + b, lo, hi))
+    if not groups:
+        z = torch.zeros(0, dtype=torch.int64, device=dev)
+        return torch.zeros(1, dtype=torch.int32, device=dev), slot, z, z, z, z, z, z
+    gid, glo, ghi = (torch.cat(x) for x in zip(*groups))
+    nseg = (ghi - glo + seg - 1) // seg
+    rep = torch.repeat_interleave(torch.arange(gid.numel(), device=dev), nseg)
+    first = torch.cumsum(nseg, 0) - nseg
+    lo = glo[rep] + (torch.arange(rep.numel(), device=dev) - first[rep]) * seg
+    hi = torch.minimum(lo + seg, ghi[rep])
+    gid = gid[rep]
+    within = gid % n_groups
+    return (torch.cat(tok_parts), slot, (within // (N * NBMAX)).int(), ((within // NBMAX) % N).int(),
+            (within % NBMAX).int(), lo, hi, gid // n_groups if chunk_rows is not None else None)

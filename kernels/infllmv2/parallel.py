@@ -25,7 +25,7 @@ import triton.language as tl
 from salaconvert.kernels._interpreter import fix_interpreter_index
 from salaconvert.kernels.infllmv2._interp import rmax, rsum
 
-from salaconvert.kernels.infllmv2 import layout
+from salaconvert.kernels.infllmv2 import by_block, layout
 from salaconvert.kernels.infllmv2.layout import (Seqs, compress_k_flat, make_seqs, make_tiles, next_pow2, pool_shape,
                                                 with_windows)
 from salaconvert.kernels.infllmv2.naive import _cfg, coarse_pool
@@ -266,6 +266,12 @@ DQ_WARPS, DQ_STAGES = 4, 2
 # Wider rows (fp32, d = 256) take 64 rows on 4 warps: 3 stages of 128 would not fit in shared memory.
 DKV_ROWS, DKV_WARPS, DKV_STAGES = 128, 8, 3
 DKV_SEG = 256  # query tokens per dk/dv program at most: a block's tokens beyond it go to further programs
+# A forward that autograd will not differentiate, with every sequence sparse and at least
+# BY_BLOCK_MIN_KEYS keys long, takes each row's chosen (not forced) blocks block-major
+# (by_block.py) at groups up to BY_BLOCK_MAX_GROUP. H100 run 34 (random lists, union -> split):
+# group 4 at 128K 253 -> 151 ms, 256K 690 -> 314, 32K 27 -> 38; group 16 at 128K 93 -> 94, 32K 17 -> 25.
+BY_BLOCK_MAX_GROUP = 8
+BY_BLOCK_MIN_KEYS = 65536
 
 
 def _tile_tokens(G: int, Tq_max: int, tokens: int | None) -> tuple[int, int]:
@@ -316,84 +322,13 @@ def _merge_lists(idx, seqs, tile_n, tile_i, BT):
     return u_blk, u_bits, first.sum(-1, dtype=torch.int32)
 
 
-def _dkv_segments(idx: torch.Tensor, seqs: Seqs, Hkv: int, block_size: int, dense_len: int, seg: int):
-    """CSR of (head, sequence, block) -> query rows that attend to it, cut into segments of ≤ seg rows.
-
-    Returns tok_list int32 [L] and per-segment (h, n, b, lo, hi) tensors.
-    """
-    dev = idx.device
-    Nq = idx.shape[0]
-    N = seqs.n
-    NBMAX = max((t + block_size - 1) // block_size for t in seqs.Tk_list)
-    seq_of_row = torch.repeat_interleave(torch.arange(N, device=dev), seqs.Tq.long().to(dev))
-    dense_seq = seqs.Tk.to(dev) <= dense_len
-    groups = []  # (h, n, b, lo, hi) tensors, lo/hi into tok_list
-    tok_parts = []
-    base = 0
-    # sparse sequences: sort (h, n, b, row) keys of every valid selection entry
-    K = idx.shape[2]
-    valid = (idx >= 0) & ~dense_seq[seq_of_row][:, None, None]
-    if valid.any():
-        r = torch.arange(Nq, device=dev, dtype=torch.int64)[:, None, None].expand(Nq, Hkv, K)
-        h = torch.arange(Hkv, device=dev, dtype=torch.int64)[None, :, None].expand(Nq, Hkv, K)
-        g = (h * N + seq_of_row[:, None, None]) * NBMAX + idx.long()
-        key = torch.where(valid, g * Nq + r, torch.full_like(r, torch.iinfo(torch.int64).max))
-        key = torch.sort(key.flatten()).values
-        nvalid = int(valid.sum())
-        key = key[:nvalid]
-        grp = key // Nq
-        tok_parts.append((key % Nq).to(torch.int32))
-        counts = torch.bincount(grp, minlength=Hkv * N * NBMAX)
-        starts = torch.cumsum(counts, 0) - counts
-        gid = torch.nonzero(counts).flatten()
-        groups.append((gid // (N * NBMAX), (gid // NBMAX) % N, gid % NBMAX, starts[gid], starts[gid] + counts[gid]))
-        base = nvalid
-    # dense sequences: every causal (row, block) pair; rows of one block form a contiguous range
-    dense_ids = torch.nonzero(dense_seq).flatten().tolist()
-    if dense_ids:
-        tok_parts.append(torch.arange(Nq, device=dev, dtype=torch.int32))
-        for n in dense_ids:
-            qs, tq, tk = int(seqs.q_start[n]), seqs.Tq_list[n], seqs.Tk_list[n]
-            nb = (tk + block_size - 1) // block_size
-            b = torch.arange(nb, device=dev, dtype=torch.int64)
-            lo = base + qs + torch.clamp(b * block_size - (tk - tq), min=0)
-            hi = torch.full_like(lo, base + qs + tq)
-            keep = lo < hi
-            b, lo, hi = b[keep], lo[keep], hi[keep]
-            for hh in range(Hkv):
-                groups.append((torch.full_like(b, hh), torch.full_like(b, n), b, lo, hi))
-    if not groups:
-        z = torch.zeros(0, dtype=torch.int64, device=dev)
-        return torch.zeros(1, dtype=torch.int32, device=dev), z, z, z, z, z
-    gh, gn, gb, glo, ghi = (torch.cat(x) for x in zip(*groups))
-    nseg = (ghi - glo + seg - 1) // seg
-    rep = torch.repeat_interleave(torch.arange(gh.numel(), device=dev), nseg)
-    first = torch.cumsum(nseg, 0) - nseg
-    j = torch.arange(rep.numel(), device=dev) - first[rep]
-    lo = glo[rep] + j * seg
-    hi = torch.minimum(lo + seg, ghi[rep])
-    return torch.cat(tok_parts), gh[rep].int(), gn[rep].int(), gb[rep].int(), lo, hi
-
-
 class InfLLMv2Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cfg, seqs, scale, idx):
-        Nq, Hq, D = q.shape
-        Hkv = k.shape[1]
-        G = Hq // Hkv
-        GP, BT = _tile_tokens(G, max(seqs.Tq_list), ATTN_TOKENS)
-        tile_n, tile_i = make_tiles(seqs, BT, q.device)
-        o = layout.empty(q.shape, q.dtype, q.device)
-        lse = layout.empty((Nq, Hq), torch.float32, q.device)
-        union = _unions(idx, seqs, tile_n, tile_i, BT, cfg["dense_len"])
-        _fwd_kernel[(tile_n.numel(), Hkv)](
-            q, k, v, o, lse, idx, tile_n, tile_i, seqs.q_start, seqs.k_start, seqs.Tq, seqs.Tk,
-            *union, union[0].shape[-1], scale * LOG2E, cfg["dense_len"], q.stride(0), k.stride(0), idx.stride(0), Hq,
-            G=G, GP=GP, BT=BT, D=D, BS=cfg["block_size"], K=idx.shape[2],
-            num_warps=ATTN_WARPS, num_stages=ATTN_STAGES)
+        o, lse, tile_n, tile_i, union, meta = _union_forward(q, k, v, idx, seqs, cfg, scale)
         ctx.save_for_backward(q, k, v, o, lse, idx, tile_n, tile_i, *union)
         ctx.cfg, ctx.seqs, ctx.scale = cfg, seqs, scale
-        ctx.meta = (G, GP, BT)
+        ctx.meta = meta
         return o
 
     @staticmethod
@@ -413,8 +348,8 @@ class InfLLMv2Function(torch.autograd.Function):
             num_warps=DQ_WARPS, num_stages=DQ_STAGES)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-        tok_list, sh, sn, sb, slo, shi = _dkv_segments(idx, seqs, Hkv, cfg["block_size"], cfg["dense_len"],
-                                                       seg=DKV_SEG)
+        tok_list, _, sh, sn, sb, slo, shi, _ = layout.block_segments(idx, seqs, cfg["block_size"], cfg["dense_len"],
+                                                                     seg=DKV_SEG)
         if sh.numel():
             rows, warps = (DKV_ROWS, DKV_WARPS) if D * q.element_size() <= 256 else (64, 4)
             _, BTK = _tile_tokens(G, max(seqs.Tq_list), max(1, rows // GP))  # no wasted rows: tall
@@ -423,6 +358,35 @@ class InfLLMv2Function(torch.autograd.Function):
                 seqs.q_start, seqs.k_start, seqs.Tq, seqs.Tk, scale, scale * LOG2E, q.stride(0), k.stride(0), Hq,
                 G=G, GP=GP, BT=BTK, D=D, BS=cfg["block_size"], num_warps=warps, num_stages=DKV_STAGES)
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def _union_forward(q, k, v, idx, seqs, cfg, scale):
+    """The forward over union tiles: o, lse (log2 units) and what the backward needs."""
+    Nq, Hq, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    GP, BT = _tile_tokens(G, max(seqs.Tq_list), ATTN_TOKENS)
+    tile_n, tile_i = make_tiles(seqs, BT, q.device)
+    o = layout.empty(q.shape, q.dtype, q.device)
+    lse = layout.empty((Nq, Hq), torch.float32, q.device)
+    union = _unions(idx, seqs, tile_n, tile_i, BT, cfg["dense_len"])
+    _fwd_kernel[(tile_n.numel(), Hkv)](
+        q, k, v, o, lse, idx, tile_n, tile_i, seqs.q_start, seqs.k_start, seqs.Tq, seqs.Tk,
+        *union, union[0].shape[-1], scale * LOG2E, cfg["dense_len"], q.stride(0), k.stride(0), idx.stride(0), Hq,
+        G=G, GP=GP, BT=BT, D=D, BS=cfg["block_size"], K=idx.shape[2],
+        num_warps=ATTN_WARPS, num_stages=ATTN_STAGES)
+    return o, lse, tile_n, tile_i, union, (G, GP, BT)
+
+
+def _inference_forward(q, k, v, idx, seqs, cfg, scale):
+    """The forward when no gradient is wanted and every sequence is sparse: each row's forced blocks
+    (init and local: the same for neighbouring tokens, so a union tile wastes no row on them) over
+    union tiles, its chosen blocks block-major (by_block.py), merged by log-sum-exp."""
+    forced = by_block.forced_entries(idx, seqs, cfg["block_size"], cfg["init_blocks"], cfg["local_blocks"])
+    o, lse, *_ = _union_forward(q, k, v, torch.where(forced, idx, -1), seqs, cfg, scale)
+    by_block.add_chosen(q, k, v, torch.where(forced, -1, idx), cfg["init_blocks"], seqs, cfg["block_size"],
+                        scale * LOG2E, o, lse)
+    return o
 
 
 def _unions(idx, seqs, tile_n, tile_i, BT, dense_len):
@@ -500,5 +464,10 @@ def parallel_infllmv2_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             idx = _select_flat(qf, kf, seqs, cfg, scale)
     else:
         idx = torch.full((B * Tq, Hkv, 1), -1, dtype=torch.int32, device=q.device)
-    o = InfLLMv2Function.apply(qf, kf, vf, cfg, seqs, scale, idx)
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if not grad and Hq // Hkv <= BY_BLOCK_MAX_GROUP and all(t > dense_len and t >= BY_BLOCK_MIN_KEYS
+                                                            for t in seqs.Tk_list):
+        o = _inference_forward(qf, kf, vf, idx, seqs, cfg, scale)
+    else:
+        o = InfLLMv2Function.apply(qf, kf, vf, cfg, seqs, scale, idx)
     return o.view(B, Tq, Hq, D)

@@ -17,6 +17,7 @@ import torch
 
 from salaconvert.kernels.infllmv2 import infllmv2_attn, infllmv2_decode, infllmv2_select, layout
 from salaconvert.kernels.infllmv2 import parallel as parallel_mod
+from salaconvert.kernels.infllmv2 import by_block as by_block_mod
 from salaconvert.kernels.infllmv2 import decode as decode_mod
 from salaconvert.kernels.infllmv2 import select as select_mod
 from salaconvert.kernels.infllmv2.decode import triton_infllmv2_decode, update_compressed_cache
@@ -203,6 +204,80 @@ def test_sparse_fwd_bwd_equals_reference(G):
     Hkv = 1 if G == 16 else 2
     q, k, v = _qkv(2, 70, 70, G * Hkv, Hkv, 16, seed=G)  # 70: not a multiple of the block size
     _compare_fwd_bwd(q, k, v, RTOL_FP32, f"G={G}", topk=3, dense_len=0, **SMALL)
+
+
+@pytest.fixture
+def by_block_everywhere(monkeypatch):
+    """The inference forward (forced blocks over union tiles, chosen ones block-major) at any size and
+    group, with a spy on the block-major part: the list of chosen entries it was given."""
+    monkeypatch.setattr(parallel_mod, "BY_BLOCK_MAX_GROUP", 64)
+    monkeypatch.setattr(parallel_mod, "BY_BLOCK_MIN_KEYS", 0)
+    seen = []
+    real = by_block_mod.add_chosen
+    monkeypatch.setattr(by_block_mod, "add_chosen", lambda q, k, v, idx, *a: seen.append(int((idx >= 0).sum()))
+                        or real(q, k, v, idx, *a))
+    return seen
+
+
+@pytest.mark.parametrize("G", [1, 3, 4, 16])
+def test_inference_forward_equals_reference(G, by_block_everywhere):
+    Hkv = 1 if G == 16 else 2
+    q, k, v = _qkv(2, 150, 150, G * Hkv, Hkv, 16, seed=G)  # 150: not a multiple of the block size
+    kw = dict(topk=5, dense_len=0, **SMALL)
+    with torch.no_grad():
+        got = parallel_infllmv2_attn(q, k, v, **kw)
+    assert by_block_everywhere and by_block_everywhere[0] > 0, "no chosen block went block-major"
+    assert_close(got, naive_infllmv2_attn(q, k, v, **kw), rtol=RTOL_FP32, what=f"G={G}")
+
+
+@pytest.mark.parametrize("budget", [1, 4000])
+def test_inference_forward_in_chunks_varlen_and_end_aligned(monkeypatch, by_block_everywhere, budget):
+    # partial outputs of one row only (budget 1) or of a few rows per chunk; two init blocks, so the
+    # chosen entries start at the third list slot; packed sequences; queries after cached keys
+    monkeypatch.setattr(by_block_mod, "PARTIAL_BYTES", budget)
+    kw = dict(block_size=16, kernel_size=8, stride=4, init_blocks=2, local_blocks=2, topk=6, dense_len=0)
+    q, k, v = _qkv(1, 170, 170, 6, 2, 16, seed=5)
+    cu = torch.tensor([0, 90, 91, 170])
+    with torch.no_grad():
+        got = parallel_infllmv2_attn(q, k, v, cu_seqlens=cu, **kw)
+        tail = parallel_infllmv2_attn(q[:, -37:], k, v, **kw)
+    assert_close(got, naive_infllmv2_attn(q, k, v, cu_seqlens=cu, **kw), rtol=RTOL_FP32, what="varlen")
+    assert_close(tail, naive_infllmv2_attn(q, k, v, **kw)[:, -37:], rtol=RTOL_FP32, what="end-aligned")
+    assert len(by_block_everywhere) == 2 and min(by_block_everywhere) > 0
+
+
+def test_inference_forward_only_without_autograd(by_block_everywhere):
+    q, k, v = _qkv(1, 100, 100, 4, 2, 16, seed=3)
+    kw = dict(topk=5, dense_len=0, **SMALL)
+    parallel_infllmv2_attn(q, k, v.requires_grad_(), **kw).sum().backward()
+    assert not by_block_everywhere and v.grad is not None
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 7])
+def test_block_segments_list_every_entry_once(chunk_rows):
+    # ascending random lists with −1 anywhere: each segment holds rows that picked its block, ≤ seg of
+    # them, segments cover every valid entry once; with chunk_rows, slot points at each entry and
+    # the entries of a chunk of rows come before the next chunk's
+    g = torch.Generator().manual_seed(0)
+    Nq, Hkv, K, NB = 40, 2, 6, 9
+    idx = torch.sort(torch.randint(0, NB, (Nq, Hkv, K), generator=g), -1).values.int()
+    idx[torch.rand(Nq, Hkv, K, generator=g) < 0.3] = -1
+    seqs = layout.make_seqs(1, Nq, NB * 16, None, 8, 4, "cpu")
+    tok, slot, sh, sn, sb, lo, hi, sc = layout.block_segments(idx, seqs, 16, 0, 5, chunk_rows=chunk_rows)
+    pairs = []
+    for h, b, a, z in zip(sh.tolist(), sb.tolist(), lo.tolist(), hi.tolist()):
+        assert 0 < z - a <= 5
+        for p in range(a, z):
+            r = int(tok[p])
+            assert b in idx[r, h].tolist()
+            pairs.append((r, h, b))
+            if chunk_rows:
+                assert int(sc[(lo <= p) & (p < hi)][0]) == r // chunk_rows
+                assert int(idx[r, h][slot[r, h] == p][0]) == b
+    want = [(r, h, b) for r in range(Nq) for h in range(Hkv) for b in idx[r, h].tolist() if b >= 0]
+    assert sorted(pairs) == sorted(want)
+    if chunk_rows:
+        assert (slot[idx < 0] == -1).all() and torch.equal(sc, torch.sort(sc).values)
 
 
 # the backward kernels exponentiate masked (future) keys too and discard them: at growth 4 those overflow
@@ -442,6 +517,20 @@ def test_gpu_fwd_bwd(Hq, Hkv, d, dtype):
     ref = _grads(naive_infllmv2_attn, q.float(), k.float(), v.float(), do.float(), block_indices=idx, **kw)
     for a, b, n in zip(ours, ref, ("o", "dq", "dk", "dv")):
         assert_close(a, b, rtol=RTOL_BF16, what=f"{dtype} {n}")
+
+
+@gpu
+@pytest.mark.parametrize("Hq,Hkv", [(32, 8), (32, 2), (12, 4)])
+def test_gpu_inference_forward(Hq, Hkv, by_block_everywhere):
+    T = 5000
+    kw = dict(topk=16, local_blocks=4, dense_len=1024)
+    q, k, v = _qkv(1, T, T, Hq, Hkv, 128, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        idx = infllmv2_select(q, k, **kw)
+        got = parallel_infllmv2_attn(q, k, v, block_indices=idx, **kw)
+        ref = naive_infllmv2_attn(q.float(), k.float(), v.float(), block_indices=idx, **kw)
+    assert by_block_everywhere and by_block_everywhere[0] > 0
+    assert_close(got, ref, rtol=RTOL_BF16, what=f"inference forward Hq={Hq} Hkv={Hkv}")
 
 
 @gpu

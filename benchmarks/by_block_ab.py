@@ -1,0 +1,99 @@
+"""Stage 2's forward without autograd: the union tiles (parallel.py) against block-major (by_block.py).
+
+    python benchmarks/by_block_ab.py --out DIR [--rounds 2] [--variants union,by_block] [--lengths 65536] [--smoke]
+
+On the benchmark's random inputs (benchmarks/infllmv2.py: Hq = 32, d = 128, bf16, 96 blocks) with
+`block_indices` from one selection, so every variant walks the same lists, alternating round after
+round in one process: the union path alone (BY_BLOCK_MAX_GROUP = 0) and the forced/chosen split of
+parallel._inference_forward at every case (by_block.py's defaults, and other stages, rows per
+program, partial-output budgets). Records
+each output's largest difference from the union path's (relative to max |o|) and, for the
+defaults, the GPU time per kernel. Writes DIR/by_block_ab.json. --smoke: tiny shapes on the CPU
+under TRITON_INTERPRET=1, a check of the script (its times mean nothing).
+"""
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import infllmv2 as bench  # noqa: E402
+from salaconvert.kernels.infllmv2 import by_block, parallel  # noqa: E402
+
+CASES = [(32768, 2), (32768, 8), (65536, 2), (65536, 8), (131072, 2), (131072, 8), (262144, 8)]  # (T, Hkv)
+EVERYWHERE = {"BY_BLOCK_MAX_GROUP": 64, "BY_BLOCK_MIN_KEYS": 0}  # block-major at every case
+VARIANTS = {  # name -> (parallel knobs, by_block knobs)
+    "union": ({"BY_BLOCK_MAX_GROUP": 0}, {}),
+    "by_block": (EVERYWHERE, {}),
+    "stages3": (EVERYWHERE, {"STAGES": 3}),
+    "seg64": (EVERYWHERE, {"SEG": 64}),
+    "partial4g": (EVERYWHERE, {"PARTIAL_BYTES": 4 << 30}),
+    "partial1g": (EVERYWHERE, {"PARTIAL_BYTES": 1 << 30}),
+}
+
+
+class knobs:
+    def __init__(self, mod, values):
+        self.mod, self.values = mod, values
+
+    def __enter__(self):
+        self.saved = {k: getattr(self.mod, k) for k in self.values}
+        for k, x in self.values.items():
+            setattr(self.mod, k, x)
+
+    def __exit__(self, *exc):
+        for k, x in self.saved.items():
+            setattr(self.mod, k, x)
+
+
+def median_ms(fn, reps: int) -> float:
+    fn()
+    bench.sync()
+    return statistics.median(bench.timed(fn) for _ in range(reps))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names (union first)")
+    ap.add_argument("--lengths", default=None, help="comma-separated T: only those cases")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1)")
+    args = ap.parse_args()
+    if args.smoke:
+        bench.smoke_mode()
+    rows = []
+    variants = {name: VARIANTS[name] for name in args.variants.split(",")}
+    lengths = None if args.lengths is None else {int(x) for x in args.lengths.split(",")}
+    for T, hkv in CASES:
+        if lengths is not None and T not in lengths:
+            continue
+        T, hkv = bench.LEN(T), min(hkv, bench.H)
+        q, k, v = bench.inputs(T, hkv)
+        with torch.no_grad():
+            idx = parallel.parallel_infllmv2_select(q, k, **bench.OURS96)
+            run = lambda: parallel.parallel_infllmv2_attn(q, k, v, block_indices=idx, **bench.OURS96)  # noqa: E731
+            with knobs(parallel, VARIANTS["union"][0]):
+                ref = run().float()
+            for rnd in range(args.rounds):
+                for name, (pk, bk) in variants.items():
+                    with knobs(parallel, pk), knobs(by_block, bk):
+                        o = run().float()
+                        row = dict(T=T, Hkv=hkv, variant=name, round=rnd,
+                                   rel_diff_vs_union=round(((o - ref).abs().max() / ref.abs().max()).item(), 5),
+                                   fwd_ms=round(median_ms(run, 5 if T < 200000 else 3), 3))
+                        if rnd == 0 and name == "by_block" and bench.DEV == "cuda":
+                            row["kernels_us"] = bench.kernel_split(run, calls=3, top=8)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+        del q, k, v, idx, ref
+        bench.empty_cache()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "by_block_ab.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""InfLLM-V2 stage 2 forward, block-major: for inference (no autograd), where the union tiles waste most rows.
+
+The union tiles of parallel.py load a K/V block once for a tile's tokens and run the dots for all
+its rows; when neighbouring tokens choose different blocks (random inputs, small groups: a 16-token
+tile at group 4 walks ~7× K blocks at 128K) most of those rows are masked out and every block is
+re-read for every tile that picked it. Here one program takes one (KV head, block) and a segment of
+the query rows that picked it (the CSR of layout.block_segments, as the dk/dv kernel uses), so no
+row is wasted and each block is read once per segment: the price is a partial result per
+(row, selected block) — the block's normalised output, in q's dtype, and its log-sum-exp — which a
+second kernel merges per row in list order. Query rows are processed in chunks whose partials fit in
+PARTIAL_BYTES. Partial outputs rounded to bf16 add at most one bf16 rounding of max |v| to the
+result (the union path rounds only the final output).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from salaconvert.kernels._interpreter import fix_interpreter_index
+from salaconvert.kernels.infllmv2 import layout
+from salaconvert.kernels.infllmv2._interp import rmax, rsum
+from salaconvert.kernels.infllmv2.layout import Seqs, next_pow2
+
+fix_interpreter_index()
+
+PARTIAL_BYTES = 2 << 30  # partial outputs of one chunk of query rows, at most (the chunk is ≥ 1 row)
+SEG = 256  # query rows of one block per program, at most
+ROWS, WARPS, STAGES = 64, 4, 2  # rows (tokens × padded group heads) per dot, launch shape of the partials
+
+
+@triton.jit
+def _partial_kernel(q, k, v, part_o, part_lse, tok_list, seg_h, seg_n, seg_b, seg_lo, seg_hi, s0, p0,
+                    q_start, k_start, seq_Tq, seq_Tk, scale_log2, stride_qt, stride_kt,
+                    G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BS: tl.constexpr):
+    """Segment s0 + program id: one block, the rows in tok_list[lo:hi] that picked it, each row's
+    softmax over the block alone. Writes, for the row at position p of tok_list (p0: the chunk's
+    first), part_o[(p − p0)·G + g] = the normalised output and part_lse[(p − p0)·G + g] =
+    log2 Σ exp2(scores) (−inf when no key is visible)."""
+    i_s = s0 + tl.program_id(0)
+    BM: tl.constexpr = BT * GP
+    i_h = tl.load(seg_h + i_s)
+    n = tl.load(seg_n + i_s)
+    blk = tl.load(seg_b + i_s)
+    lo = tl.load(seg_lo + i_s)
+    hi = tl.load(seg_hi + i_s)
+    qs = tl.load(q_start + n)
+    ks = tl.load(k_start + n)
+    Tq = tl.load(seq_Tq + n)
+    Tk = tl.load(seq_Tk + n)
+
+    o_k = blk * BS + tl.arange(0, BS)
+    o_d = tl.arange(0, D)
+    o_kd = (ks + o_k).to(tl.int64)[:, None] * stride_kt + i_h * D + o_d[None, :]
+    m_k = o_k < Tk
+    b_k = tl.load(k + o_kd, mask=m_k[:, None], other=0.)
+    b_v = tl.load(v + o_kd, mask=m_k[:, None], other=0.)
+    o_r = tl.arange(0, BM)
+    r_t, r_g = o_r // GP, o_r % GP
+    for t0 in range(lo, hi, BT):
+        m_r = ((t0 + r_t) < hi) & (r_g < G)
+        row = tl.load(tok_list + t0 + r_t, mask=m_r, other=0).to(tl.int64)
+        pos = Tk - Tq + (row - qs)
+        b_q = tl.load(q + row[:, None] * stride_qt + (i_h * G + r_g)[:, None] * D + o_d[None, :],
+                      mask=m_r[:, None], other=0.)
+        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
+        b_s = tl.where(m_r[:, None] & (o_k[None, :] <= pos[:, None]), b_s, float("-inf"))
+        b_m = rmax(b_s, 1)
+        m_use = tl.where(b_m == float("-inf"), 0., b_m)
+        b_p = tl.exp2(b_s - m_use[:, None])
+        b_l = rsum(b_p, 1)
+        seen = b_l > 0
+        b_o = tl.dot(b_p.to(b_v.dtype), b_v) / tl.where(seen, b_l, 1.)[:, None]
+        p_out = (t0 - p0 + r_t).to(tl.int64) * G + r_g
+        tl.store(part_o + p_out[:, None] * D + o_d[None, :], b_o.to(part_o.dtype.element_ty), mask=m_r[:, None])
+        tl.store(part_lse + p_out, tl.where(seen, m_use + tl.log2(tl.where(seen, b_l, 1.)), float("-inf")),
+                 mask=m_r)
+
+
+@triton.jit
+def _merge_kernel(part_o, part_lse, slot, o, lse, r0, n_rows, p0, J0, NJ, stride_ot, Hq, Hkv,
+                  G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, K: tl.constexpr):
+    """BT query rows (from r0) × the G heads of one KV head: the online softmax of the forced blocks'
+    result (o, lse) and the partials of the rows' list entries J0 … J0 + NJ − 1 (slot: positions in
+    tok_list, p0 the chunk's first; −1: none), in list order; o in place."""
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    BM: tl.constexpr = BT * GP
+    o_r = tl.arange(0, BM)
+    r_t, r_g = o_r // GP, o_r % GP
+    tok = i_t * BT + r_t
+    m_row = (tok < n_rows) & (r_g < G)
+    o_d = tl.arange(0, D)
+    p_o = o + (r0 + tok).to(tl.int64)[:, None] * stride_ot + (i_h * G + r_g)[:, None] * D + o_d[None, :]
+    b_m = tl.load(lse + (r0 + tok).to(tl.int64) * Hq + i_h * G + r_g, mask=m_row, other=0.)
+    b_l = tl.full([BM], 1, tl.float32)
+    b_acc = tl.load(p_o, mask=m_row[:, None], other=0.).to(tl.float32)
+    p_slot = slot + ((r0 + tok).to(tl.int64) * Hkv + i_h) * K + J0
+    for j in range(NJ):
+        s = tl.load(p_slot + j, mask=m_row, other=-1)
+        ok = m_row & (s >= 0)
+        p = (s - p0) * G + r_g
+        x = tl.load(part_lse + p, mask=ok, other=float("-inf"))
+        b_o = tl.load(part_o + p[:, None] * D + o_d[None, :], mask=ok[:, None], other=0.).to(tl.float32)
+        m_new = tl.maximum(b_m, x)
+        alpha = tl.exp2(b_m - m_new)
+        w = tl.exp2(x - m_new)
+        b_l = b_l * alpha + w
+        b_acc = b_acc * alpha[:, None] + w[:, None] * b_o
+        b_m = m_new
+    tl.store(p_o, (b_acc / b_l[:, None]).to(o.dtype.element_ty), mask=m_row[:, None])
+
+
+def forced_entries(idx: torch.Tensor, seqs: Seqs, block_size: int, init_blocks: int, local_blocks: int) -> torch.Tensor:
+    """bool [Nq, Hkv, K]: the selection entries that are forced blocks (init, or among the row's local ones)."""
+    dev = idx.device
+    seq_of_row = torch.repeat_interleave(torch.arange(seqs.n, device=dev), seqs.Tq.long().to(dev))
+    local = torch.arange(idx.shape[0], device=dev) - seqs.q_start.to(dev)[seq_of_row]
+    qb = (seqs.Tk.to(dev)[seq_of_row] - seqs.Tq.to(dev)[seq_of_row] + local) // block_size
+    return (idx >= 0) & ((idx < init_blocks) | (idx > (qb - local_blocks)[:, None, None]))
+
+
+def add_chosen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, init_blocks: int, seqs: Seqs,
+               block_size: int, scale_log2: float, o: torch.Tensor, lse: torch.Tensor) -> None:
+    """Merge into o (with lse [Nq, Hq], log2 units: every row's attention over its forced blocks)
+    the attention over the chosen blocks in idx [Nq, Hkv, K] (its forced entries −1: in an
+    ascending list the chosen ones follow the init_blocks first entries). Flattened q [Nq, Hq, D],
+    k/v [Nk, Hkv, D], every sequence sparse; no autograd."""
+    Nq, Hq, D = q.shape
+    Hkv, K = k.shape[1], idx.shape[2]
+    G = Hq // Hkv
+    GP = next_pow2(G)
+    BT = max(1, ROWS // GP, (16 + GP - 1) // GP)
+    most = int((idx >= 0).sum(2).max()) if idx.numel() else 0  # chosen entries of the fullest (row, KV head)
+    if most == 0:
+        return
+    chunk = max(1, PARTIAL_BYTES // (Hq * most * (D * q.element_size() + 4)))
+    tok_list, slot, sh, sn, sb, slo, shi, sc = layout.block_segments(idx, seqs, block_size, 0, SEG, chunk_rows=chunk)
+    n_chunks = triton.cdiv(Nq, chunk)
+    seg_at = torch.searchsorted(sc, torch.arange(n_chunks + 1, device=sc.device)).tolist()
+    pos_at = torch.cat([slo, shi[-1:]])[seg_at].tolist()  # each chunk's first position in tok_list
+    part_o = layout.empty((max(b - a for a, b in zip(pos_at, pos_at[1:])) * G, D), q.dtype, q.device)
+    part_lse = layout.empty((part_o.shape[0],), torch.float32, q.device)
+    for c in range(n_chunks):
+        r0, r1 = c * chunk, min(Nq, (c + 1) * chunk)
+        if seg_at[c + 1] > seg_at[c]:
+            _partial_kernel[(seg_at[c + 1] - seg_at[c],)](
+                q, k, v, part_o, part_lse, tok_list, sh, sn, sb, slo, shi, seg_at[c], pos_at[c],
+                seqs.q_start, seqs.k_start, seqs.Tq, seqs.Tk, scale_log2, q.stride(0), k.stride(0),
+                G=G, GP=GP, BT=BT, D=D, BS=block_size, num_warps=WARPS, num_stages=STAGES)
+        _merge_kernel[(triton.cdiv(r1 - r0, BT), Hkv)](
+            part_o, part_lse, slot, o, lse, r0, r1 - r0, pos_at[c], min(init_blocks, K), min(most, K - init_blocks),
+            o.stride(0), Hq, Hkv, G=G, GP=GP, BT=BT, D=D, K=K, num_warps=WARPS)
