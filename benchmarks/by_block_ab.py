@@ -89,7 +89,6 @@ def main():
                             row["kernels_us"] = bench.kernel_split(run, calls=3, top=8)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-        del q, k, v, idx, ref
         bench.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "by_block_ab.json").write_text(json.dumps(rows, indent=1))
