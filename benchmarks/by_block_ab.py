@@ -6,7 +6,7 @@ On the benchmark's random inputs (benchmarks/infllmv2.py: Hq = 32, d = 128, bf16
 `block_indices` from one selection, so every variant walks the same lists, alternating round after
 round in one process: the union path alone (BY_BLOCK_MAX_GROUP = 0) and the forced/chosen split of
 parallel._inference_forward at every case (by_block.py's defaults, and other stages, rows per
-program, partial-output budgets). Records
+program, partial-output budgets, merge tiles). Records
 each output's largest difference from the union path's (relative to max |o|) and, for the
 defaults, the GPU time per kernel. Writes DIR/by_block_ab.json. --smoke: tiny shapes on the CPU
 under TRITON_INTERPRET=1, a check of the script (its times mean nothing).
@@ -32,6 +32,10 @@ VARIANTS = {  # name -> (parallel knobs, by_block knobs)
     "seg64": (EVERYWHERE, {"SEG": 64}),
     "partial4g": (EVERYWHERE, {"PARTIAL_BYTES": 4 << 30}),
     "partial1g": (EVERYWHERE, {"PARTIAL_BYTES": 1 << 30}),
+    "merge128_w8": (EVERYWHERE, {"MERGE_ROWS": 128, "MERGE_WARPS": 8}),
+    "merge32_w2": (EVERYWHERE, {"MERGE_ROWS": 32, "MERGE_WARPS": 2}),
+    "merge_stages1": (EVERYWHERE, {"MERGE_STAGES": 1}),
+    "merge_stages4": (EVERYWHERE, {"MERGE_STAGES": 4}),
 }
 
 

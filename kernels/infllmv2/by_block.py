@@ -27,6 +27,9 @@ fix_interpreter_index()
 PARTIAL_BYTES = 2 << 30  # partial outputs of one chunk of query rows, at most (the chunk is ≥ 1 row)
 SEG = 256  # query rows of one block per program, at most
 ROWS, WARPS, STAGES = 64, 4, 2  # rows (tokens × padded group heads) per dot, launch shape of the partials
+# rows per program and launch shape of the merge. Run 37, group 4: 128 rows on 8 warps 154 -> 138 ms
+# at 128K, 311 -> 278 at 256K against 64 on 4 (group 16, not routed here: 94 -> 116); stages 1 and 4 ±2%
+MERGE_ROWS, MERGE_WARPS, MERGE_STAGES = 128, 8, 3
 
 
 @triton.jit
@@ -78,11 +81,11 @@ def _partial_kernel(q, k, v, part_o, part_lse, tok_list, seg_h, seg_n, seg_b, se
 
 
 @triton.jit
-def _merge_kernel(part_o, part_lse, slot, o, lse, r0, n_rows, p0, J0, NJ, stride_ot, Hq, Hkv,
+def _merge_kernel(part_o, part_lse, slot, o, lse, r0, n_rows, p0, NJ, stride_ot, Hq, Hkv,
                   G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, K: tl.constexpr):
     """BT query rows (from r0) × the G heads of one KV head: the online softmax of the forced blocks'
-    result (o, lse) and the partials of the rows' list entries J0 … J0 + NJ − 1 (slot: positions in
-    tok_list, p0 the chunk's first; −1: none), in list order; o in place."""
+    result (o, lse; lse −inf: no forced block) and the partials of the rows' first NJ list entries (slot: positions in tok_list,
+    p0 the chunk's first; −1: none), in list order; o in place."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     BM: tl.constexpr = BT * GP
     o_r = tl.arange(0, BM)
@@ -91,10 +94,10 @@ def _merge_kernel(part_o, part_lse, slot, o, lse, r0, n_rows, p0, J0, NJ, stride
     m_row = (tok < n_rows) & (r_g < G)
     o_d = tl.arange(0, D)
     p_o = o + (r0 + tok).to(tl.int64)[:, None] * stride_ot + (i_h * G + r_g)[:, None] * D + o_d[None, :]
-    b_m = tl.load(lse + (r0 + tok).to(tl.int64) * Hq + i_h * G + r_g, mask=m_row, other=0.)
-    b_l = tl.full([BM], 1, tl.float32)
+    b_m = tl.load(lse + (r0 + tok).to(tl.int64) * Hq + i_h * G + r_g, mask=m_row, other=float("-inf"))
+    b_l = tl.where(b_m == float("-inf"), 0., 1.)
     b_acc = tl.load(p_o, mask=m_row[:, None], other=0.).to(tl.float32)
-    p_slot = slot + ((r0 + tok).to(tl.int64) * Hkv + i_h) * K + J0
+    p_slot = slot + ((r0 + tok).to(tl.int64) * Hkv + i_h) * K
     for j in range(NJ):
         s = tl.load(p_slot + j, mask=m_row, other=-1)
         ok = m_row & (s >= 0)
@@ -102,12 +105,13 @@ def _merge_kernel(part_o, part_lse, slot, o, lse, r0, n_rows, p0, J0, NJ, stride
         x = tl.load(part_lse + p, mask=ok, other=float("-inf"))
         b_o = tl.load(part_o + p[:, None] * D + o_d[None, :], mask=ok[:, None], other=0.).to(tl.float32)
         m_new = tl.maximum(b_m, x)
-        alpha = tl.exp2(b_m - m_new)
-        w = tl.exp2(x - m_new)
+        m_use = tl.where(m_new == float("-inf"), 0., m_new)
+        alpha = tl.exp2(b_m - m_use)
+        w = tl.exp2(x - m_use)
         b_l = b_l * alpha + w
         b_acc = b_acc * alpha[:, None] + w[:, None] * b_o
         b_m = m_new
-    tl.store(p_o, (b_acc / b_l[:, None]).to(o.dtype.element_ty), mask=m_row[:, None])
+    tl.store(p_o, (b_acc / tl.where(b_l > 0, b_l, 1.)[:, None]).to(o.dtype.element_ty), mask=m_row[:, None])
 
 
 def forced_entries(idx: torch.Tensor, seqs: Seqs, block_size: int, init_blocks: int, local_blocks: int) -> torch.Tensor:
@@ -119,25 +123,29 @@ def forced_entries(idx: torch.Tensor, seqs: Seqs, block_size: int, init_blocks: 
     return (idx >= 0) & ((idx < init_blocks) | (idx > (qb - local_blocks)[:, None, None]))
 
 
-def add_chosen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, init_blocks: int, seqs: Seqs,
-               block_size: int, scale_log2: float, o: torch.Tensor, lse: torch.Tensor) -> None:
-    """Merge into o (with lse [Nq, Hq], log2 units: every row's attention over its forced blocks)
-    the attention over the chosen blocks in idx [Nq, Hkv, K] (its forced entries −1: in an
-    ascending list the chosen ones follow the init_blocks first entries). Flattened q [Nq, Hq, D],
-    k/v [Nk, Hkv, D], every sequence sparse; no autograd."""
+def add_chosen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, seqs: Seqs, block_size: int,
+               scale_log2: float, o: torch.Tensor, lse: torch.Tensor) -> None:
+    """Merge into o (with lse [Nq, Hq], log2 units, −inf where none: every row's attention over some
+    blocks already, its forced ones) the attention over the blocks in idx [Nq, Hkv, K] (−1 anywhere: none).
+    Flattened q [Nq, Hq, D], k/v [Nk, Hkv, D], every sequence sparse; no autograd."""
     Nq, Hq, D = q.shape
     Hkv, K = k.shape[1], idx.shape[2]
     G = Hq // Hkv
     GP = next_pow2(G)
     BT = max(1, ROWS // GP, (16 + GP - 1) // GP)
-    most = int((idx >= 0).sum(2).max()) if idx.numel() else 0  # chosen entries of the fullest (row, KV head)
+    BTM = max(1, MERGE_ROWS // GP)
+    # each row's entries first, in order, then the −1s: the merge walks the first `most` of them
+    idx = torch.sort(torch.where(idx >= 0, idx, torch.iinfo(torch.int32).max), -1).values
+    idx = torch.where(idx == torch.iinfo(torch.int32).max, -1, idx)
+    most = int((idx >= 0).sum(2).max()) if idx.numel() else 0  # entries of the fullest (row, KV head)
     if most == 0:
         return
     chunk = max(1, PARTIAL_BYTES // (Hq * most * (D * q.element_size() + 4)))
     tok_list, slot, sh, sn, sb, slo, shi, sc = layout.block_segments(idx, seqs, block_size, 0, SEG, chunk_rows=chunk)
     n_chunks = triton.cdiv(Nq, chunk)
-    seg_at = torch.searchsorted(sc, torch.arange(n_chunks + 1, device=sc.device)).tolist()
-    pos_at = torch.cat([slo, shi[-1:]])[seg_at].tolist()  # each chunk's first position in tok_list
+    seg_at = torch.searchsorted(sc, torch.arange(n_chunks + 1, device=sc.device))
+    pos_at = torch.cat([slo, shi[-1:]])[seg_at]  # each chunk's first position in tok_list
+    seg_at, pos_at = torch.stack([seg_at, pos_at]).tolist()
     part_o = layout.empty((max(b - a for a, b in zip(pos_at, pos_at[1:])) * G, D), q.dtype, q.device)
     part_lse = layout.empty((part_o.shape[0],), torch.float32, q.device)
     for c in range(n_chunks):
@@ -147,6 +155,6 @@ def add_chosen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Ten
                 q, k, v, part_o, part_lse, tok_list, sh, sn, sb, slo, shi, seg_at[c], pos_at[c],
                 seqs.q_start, seqs.k_start, seqs.Tq, seqs.Tk, scale_log2, q.stride(0), k.stride(0),
                 G=G, GP=GP, BT=BT, D=D, BS=block_size, num_warps=WARPS, num_stages=STAGES)
-        _merge_kernel[(triton.cdiv(r1 - r0, BT), Hkv)](
-            part_o, part_lse, slot, o, lse, r0, r1 - r0, pos_at[c], min(init_blocks, K), min(most, K - init_blocks),
-            o.stride(0), Hq, Hkv, G=G, GP=GP, BT=BT, D=D, K=K, num_warps=WARPS)
+        _merge_kernel[(triton.cdiv(r1 - r0, BTM), Hkv)](
+            part_o, part_lse, slot, o, lse, r0, r1 - r0, pos_at[c], most, o.stride(0), Hq, Hkv,
+            G=G, GP=GP, BT=BTM, D=D, K=K, num_warps=MERGE_WARPS, num_stages=MERGE_STAGES)

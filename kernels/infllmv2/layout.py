@@ -119,8 +119,8 @@ def block_segments(idx: torch.Tensor, seqs: Seqs, block_size: int, dense_len: in
 
     idx int32 [Nq, Hkv, K]: each query row's selected blocks (−1 anywhere: none). Sequences at or
     under dense_len attend to every causal block instead (their rows of one block form one range).
-    Returns tok_list int32 [L] (query rows), slot, per-segment (h, n, b, lo, hi) tensors (lo/hi:
-    positions in tok_list) and seg_chunk. With `chunk_rows` (every sequence sparse), the entries of
+    Returns tok_list int32 (query rows; positions no segment covers hold none), slot, per-segment
+    (h, n, b, lo, hi) tensors (lo/hi: positions in tok_list) and seg_chunk. With `chunk_rows` (every sequence sparse), the entries of
     rows [c·chunk_rows, (c + 1)·chunk_rows) come before those of later rows, each chunk's segments
     are marked c in seg_chunk int64, and slot int64 [Nq, Hkv, K] holds each entry's position in
     tok_list (−1: none); else slot and seg_chunk are None.
@@ -130,35 +130,32 @@ def block_segments(idx: torch.Tensor, seqs: Seqs, block_size: int, dense_len: in
     N = seqs.n
     NBMAX = max((t + block_size - 1) // block_size for t in seqs.Tk_list)
     seq_of_row = torch.repeat_interleave(torch.arange(N, device=dev), seqs.Tq.long().to(dev))
-    dense_seq = seqs.Tk.to(dev) <= dense_len
-    if chunk_rows is not None and bool(dense_seq.any()):
+    dense_ids = [n for n, t in enumerate(seqs.Tk_list) if t <= dense_len]
+    if chunk_rows is not None and dense_ids:
         raise ValueError("block_segments: chunk_rows takes sparse sequences only")
-    groups = []  # (h, n, b, lo, hi) tensors, lo/hi into tok_list
+    groups = []  # (group id, lo, hi): lo/hi into tok_list
     tok_parts = []
     slot, base = None, 0
-    # sparse sequences: sort (chunk, h, n, b, row) keys of every valid selection entry
-    valid = (idx >= 0) & ~dense_seq[seq_of_row][:, None, None]
     n_groups = Hkv * N * NBMAX
-    if valid.any():
+    if len(dense_ids) < N:  # sparse sequences: sort (chunk, h, n, b, row) keys of every valid selection entry
+        dense_seq = seqs.Tk.to(dev) <= dense_len
+        valid = (idx >= 0) & ~dense_seq[seq_of_row][:, None, None]
         r = torch.arange(Nq, device=dev, dtype=torch.int64)[:, None, None].expand(Nq, Hkv, K)
         h = torch.arange(Hkv, device=dev, dtype=torch.int64)[None, :, None].expand(Nq, Hkv, K)
         g = (h * N + seq_of_row[:, None, None]) * NBMAX + idx.long()
         if chunk_rows is not None:
             g = g + torch.div(r, chunk_rows, rounding_mode="floor") * n_groups
-        key = torch.where(valid, g * Nq + r, torch.full_like(r, torch.iinfo(torch.int64).max))
-        key, order = torch.sort(key.flatten())
-        nvalid = int(valid.sum())
+        none = torch.iinfo(torch.int64).max
+        key, order = torch.sort(torch.where(valid, g * Nq + r, none).flatten())
         if chunk_rows is not None:
             slot = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=dev))
             slot = torch.where(valid, slot.view(Nq, Hkv, K), -1)
-        key = key[:nvalid]
-        tok_parts.append((key % Nq).to(torch.int32))
+        tok_parts.append((key % Nq).to(torch.int32))  # the invalid entries sort last: no segment holds them
         gid, counts = torch.unique_consecutive(key // Nq, return_counts=True)
         ends = torch.cumsum(counts, 0)
-        groups.append((gid, ends - counts, ends))
-        base = nvalid
+        groups.append((gid, ends - counts, torch.where(gid == none // Nq, ends - counts, ends)))
+        base = key.numel()
     # dense sequences: every causal (row, block) pair; rows of one block are one range
-    dense_ids = torch.nonzero(dense_seq).flatten().tolist()
     if dense_ids:
         tok_parts.append(torch.arange(Nq, device=dev, dtype=torch.int32))
     for n in dense_ids:

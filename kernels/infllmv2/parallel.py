@@ -384,8 +384,9 @@ def _inference_forward(q, k, v, idx, seqs, cfg, scale):
     union tiles, its chosen blocks block-major (by_block.py), merged by log-sum-exp."""
     forced = by_block.forced_entries(idx, seqs, cfg["block_size"], cfg["init_blocks"], cfg["local_blocks"])
     o, lse, *_ = _union_forward(q, k, v, torch.where(forced, idx, -1), seqs, cfg, scale)
-    by_block.add_chosen(q, k, v, torch.where(forced, -1, idx), cfg["init_blocks"], seqs, cfg["block_size"],
-                        scale * LOG2E, o, lse)
+    none = ~forced.any(-1)[:, :, None].expand(-1, -1, q.shape[1] // k.shape[1]).reshape(lse.shape)
+    lse.masked_fill_(none, float("-inf"))  # rows given no forced block (block_indices from the caller)
+    by_block.add_chosen(q, k, v, torch.where(forced, -1, idx), seqs, cfg["block_size"], scale * LOG2E, o, lse)
     return o
 
 

@@ -246,6 +246,23 @@ def test_inference_forward_in_chunks_varlen_and_end_aligned(monkeypatch, by_bloc
     assert len(by_block_everywhere) == 2 and min(by_block_everywhere) > 0
 
 
+def test_inference_forward_takes_any_given_lists(by_block_everywhere):
+    # block_indices of 1 to 6 random causal blocks per row: many rows list none of their forced
+    # blocks (the union-tile part attends to nothing there), or only forced ones
+    q, k, v = _qkv(1, 150, 150, 8, 2, 16, seed=9)
+    kw = dict(topk=6, dense_len=0, **SMALL)
+    g = torch.Generator().manual_seed(1)
+    idx = torch.full((1, 150, 2, 6), -1, dtype=torch.int32)
+    for t in range(150):
+        for h in range(2):
+            n = int(torch.randint(1, min(6, t // 16 + 1) + 1, (1,), generator=g))
+            idx[0, t, h, :n] = torch.sort(torch.randperm(t // 16 + 1, generator=g)[:n]).values
+    with torch.no_grad():
+        got = parallel_infllmv2_attn(q, k, v, block_indices=idx, **kw)
+    assert by_block_everywhere and by_block_everywhere[0] > 0
+    assert_close(got, naive_infllmv2_attn(q, k, v, block_indices=idx, **kw), rtol=RTOL_FP32, what="given lists")
+
+
 def test_inference_forward_only_without_autograd(by_block_everywhere):
     q, k, v = _qkv(1, 100, 100, 4, 2, 16, seed=3)
     kw = dict(topk=5, dense_len=0, **SMALL)
