@@ -32,7 +32,9 @@ ROWS, WARPS, STAGES = 64, 4, 2  # rows (tokens × padded group heads) per dot, l
 MERGE_ROWS, MERGE_WARPS, MERGE_STAGES = 128, 8, 3
 
 
-@triton.jit
+# the offsets change from chunk to chunk and call to call: specialising on them (divisibility by 16)
+# would compile new variants inside timed prefills
+@triton.jit(do_not_specialize=["s0", "p0"])
 def _partial_kernel(q, k, v, part_o, part_lse, tok_list, seg_h, seg_n, seg_b, seg_lo, seg_hi, s0, p0,
                     q_start, k_start, seq_Tq, seq_Tk, scale_log2, stride_qt, stride_kt,
                     G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BS: tl.constexpr):
@@ -80,7 +82,7 @@ def _partial_kernel(q, k, v, part_o, part_lse, tok_list, seg_h, seg_n, seg_b, se
                  mask=m_r)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["r0", "n_rows", "p0", "NJ"])
 def _merge_kernel(part_o, part_lse, slot, o, lse, r0, n_rows, p0, NJ, stride_ot, Hq, Hkv,
                   G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, K: tl.constexpr):
     """BT query rows (from r0) × the G heads of one KV head: the online softmax of the forced blocks'

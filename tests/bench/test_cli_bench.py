@@ -87,9 +87,11 @@ def test_a_failing_length_is_recorded_and_the_others_still_run():
 
 def test_warm_sparse_path_compiles_the_sparse_path_at_every_selection_width(monkeypatch):
     # the Triton path (here through the interpreter): one prefill across dense_len, then a stage-1
-    # call at every power-of-two row width up to the longest length; nothing on the torch path
+    # call at every power-of-two row width up to the longest length and one stage-2 call where it
+    # turns block-major; nothing on the torch path
     import salaconvert.kernels.infllmv2 as infllmv2
     from salaconvert.bench import run as bench_run
+    from salaconvert.kernels.infllmv2 import parallel
     from tiny import GPU_SPARSE, tiny_hybrid
 
     widths, prefills = [], []
@@ -103,6 +105,11 @@ def test_warm_sparse_path_compiles_the_sparse_path_at_every_selection_width(monk
     monkeypatch.setenv("SALACONVERT_KERNELS", "triton")
     bench_run.warm_sparse_path(hybrid, 40, 64)  # no length past dense_len
     assert widths == [] and prefills == []
+    attns = []
+    real_attn = infllmv2.infllmv2_attn
+    monkeypatch.setattr(infllmv2, "infllmv2_attn", lambda q, k, v, **kw: attns.append(k.shape[1]) or real_attn(q, k, v, **kw))
+    monkeypatch.setattr(parallel, "BY_BLOCK_MIN_KEYS", 100)
     bench_run.warm_sparse_path(hybrid, 200, 64)
     assert prefills == [(200, 64)]
     assert widths == [96, 192, 200]
+    assert attns == [100]  # stage 2's block-major part (by_block.py) at the length where it starts

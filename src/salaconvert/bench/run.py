@@ -155,11 +155,12 @@ def warm_sparse_path(model, max_len: int, chunk: int, kv_cache: str = "auto") ->
     stage 1's top-k holds a whole row of block scores in registers, so each power-of-two row width
     is a kernel of its own that a chunked prefill meets at every doubling of its prefix. Left cold,
     those compiles land inside timed prefills (about 4 s of a 256K one on an H100). So: one short
-    prefill across `dense_len`, then a 16-query selection at every width up to `max_len`. Nothing
-    for a teacher, off the Triton path, or when no length passes `dense_len`.
+    prefill across `dense_len`, then a 16-query selection at every width up to `max_len`, and one
+    16-query attention at the length where stage 2 turns block-major (parallel.BY_BLOCK_MIN_KEYS).
+    Nothing for a teacher, off the Triton path, or when no length passes `dense_len`.
     """
     from salaconvert.kernels.dispatch import use_triton
-    from salaconvert.kernels.infllmv2 import infllmv2_select
+    from salaconvert.kernels.infllmv2 import infllmv2_attn, infllmv2_select, parallel
     from salaconvert.layers.sparse import KERNEL_KEYS
 
     cfg = model.config
@@ -177,6 +178,11 @@ def warm_sparse_path(model, max_len: int, chunk: int, kv_cache: str = "auto") ->
         k = torch.randn(1, min(width, max_len), cfg.num_key_value_heads, cfg.head_dim, device=p.device, dtype=p.dtype)
         infllmv2_select(q, k, **{name: cfg.sparse[name] for name in KERNEL_KEYS})
         width *= 2
+    if max_len >= max(parallel.BY_BLOCK_MIN_KEYS, dense_len + 1):
+        k = torch.randn(1, max(parallel.BY_BLOCK_MIN_KEYS, dense_len + 1), cfg.num_key_value_heads, cfg.head_dim,
+                        device=p.device, dtype=p.dtype)
+        with torch.no_grad():
+            infllmv2_attn(q, k, k, **{name: cfg.sparse[name] for name in KERNEL_KEYS})
 
 
 def bench_model(model, settings: BenchSettings, step=lambda what: None) -> dict:
