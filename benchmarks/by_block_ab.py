@@ -59,6 +59,29 @@ def median_ms(fn, reps: int) -> float:
     return statistics.median(bench.timed(fn) for _ in range(reps))
 
 
+def chunk_profile(out: Path, Tq: int = 16384, Tk: int = 262144, hkv: int = 8) -> dict:
+    """One call as a chunked prefill makes it (the last Tq queries against Tk keys): wall time, GPU
+    time and the host-side ops that cost most (torch.profiler, CPU and CUDA)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v = bench.inputs(Tk, hkv)
+    q = q[:, -Tq:].contiguous()
+    with torch.no_grad():
+        idx = parallel.parallel_infllmv2_select(q, k, **bench.OURS96)
+        run = lambda: parallel.parallel_infllmv2_attn(q, k, v, block_indices=idx, **bench.OURS96)  # noqa: E731
+        row = dict(Tq=Tq, Tk=Tk, Hkv=hkv, wall_ms=round(median_ms(run, 5), 3))
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            run()
+            bench.sync()
+    ev = prof.key_averages()
+    row["gpu_ms"] = round(sum(e.self_device_time_total for e in ev) / 1e3, 3)
+    row["cpu_top_ms"] = {e.key[:60]: round(e.self_cpu_time_total / 1e3, 3)
+                         for e in sorted(ev, key=lambda e: -e.self_cpu_time_total)[:15]}
+    prof.export_chrome_trace(str(out / "by_block_chunk_trace.json"))
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -66,9 +89,14 @@ def main():
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names (union first)")
     ap.add_argument("--lengths", default=None, help="comma-separated T: only those cases")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1)")
+    ap.add_argument("--chunk-profile", action="store_true", help="only profile one chunked-prefill call")
     args = ap.parse_args()
     if args.smoke:
         bench.smoke_mode()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.chunk_profile:
+        (args.out / "by_block_chunk_profile.json").write_text(json.dumps(chunk_profile(args.out), indent=1))
+        return
     rows = []
     variants = {name: VARIANTS[name] for name in args.variants.split(",")}
     lengths = None if args.lengths is None else {int(x) for x in args.lengths.split(",")}
@@ -94,7 +122,6 @@ def main():
                     rows.append(row)
                     print(json.dumps(row), flush=True)
         bench.empty_cache()
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "by_block_ab.json").write_text(json.dumps(rows, indent=1))
 
 
