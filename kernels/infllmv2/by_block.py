@@ -25,6 +25,7 @@ from salaconvert.kernels.infllmv2.layout import Seqs, next_pow2
 fix_interpreter_index()
 
 PARTIAL_BYTES = 2 << 30  # partial outputs of one chunk of query rows, at most (the chunk is ≥ 1 row)
+PASS_ENTRIES = 1 << 27  # selection entries listed at once (the CSR's int64 sort keys: 1 GiB), at most
 SEG = 256  # query rows of one block per program, at most
 ROWS, WARPS, STAGES = 64, 4, 2  # rows (tokens × padded group heads) per dot, launch shape of the partials
 # rows per program and launch shape of the merge. Run 37, group 4: 128 rows on 8 warps 154 -> 138 ms
@@ -82,12 +83,13 @@ def _partial_kernel(q, k, v, part_o, part_lse, tok_list, seg_h, seg_n, seg_b, se
                  mask=m_r)
 
 
-@triton.jit(do_not_specialize=["r0", "n_rows", "p0", "NJ"])
-def _merge_kernel(part_o, part_lse, slot, o, lse, r0, n_rows, p0, NJ, stride_ot, Hq, Hkv,
+@triton.jit(do_not_specialize=["r0", "n_rows", "s0", "p0", "NJ"])
+def _merge_kernel(part_o, part_lse, slot, o, lse, r0, n_rows, s0, p0, NJ, stride_ot, Hq, Hkv,
                   G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, K: tl.constexpr):
     """BT query rows (from r0) × the G heads of one KV head: the online softmax of the forced blocks'
-    result (o, lse; lse −inf: no forced block) and the partials of the rows' first NJ list entries (slot: positions in tok_list,
-    p0 the chunk's first; −1: none), in list order; o in place."""
+    result (o, lse; lse −inf: no forced block) and the partials of the rows' first NJ list entries
+    (slot, from its row s0: positions in tok_list, p0 the chunk's first; −1: none), in list order;
+    o in place."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     BM: tl.constexpr = BT * GP
     o_r = tl.arange(0, BM)
@@ -99,7 +101,7 @@ def _merge_kernel(part_o, part_lse, slot, o, lse, r0, n_rows, p0, NJ, stride_ot,
     b_m = tl.load(lse + (r0 + tok).to(tl.int64) * Hq + i_h * G + r_g, mask=m_row, other=float("-inf"))
     b_l = tl.where(b_m == float("-inf"), 0., 1.)
     b_acc = tl.load(p_o, mask=m_row[:, None], other=0.).to(tl.float32)
-    p_slot = slot + ((r0 + tok).to(tl.int64) * Hkv + i_h) * K
+    p_slot = slot + ((s0 + tok).to(tl.int64) * Hkv + i_h) * K
     for j in range(NJ):
         s = tl.load(p_slot + j, mask=m_row, other=-1)
         ok = m_row & (s >= 0)
@@ -143,20 +145,26 @@ def add_chosen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Ten
     if most == 0:
         return
     chunk = max(1, PARTIAL_BYTES // (Hq * most * (D * q.element_size() + 4)))
-    tok_list, slot, sh, sn, sb, slo, shi, sc = layout.block_segments(idx, seqs, block_size, 0, SEG, chunk_rows=chunk)
-    n_chunks = triton.cdiv(Nq, chunk)
-    seg_at = torch.searchsorted(sc, torch.arange(n_chunks + 1, device=sc.device))
-    pos_at = torch.cat([slo, shi[-1:]])[seg_at]  # each chunk's first position in tok_list
-    seg_at, pos_at = torch.stack([seg_at, pos_at]).tolist()
-    part_o = layout.empty((max(b - a for a, b in zip(pos_at, pos_at[1:])) * G, D), q.dtype, q.device)
-    part_lse = layout.empty((part_o.shape[0],), torch.float32, q.device)
-    for c in range(n_chunks):
-        r0, r1 = c * chunk, min(Nq, (c + 1) * chunk)
-        if seg_at[c + 1] > seg_at[c]:
-            _partial_kernel[(seg_at[c + 1] - seg_at[c],)](
-                q, k, v, part_o, part_lse, tok_list, sh, sn, sb, slo, shi, seg_at[c], pos_at[c],
-                seqs.q_start, seqs.k_start, seqs.Tq, seqs.Tk, scale_log2, q.stride(0), k.stride(0),
-                G=G, GP=GP, BT=BT, D=D, BS=block_size, num_warps=WARPS, num_stages=STAGES)
-        _merge_kernel[(triton.cdiv(r1 - r0, BTM), Hkv)](
-            part_o, part_lse, slot, o, lse, r0, r1 - r0, pos_at[c], most, o.stride(0), Hq, Hkv,
-            G=G, GP=GP, BT=BTM, D=D, K=K, num_warps=MERGE_WARPS, num_stages=MERGE_STAGES)
+    per_pass = max(chunk, PASS_ENTRIES // (Hkv * K) // chunk * chunk)
+    for a in range(0, Nq, per_pass):
+        b = min(Nq, a + per_pass)
+        tok_list, slot, sh, sn, sb, slo, shi, sc = layout.block_segments(idx, seqs, block_size, 0, SEG,
+                                                                         chunk_rows=chunk, rows=(a, b))
+        if not sh.numel():  # these rows chose nothing beyond their forced blocks
+            continue
+        n_chunks = triton.cdiv(b - a, chunk)
+        seg_at = torch.searchsorted(sc, torch.arange(n_chunks + 1, device=sc.device))
+        pos_at = torch.cat([slo, shi[-1:]])[seg_at]  # each chunk's first position in tok_list
+        seg_at, pos_at = torch.stack([seg_at, pos_at]).tolist()
+        part_o = layout.empty((max(y - x for x, y in zip(pos_at, pos_at[1:])) * G, D), q.dtype, q.device)
+        part_lse = layout.empty((part_o.shape[0],), torch.float32, q.device)
+        for c in range(n_chunks):
+            r0, r1 = a + c * chunk, min(b, a + (c + 1) * chunk)
+            if seg_at[c + 1] > seg_at[c]:
+                _partial_kernel[(seg_at[c + 1] - seg_at[c],)](
+                    q, k, v, part_o, part_lse, tok_list, sh, sn, sb, slo, shi, seg_at[c], pos_at[c],
+                    seqs.q_start, seqs.k_start, seqs.Tq, seqs.Tk, scale_log2, q.stride(0), k.stride(0),
+                    G=G, GP=GP, BT=BT, D=D, BS=block_size, num_warps=WARPS, num_stages=STAGES)
+            _merge_kernel[(triton.cdiv(r1 - r0, BTM), Hkv)](
+                part_o, part_lse, slot, o, lse, r0, r1 - r0, r0 - a, pos_at[c], most, o.stride(0), Hq, Hkv,
+                G=G, GP=GP, BT=BTM, D=D, K=K, num_warps=MERGE_WARPS, num_stages=MERGE_STAGES)

@@ -114,16 +114,17 @@ def next_pow2(x: int) -> int:
 
 
 def block_segments(idx: torch.Tensor, seqs: Seqs, block_size: int, dense_len: int, seg: int,
-                   chunk_rows: int | None = None):
+                   chunk_rows: int | None = None, rows: tuple[int, int] | None = None):
     """CSR of (KV head, sequence, block) -> the query rows that attend to it, cut into segments of ≤ seg rows.
 
     idx int32 [Nq, Hkv, K]: each query row's selected blocks (−1 anywhere: none). Sequences at or
     under dense_len attend to every causal block instead (their rows of one block form one range).
     Returns tok_list int32 (query rows; positions no segment covers hold none), slot, per-segment
-    (h, n, b, lo, hi) tensors (lo/hi: positions in tok_list) and seg_chunk. With `chunk_rows` (every sequence sparse), the entries of
-    rows [c·chunk_rows, (c + 1)·chunk_rows) come before those of later rows, each chunk's segments
-    are marked c in seg_chunk int64, and slot int64 [Nq, Hkv, K] holds each entry's position in
-    tok_list (−1: none); else slot and seg_chunk are None.
+    (h, n, b, lo, hi) tensors (lo/hi: positions in tok_list) and seg_chunk. With `chunk_rows`
+    (every sequence sparse), only query rows `rows` = (r0, r1) (default all) are listed, the entries
+    of rows [r0 + c·chunk_rows, r0 + (c + 1)·chunk_rows) before those of later rows, each chunk's
+    segments marked c in seg_chunk int64, and slot int64 [r1 − r0, Hkv, K] holds each entry's
+    position in tok_list (−1: none); else slot and seg_chunk are None.
     """
     dev = idx.device
     Nq, Hkv, K = idx.shape
@@ -133,23 +134,26 @@ def block_segments(idx: torch.Tensor, seqs: Seqs, block_size: int, dense_len: in
     dense_ids = [n for n, t in enumerate(seqs.Tk_list) if t <= dense_len]
     if chunk_rows is not None and dense_ids:
         raise ValueError("block_segments: chunk_rows takes sparse sequences only")
+    r0, r1 = rows if chunk_rows is not None and rows is not None else (0, Nq)
+    n_rows = r1 - r0
     groups = []  # (group id, lo, hi): lo/hi into tok_list
     tok_parts = []
     slot, base = None, 0
     n_groups = Hkv * N * NBMAX
     if len(dense_ids) < N:  # sparse sequences: sort (chunk, h, n, b, row) keys of every valid selection entry
         dense_seq = seqs.Tk.to(dev) <= dense_len
-        valid = (idx >= 0) & ~dense_seq[seq_of_row][:, None, None]
-        r = torch.arange(Nq, device=dev, dtype=torch.int64)[:, None, None].expand(Nq, Hkv, K)
-        h = torch.arange(Hkv, device=dev, dtype=torch.int64)[None, :, None].expand(Nq, Hkv, K)
-        g = (h * N + seq_of_row[:, None, None]) * NBMAX + idx.long()
+        sel, seq_sel = idx[r0:r1], seq_of_row[r0:r1]
+        valid = (sel >= 0) & ~dense_seq[seq_sel][:, None, None]
+        r = torch.arange(r0, r1, device=dev, dtype=torch.int64)[:, None, None].expand(n_rows, Hkv, K)
+        h = torch.arange(Hkv, device=dev, dtype=torch.int64)[None, :, None].expand(n_rows, Hkv, K)
+        g = (h * N + seq_sel[:, None, None]) * NBMAX + sel.long()
         if chunk_rows is not None:
-            g = g + torch.div(r, chunk_rows, rounding_mode="floor") * n_groups
+            g = g + torch.div(r - r0, chunk_rows, rounding_mode="floor") * n_groups
         none = torch.iinfo(torch.int64).max
         key, order = torch.sort(torch.where(valid, g * Nq + r, none).flatten())
         if chunk_rows is not None:
             slot = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=dev))
-            slot = torch.where(valid, slot.view(Nq, Hkv, K), -1)
+            slot = torch.where(valid, slot.view(n_rows, Hkv, K), -1)
         tok_parts.append((key % Nq).to(torch.int32))  # the invalid entries sort last: no segment holds them
         gid, counts = torch.unique_consecutive(key // Nq, return_counts=True)
         ends = torch.cumsum(counts, 0)

@@ -232,9 +232,11 @@ def test_inference_forward_equals_reference(G, by_block_everywhere):
 
 @pytest.mark.parametrize("budget", [1, 4000])
 def test_inference_forward_in_chunks_varlen_and_end_aligned(monkeypatch, by_block_everywhere, budget):
-    # partial outputs of one row only (budget 1) or of a few rows per chunk; two init blocks, so the
-    # chosen entries start at the third list slot; packed sequences; queries after cached keys
+    # partial outputs of one row only (budget 1) or of a few rows per chunk, the rows listed a few at
+    # a time (passes of 3 rows' entries; the first rows choose nothing past their forced blocks); two
+    # init blocks; packed sequences; queries after cached keys
     monkeypatch.setattr(by_block_mod, "PARTIAL_BYTES", budget)
+    monkeypatch.setattr(by_block_mod, "PASS_ENTRIES", 3 * 2 * 6)
     kw = dict(block_size=16, kernel_size=8, stride=4, init_blocks=2, local_blocks=2, topk=6, dense_len=0)
     q, k, v = _qkv(1, 170, 170, 6, 2, 16, seed=5)
     cu = torch.tensor([0, 90, 91, 170])
@@ -281,6 +283,12 @@ def test_block_segments_list_every_entry_once(chunk_rows):
     idx[torch.rand(Nq, Hkv, K, generator=g) < 0.3] = -1
     seqs = layout.make_seqs(1, Nq, NB * 16, None, 8, 4, "cpu")
     tok, slot, sh, sn, sb, lo, hi, sc = layout.block_segments(idx, seqs, 16, 0, 5, chunk_rows=chunk_rows)
+    if chunk_rows:  # rows 9..30 alone: the same lists of those rows, slot counted from row 9
+        part = layout.block_segments(idx, seqs, 16, 0, 5, chunk_rows=chunk_rows, rows=(9, 31))
+        got = sorted((int(part[0][p]), h, b) for h, b, a, z in zip(part[2].tolist(), part[4].tolist(),
+                                                                 part[5].tolist(), part[6].tolist()) for p in range(a, z))
+        assert got == sorted((r, h, b) for r in range(9, 31) for h in range(Hkv) for b in idx[r, h].tolist() if b >= 0)
+        assert part[1].shape == (22, Hkv, K) and int(part[0][part[1][0, 0][idx[9, 0] >= 0][0]]) == 9
     pairs = []
     for h, b, a, z in zip(sh.tolist(), sb.tolist(), lo.tolist(), hi.tolist()):
         assert 0 < z - a <= 5
