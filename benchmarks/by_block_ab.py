@@ -39,20 +39,6 @@ VARIANTS = {  # name -> (parallel knobs, by_block knobs)
 }
 
 
-class knobs:
-    def __init__(self, mod, values):
-        self.mod, self.values = mod, values
-
-    def __enter__(self):
-        self.saved = {k: getattr(self.mod, k) for k in self.values}
-        for k, x in self.values.items():
-            setattr(self.mod, k, x)
-
-    def __exit__(self, *exc):
-        for k, x in self.saved.items():
-            setattr(self.mod, k, x)
-
-
 def median_ms(fn, reps: int) -> float:
     fn()
     bench.sync()
@@ -108,11 +94,11 @@ def main():
         with torch.no_grad():
             idx = parallel.parallel_infllmv2_select(q, k, **bench.OURS96)
             run = lambda: parallel.parallel_infllmv2_attn(q, k, v, block_indices=idx, **bench.OURS96)  # noqa: E731
-            with knobs(parallel, VARIANTS["union"][0]):
+            with bench.knobs(parallel, **VARIANTS["union"][0]):
                 ref = run().float()
             for rnd in range(args.rounds):
                 for name, (pk, bk) in variants.items():
-                    with knobs(parallel, pk), knobs(by_block, bk):
+                    with bench.knobs(parallel, **pk), bench.knobs(by_block, **bk):
                         o = run().float()
                         row = dict(T=T, Hkv=hkv, variant=name, round=rnd,
                                    rel_diff_vs_union=round(((o - ref).abs().max() / ref.abs().max()).item(), 5),

@@ -33,6 +33,26 @@ ROWS, WARPS, STAGES = 64, 4, 2  # rows (tokens × padded group heads) per dot, l
 MERGE_ROWS, MERGE_WARPS, MERGE_STAGES = 128, 8, 3
 
 
+@triton.jit
+def segment(i_s, seg_h, seg_n, seg_b, seg_lo, seg_hi, q_start, k_start, seq_Tq, seq_Tk, k, v, stride_kt,
+            D: tl.constexpr, BS: tl.constexpr):
+    """Segment i_s of a block-major CSR (layout.block_segments; here and in parallel's dk/dv kernel):
+    its KV head, its rows' range in tok_list, its sequence's first query row, Tq and Tk, and its
+    block's key positions, [BS, D] offsets and row mask, K and V."""
+    i_h = tl.load(seg_h + i_s)
+    n = tl.load(seg_n + i_s)
+    blk = tl.load(seg_b + i_s)
+    ks = tl.load(k_start + n)
+    Tk = tl.load(seq_Tk + n)
+    o_k = blk * BS + tl.arange(0, BS)
+    o_kd = (ks + o_k).to(tl.int64)[:, None] * stride_kt + i_h * D + tl.arange(0, D)[None, :]
+    m_k = o_k < Tk
+    b_k = tl.load(k + o_kd, mask=m_k[:, None], other=0.)
+    b_v = tl.load(v + o_kd, mask=m_k[:, None], other=0.)
+    return (i_h, tl.load(seg_lo + i_s), tl.load(seg_hi + i_s), tl.load(q_start + n), tl.load(seq_Tq + n), Tk,
+            o_k, o_kd, m_k, b_k, b_v)
+
+
 # the offsets change from chunk to chunk and call to call: specialising on them (divisibility by 16)
 # would compile new variants inside timed prefills
 @triton.jit(do_not_specialize=["s0", "p0"])
@@ -43,24 +63,10 @@ def _partial_kernel(q, k, v, part_o, part_lse, tok_list, seg_h, seg_n, seg_b, se
     softmax over the block alone. Writes, for the row at position p of tok_list (p0: the chunk's
     first), part_o[(p − p0)·G + g] = the normalised output and part_lse[(p − p0)·G + g] =
     log2 Σ exp2(scores) (−inf when no key is visible)."""
-    i_s = s0 + tl.program_id(0)
     BM: tl.constexpr = BT * GP
-    i_h = tl.load(seg_h + i_s)
-    n = tl.load(seg_n + i_s)
-    blk = tl.load(seg_b + i_s)
-    lo = tl.load(seg_lo + i_s)
-    hi = tl.load(seg_hi + i_s)
-    qs = tl.load(q_start + n)
-    ks = tl.load(k_start + n)
-    Tq = tl.load(seq_Tq + n)
-    Tk = tl.load(seq_Tk + n)
-
-    o_k = blk * BS + tl.arange(0, BS)
+    i_h, lo, hi, qs, Tq, Tk, o_k, _, _, b_k, b_v = segment(s0 + tl.program_id(0), seg_h, seg_n, seg_b, seg_lo, seg_hi,
+                                                          q_start, k_start, seq_Tq, seq_Tk, k, v, stride_kt, D, BS)
     o_d = tl.arange(0, D)
-    o_kd = (ks + o_k).to(tl.int64)[:, None] * stride_kt + i_h * D + o_d[None, :]
-    m_k = o_k < Tk
-    b_k = tl.load(k + o_kd, mask=m_k[:, None], other=0.)
-    b_v = tl.load(v + o_kd, mask=m_k[:, None], other=0.)
     o_r = tl.arange(0, BM)
     r_t, r_g = o_r // GP, o_r % GP
     for t0 in range(lo, hi, BT):

@@ -26,6 +26,7 @@ from salaconvert.kernels._interpreter import fix_interpreter_index
 from salaconvert.kernels.infllmv2._interp import rmax, rsum
 
 from salaconvert.kernels.infllmv2 import by_block, layout
+from salaconvert.kernels.infllmv2.by_block import segment
 from salaconvert.kernels.infllmv2.layout import (Seqs, compress_k_flat, make_seqs, make_tiles, next_pow2, pool_shape,
                                                 with_windows)
 from salaconvert.kernels.infllmv2.naive import _cfg, coarse_pool
@@ -200,24 +201,10 @@ def _dq_kernel(q, k, v, do, dq, lse, delta, idx, tile_n, tile_i, q_start, k_star
 def _dkv_kernel(q, k, v, do, dk, dv, lse, delta, tok_list, seg_h, seg_n, seg_b, seg_lo, seg_hi,
                 q_start, k_start, seq_Tq, seq_Tk, scale, scale_log2, stride_qt, stride_kt, Hq,
                 G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BS: tl.constexpr):
-    i_s = tl.program_id(0)
     BM: tl.constexpr = BT * GP
-    i_h = tl.load(seg_h + i_s)
-    n = tl.load(seg_n + i_s)
-    blk = tl.load(seg_b + i_s)
-    lo = tl.load(seg_lo + i_s)
-    hi = tl.load(seg_hi + i_s)
-    qs = tl.load(q_start + n)
-    ks = tl.load(k_start + n)
-    Tq = tl.load(seq_Tq + n)
-    Tk = tl.load(seq_Tk + n)
-
-    o_k = blk * BS + tl.arange(0, BS)
+    i_h, lo, hi, qs, Tq, Tk, o_k, o_kd, m_k, b_k, b_v = segment(
+        tl.program_id(0), seg_h, seg_n, seg_b, seg_lo, seg_hi, q_start, k_start, seq_Tq, seq_Tk, k, v, stride_kt, D, BS)
     o_d = tl.arange(0, D)
-    o_kd = (ks + o_k).to(tl.int64)[:, None] * stride_kt + i_h * D + o_d[None, :]
-    m_k = o_k < Tk
-    b_k = tl.load(k + o_kd, mask=m_k[:, None], other=0.)
-    b_v = tl.load(v + o_kd, mask=m_k[:, None], other=0.)
     b_dk = tl.full([BS, D], 0, tl.float32)
     b_dv = tl.full([BS, D], 0, tl.float32)
     o_r = tl.arange(0, BM)
