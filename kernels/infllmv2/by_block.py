@@ -7,8 +7,9 @@ re-read for every tile that picked it. Here one program takes one (KV head, bloc
 the query rows that picked it (the CSR of layout.block_segments, as the dk/dv kernel uses), so no
 row is wasted and each block is read once per segment: the price is a partial result per
 (row, selected block) — the block's normalised output, in q's dtype, and its log-sum-exp — which a
-second kernel merges per row in list order. Query rows are processed in chunks whose partials fit in
-PARTIAL_BYTES. Partial outputs rounded to bf16 add at most one bf16 rounding of max |v| to the
+second kernel merges per row in list order, into the result of the row's forced blocks (init and
+local, shared by neighbouring tokens), which parallel._inference_forward computes over union tiles
+first. Query rows are processed in chunks whose partials fit in PARTIAL_BYTES. Partial outputs rounded to bf16 add at most one bf16 rounding of max |v| to the
 result (the union path rounds only the final output).
 """
 from __future__ import annotations

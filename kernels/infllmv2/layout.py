@@ -1,4 +1,5 @@
-"""Host-side bookkeeping shared by the InfLLM-V2 Triton kernels: the sequence table and query tiles.
+"""Host-side bookkeeping shared by the InfLLM-V2 Triton kernels: the sequence table, query tiles and
+the block-major CSR (block_segments).
 
 Every call is reduced to N sequences over flattened rows: sequence n owns query rows
 [q_start[n], q_start[n] + Tq[n]) and key rows [k_start[n], k_start[n] + Tk[n]); its queries are the

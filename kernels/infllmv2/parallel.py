@@ -14,7 +14,8 @@ tokens' lists (a `while` loop, not pipelined) was 18–25% slower in every measu
 9, benchmarks/notes-infllmv2.md). Sequences at or under dense_len walk every causal block instead.
 dk/dv: one program = one key block × a segment of ≤ SEG query tokens that selected it (a CSR built
 on the host by sorting (head, block, token) triples); no row is wasted, partial sums of a block
-split over several segments meet through fp32 atomic adds.
+split over several segments meet through fp32 atomic adds. A forward without autograd on long
+sequences at small groups takes each row's chosen blocks block-major instead (by_block.py).
 """
 from __future__ import annotations
 
@@ -255,8 +256,9 @@ DKV_ROWS, DKV_WARPS, DKV_STAGES = 128, 8, 3
 DKV_SEG = 256  # query tokens per dk/dv program at most: a block's tokens beyond it go to further programs
 # A forward that autograd will not differentiate, with every sequence sparse and at least
 # BY_BLOCK_MIN_KEYS keys long, takes each row's chosen (not forced) blocks block-major
-# (by_block.py) at groups up to BY_BLOCK_MAX_GROUP. H100 run 34 (random lists, union -> split):
-# group 4 at 128K 253 -> 151 ms, 256K 690 -> 314, 32K 27 -> 38; group 16 at 128K 93 -> 94, 32K 17 -> 25.
+# (by_block.py) at groups up to BY_BLOCK_MAX_GROUP. H100 runs 34-37, stage 2 alone on random lists,
+# union -> split: group 4 at 32K 27 -> 38 ms, 64K 83 -> 76, 128K 255 -> 138, 256K 685 -> 279;
+# group 16 at 32K 17 -> 24, 128K 92 -> 94.
 BY_BLOCK_MAX_GROUP = 8
 BY_BLOCK_MIN_KEYS = 65536
 
