@@ -4,8 +4,8 @@
 
 Compiles stage 1's scoring kernel (`select._select_scores_kernel`, groups 16 and 4, d = 128,
 bf16, the SPEC's 64/32/16 windows and the current knobs), the radix top-k at 2048 blocks and
-stage 2's forward, dq and dk/dv kernels (`parallel`, 96 blocks, groups 16 and 4) for sm90 on the
-CPU: `triton.compile` with a `GPUTarget`, then the `cuobjdump`, `nvdisasm` and `ptxas` that ship
+stage 2's forward, dq and dk/dv kernels (`parallel`, 96 blocks, groups 16 and 4) and the
+block-major inference forward's partial and merge kernels (`by_block`) for sm90 on the CPU: `triton.compile` with a `GPUTarget`, then the `cuobjdump`, `nvdisasm` and `ptxas` that ship
 in Triton's wheel. Reports per kernel: registers, spill stack, shared memory, whether ptxas
 serialised its wgmmas (its C7515 note: one instruction outside the wgmma pipeline that writes an
 accumulator makes every wgmma of the kernel wait for the previous one), and for every
@@ -19,7 +19,11 @@ Stage 2's forward and dq kernels had their wgmmas serialised (C7515) until the s
 merged their two block loops into one; since the eighth session's per-program K/V offsets and
 eager rescale the forward issues 502 instructions per thread per block step at group 16 (590
 before). The dk/dv kernel spilled 152-192 bytes on 4 warps; on 8 (the
-default since run 24) it holds 250-255 registers and spills at most 16 bytes.
+default since run 24) it holds 250-255 registers and spills at most 16 bytes. The block-major
+merge kernel (ninth session) holds 183 / 203 registers at groups 4 / 16 on its 8 warps, so one
+program per SM, and issues 496 instructions per thread per merged partial, much of it the
+[rows × d] rescale of the accumulator: a pass over the partials' log-sum-exps first (then no
+rescale) is its next thing to try, on the GPU.
 """
 import argparse
 import collections
@@ -36,7 +40,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from salaconvert.kernels.infllmv2 import parallel, select  # noqa: E402
+from salaconvert.kernels.infllmv2 import by_block, parallel, select  # noqa: E402
 
 SM90 = GPUTarget("cuda", 90, 32)
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -131,6 +135,15 @@ def main():
                               dict(G=G, GP=GP, BT=max(1, parallel.DKV_ROWS // GP), D=128, BS=64),
                               parallel.DKV_WARPS, parallel.DKV_STAGES)
         report[f"stage2_dkv_G{G}"] = sass_report(kernel, work, f"dkv_G{G}")
+        parts = {"part_o": "*bf16", "part_lse": "*fp32", "slot": "*i64"}
+        kernel = compile_sm90(by_block._partial_kernel, {**attn, **grads, **parts},
+                              dict(G=G, GP=GP, BT=max(1, by_block.ROWS // GP), D=128, BS=64),
+                              by_block.WARPS, by_block.STAGES)
+        report[f"stage2_by_block_partial_G{G}"] = sass_report(kernel, work, f"partial_G{G}")
+        kernel = compile_sm90(by_block._merge_kernel, {**attn, **parts},
+                              dict(G=G, GP=GP, BT=max(1, by_block.MERGE_ROWS // GP), D=128, K=96),
+                              by_block.MERGE_WARPS, by_block.MERGE_STAGES)
+        report[f"stage2_by_block_merge_G{G}"] = sass_report(kernel, work, f"merge_G{G}")
     print(json.dumps(report, indent=1))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

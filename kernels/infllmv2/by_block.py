@@ -43,15 +43,18 @@ def segment(i_s, seg_h, seg_n, seg_b, seg_lo, seg_hi, q_start, k_start, seq_Tq, 
     i_h = tl.load(seg_h + i_s)
     n = tl.load(seg_n + i_s)
     blk = tl.load(seg_b + i_s)
+    lo = tl.load(seg_lo + i_s)
+    hi = tl.load(seg_hi + i_s)
+    qs = tl.load(q_start + n)
     ks = tl.load(k_start + n)
+    Tq = tl.load(seq_Tq + n)
     Tk = tl.load(seq_Tk + n)
     o_k = blk * BS + tl.arange(0, BS)
     o_kd = (ks + o_k).to(tl.int64)[:, None] * stride_kt + i_h * D + tl.arange(0, D)[None, :]
     m_k = o_k < Tk
     b_k = tl.load(k + o_kd, mask=m_k[:, None], other=0.)
     b_v = tl.load(v + o_kd, mask=m_k[:, None], other=0.)
-    return (i_h, tl.load(seg_lo + i_s), tl.load(seg_hi + i_s), tl.load(q_start + n), tl.load(seq_Tq + n), Tk,
-            o_k, o_kd, m_k, b_k, b_v)
+    return i_h, lo, hi, qs, Tq, Tk, o_k, o_kd, m_k, b_k, b_v
 
 
 # the offsets change from chunk to chunk and call to call: specialising on them (divisibility by 16)
