@@ -131,7 +131,7 @@ def _merge_kernel(part_o, part_lse, slot, o, lse, r0, n_rows, s0, p0, NJ, stride
 def forced_entries(idx: torch.Tensor, seqs: Seqs, block_size: int, init_blocks: int, local_blocks: int) -> torch.Tensor:
     """bool [Nq, Hkv, K]: the selection entries that are forced blocks (init, or among the row's local ones)."""
     dev = idx.device
-    seq_of_row = torch.repeat_interleave(torch.arange(seqs.n, device=dev), seqs.Tq.long().to(dev))
+    seq_of_row = layout.seq_of_rows(seqs, dev)
     local = torch.arange(idx.shape[0], device=dev) - seqs.q_start.to(dev)[seq_of_row]
     qb = (seqs.Tk.to(dev)[seq_of_row] - seqs.Tq.to(dev)[seq_of_row] + local) // block_size
     return (idx >= 0) & ((idx < init_blocks) | (idx > (qb - local_blocks)[:, None, None]))

@@ -114,6 +114,11 @@ def next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+def seq_of_rows(seqs: Seqs, device) -> torch.Tensor:
+    """int64 [Nq]: the sequence each flattened query row belongs to."""
+    return torch.repeat_interleave(torch.arange(seqs.n, device=device), seqs.Tq.long().to(device))
+
+
 def block_segments(idx: torch.Tensor, seqs: Seqs, block_size: int, dense_len: int, seg: int,
                    chunk_rows: int | None = None, rows: tuple[int, int] | None = None):
     """CSR of (KV head, sequence, block) -> the query rows that attend to it, cut into segments of ≤ seg rows.
@@ -131,7 +136,7 @@ def block_segments(idx: torch.Tensor, seqs: Seqs, block_size: int, dense_len: in
     Nq, Hkv, K = idx.shape
     N = seqs.n
     NBMAX = max((t + block_size - 1) // block_size for t in seqs.Tk_list)
-    seq_of_row = torch.repeat_interleave(torch.arange(N, device=dev), seqs.Tq.long().to(dev))
+    seq_of_row = seq_of_rows(seqs, dev)
     dense_ids = [n for n, t in enumerate(seqs.Tk_list) if t <= dense_len]
     if chunk_rows is not None and dense_ids:
         raise ValueError("block_segments: chunk_rows takes sparse sequences only")
