@@ -164,7 +164,7 @@ def main():
     lengths = [int(x) for x in args.lengths.split(",") if x]
     if args.unfused_glue:
         import salaconvert.layers.common as common
-        common._fused = lambda *a: False
+        common.fuse_glue = lambda *a: False
     device = "cpu" if args.smoke else "cuda"
     teacher, hybrid = build_models(SMOKE if args.smoke else LLAMA3_8B, device)
     warm = min([4096, *lengths])

@@ -203,23 +203,28 @@ def _radix_topk_kernel(scores, out, n_rows, NB, stride_s, stride_o, K,
     """Exact top-K of R rows of fp32 block scores, ranked (score desc, block id asc), written as
     ascending block ids (−inf entries never written; the caller pre-fills −1).
 
-    Scores map to int32 keys in the same order; a binary search over the key range finds each row's
-    K-th largest key thr in 32 counting passes over the row, held in registers. Every block with a
-    key above thr is taken, then the lowest-id blocks equal to thr until K are taken; a running
-    count of taken blocks gives each one its output slot, so the ids come out ascending.
+    Scores map to int32 keys in the same order; a binary search over the key range finds a threshold
+    thr with at least K keys at or above it and at most K above it, in counting passes over the row,
+    held in registers: at most 32, fewer where a pass counts exactly K keys (thr is then that pass's
+    midpoint). Every block with a key above thr is taken, then the lowest-id blocks equal to thr
+    until K are taken; a running count of taken blocks gives each one its output slot, so the ids
+    come out ascending.
     """
     rows = tl.program_id(0) * R + tl.arange(0, R)
     o_b = tl.arange(0, BLOCK)
     m = (rows < n_rows)[:, None] & (o_b[None, :] < NB)
     s = tl.load(scores + rows.to(tl.int64)[:, None] * stride_s + o_b[None, :], mask=m, other=float("-inf"))
     key = orderable_int32(s)
-    lo = rmin(key, 1).to(tl.int64)  # invariant: count(key >= lo) >= K, or lo is the row minimum
+    # invariant: count(key >= lo) >= K and count(key > hi) <= K, so once hi <= lo, thr = lo splits
+    # the row: every key above it is in the top K, and K − (their count) of the keys equal to it.
+    # A pass that counts exactly K keys from mid up ends the row's search (lo = mid, hi = mid − 1).
+    lo = rmin(key, 1).to(tl.int64)
     hi = rmax(key, 1).to(tl.int64)
-    for _ in range(32):
+    while tl.max(hi - lo, 0) > 0:
         mid = (lo + hi + 1) >> 1
-        ok = rsum((key >= mid.to(tl.int32)[:, None]).to(tl.int32), 1) >= K
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid - 1)
+        n = rsum((key >= mid.to(tl.int32)[:, None]).to(tl.int32), 1)
+        lo = tl.where(n >= K, mid, lo)
+        hi = tl.where(n > K, hi, mid - 1)
     thr = lo.to(tl.int32)[:, None]
     above = key > thr
     tied = key == thr

@@ -1,10 +1,12 @@
-"""The fused RMSNorm glue (salaconvert.kernels.norm) against the modules' PyTorch path.
+"""The fused normalisation glue (salaconvert.kernels.norm) against the modules' PyTorch path.
 
 On CPU the kernels run through the Triton interpreter (conftest.py). fp32: the kernel keeps fp32
 throughout as the reference does, so they differ by summation order only (1e-5 relative). bf16 on
 the GPU: the reference rounds after the norm and again inside RoPE, the kernel once at the end
-(1e-2 relative against the fp32 reference). The layers' dispatch is checked too: fused where no
-gradient is wanted, the PyTorch path (which the gradients go through) in training.
+(1e-2 relative against the fp32 reference). rms_norm and silu_mul round where transformers'
+modules round, so in bf16 they agree with them to one rounding step (tested on the GPU). The
+layers' dispatch is checked too: fused where no gradient is wanted, the PyTorch path (which the
+gradients go through) in training.
 """
 import pytest
 import torch
@@ -12,6 +14,7 @@ import torch
 from helpers import assert_close
 from salaconvert.kernels import norm as norm_kernels
 from salaconvert.layers.common import RMSNorm, apply_rope
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from tiny import GPU_SPARSE, tiny_hybrid
 
 
@@ -47,6 +50,23 @@ def test_gated_rms_norm_equals_module_path(D):
         module.weight.copy_(torch.rand(D, generator=g) + 0.5)
     out = norm_kernels.gated_rms_norm(x, z, module.weight, 1e-6)
     assert_close(out, module(x) * torch.sigmoid(z), rtol=1e-5, what=f"gated_rms_norm D={D}")
+
+
+@pytest.mark.parametrize("D", [48, 576, 4096])
+def test_rms_norm_equals_transformers_module(D):
+    g = torch.Generator().manual_seed(D)
+    x = torch.randn(3, 7, D, generator=g) * 2  # 21 rows: not a multiple of the rows per program (NORM_ELEMS // D)
+    module = LlamaRMSNorm(D, eps=1e-5)
+    with torch.no_grad():
+        module.weight.copy_(torch.rand(D, generator=g) + 0.5)
+        ref = module(x)
+    assert_close(norm_kernels.rms_norm(x, module.weight, 1e-5), ref, rtol=1e-5, what=f"rms_norm D={D}")
+
+
+def test_silu_mul_equals_module_path():
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(2, 3, 1500, generator=g) * 4, torch.randn(2, 3, 1500, generator=g)  # 9000: not a multiple of SILU_BLOCK
+    assert_close(norm_kernels.silu_mul(a, b), torch.nn.functional.silu(a) * b, rtol=1e-5, what="silu_mul")
 
 
 def test_layers_fuse_only_where_no_gradient_is_wanted(monkeypatch):
@@ -91,3 +111,13 @@ def test_gpu_bf16_against_fp32_reference():
     big = RMSNorm(D).cuda()
     out = norm_kernels.gated_rms_norm(o.bfloat16(), z.bfloat16(), big.weight.bfloat16(), 1e-6)
     assert_close(out.float(), big(o) * torch.sigmoid(z), rtol=1e-2, what="gated_rms_norm bf16")
+    # the decoder glue rounds where transformers' modules round: one bf16 step apart at most
+    llama = LlamaRMSNorm(D, eps=1e-5).cuda().bfloat16()
+    with torch.no_grad():
+        llama.weight.copy_(torch.rand(D, generator=g).cuda() + 0.5)
+        x = o.bfloat16()
+        assert_close(norm_kernels.rms_norm(x, llama.weight, 1e-5).float(), llama(x).float(), rtol=8e-3,
+                     what="rms_norm bf16 vs module")
+        u = z.bfloat16()
+        assert_close(norm_kernels.silu_mul(x, u).float(), (torch.nn.functional.silu(x) * u).float(), rtol=8e-3,
+                     what="silu_mul bf16 vs module")

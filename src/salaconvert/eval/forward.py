@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from salaconvert.models.cache import cache_argument
+from salaconvert.models.decoder_glue import fused_decoder_glue
 from salaconvert.models.prefill_attention import chunk_causal_attention
 
 DEFAULT_CHUNK = 4096
@@ -29,7 +30,8 @@ def prefill(model, ids_T: list[int] | torch.Tensor, chunk: int = DEFAULT_CHUNK, 
     """
     ids = torch.as_tensor(ids_T, dtype=torch.long, device=_device(model)).view(1, -1)
     last = None
-    with chunk_causal_attention(model):  # one unpadded sequence: causal SDPA with no materialised mask
+    # one unpadded sequence: causal SDPA with no materialised mask; norms and MLP products fused
+    with chunk_causal_attention(model), fused_decoder_glue(model):
         for start in range(0, ids.shape[1], chunk):
             piece = ids[:, start:start + chunk]
             keep = {} if on_logits is not None else {"logits_to_keep": 1}
@@ -46,7 +48,8 @@ def prefill(model, ids_T: list[int] | torch.Tensor, chunk: int = DEFAULT_CHUNK, 
 def decode_step(model, token: int, cache):
     """One decode step; returns (logits [V], cache)."""
     ids = torch.tensor([[token]], dtype=torch.long, device=_device(model))
-    out = model(input_ids=ids, use_cache=True, **{cache_argument(model): cache})
+    with fused_decoder_glue(model):
+        out = model(input_ids=ids, use_cache=True, **{cache_argument(model): cache})
     return out.logits[0, -1].float(), out.past_key_values
 
 

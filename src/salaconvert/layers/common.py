@@ -35,7 +35,7 @@ def apply_rope(x_BTHD: torch.Tensor, cos_BTD: torch.Tensor, sin_BTD: torch.Tenso
     return (x_BTHD * cos + rotate_half(x_BTHD) * sin).to(x_BTHD.dtype)
 
 
-def _fused(x: torch.Tensor, *modules: nn.Module) -> bool:
+def fuse_glue(x: torch.Tensor, *modules: nn.Module) -> bool:
     """Whether the fused glue kernels (salaconvert.kernels.norm, forward only) serve this call: a
     Triton device and no gradient wanted; training keeps the PyTorch path below."""
     if not use_triton(x):
@@ -47,7 +47,7 @@ def _fused(x: torch.Tensor, *modules: nn.Module) -> bool:
 def norm_rope(x_BTHD: torch.Tensor, norm: nn.Module, cos_BTD: torch.Tensor | None, sin_BTD: torch.Tensor | None):
     """apply_rope(norm(x)) (norm an RMSNorm or nn.Identity; cos None: no RoPE), fused where it may be."""
     rms = isinstance(norm, RMSNorm)
-    if (rms or cos_BTD is not None) and _fused(x_BTHD, norm):
+    if (rms or cos_BTD is not None) and fuse_glue(x_BTHD, norm):
         from salaconvert.kernels.norm import norm_rope as fused_norm_rope
 
         return fused_norm_rope(x_BTHD, norm.weight if rms else None, cos_BTD, sin_BTD, norm.eps if rms else 0.0)
@@ -57,7 +57,7 @@ def norm_rope(x_BTHD: torch.Tensor, norm: nn.Module, cos_BTD: torch.Tensor | Non
 
 def gated_rms_norm(x_BTD: torch.Tensor, norm: RMSNorm, z_BTD: torch.Tensor) -> torch.Tensor:
     """norm(x) · sigmoid(z), fused where it may be."""
-    if _fused(x_BTD, norm):
+    if fuse_glue(x_BTD, norm):
         from salaconvert.kernels.norm import gated_rms_norm as fused_gated_rms_norm
 
         return fused_gated_rms_norm(x_BTD, z_BTD, norm.weight, norm.eps)

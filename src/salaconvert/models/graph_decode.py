@@ -23,6 +23,7 @@ from transformers import AttentionInterface
 from transformers.cache_utils import LinearAttentionLayer
 
 from salaconvert.models.cache import FullAttentionCacheLayer, SparseAttentionCacheLayer, cache_argument
+from salaconvert.models.decoder_glue import fused_decoder_glue
 from salaconvert.models.prefill_attention import borrowed_attention
 
 _ATTENTION = "salaconvert_decode"
@@ -96,7 +97,7 @@ class GraphDecoder:
         kwargs = {}
         if self._kv_index is not None:  # the tokens so far, new one included, from the device position
             kwargs["attention_mask"] = (self._kv_index <= self.position).view(1, 1, 1, -1)
-        with self._decode_attention():
+        with self._decode_attention(), fused_decoder_glue(self.model):
             out = self.model(input_ids=self.ids, position_ids=self.position.view(1, 1).expand_as(self.ids),
                              use_cache=True, logits_to_keep=1, **{cache_argument(self.model): self.cache}, **kwargs)
         return out.logits[:, -1].float()
