@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from salaconvert.kernels.infllmv2.naive import compress_k
+
 
 @dataclass
 class Seqs:
@@ -98,8 +100,7 @@ def compress_k_flat(k: torch.Tensor, seqs: Seqs, kernel_size: int, stride: int) 
     for ks, tk, tc in zip(seqs.k_start.tolist(), seqs.Tk_list, seqs.Tc_list):
         if tc == 0:
             continue
-        seg = k[ks:ks + tk]
-        out.append(seg.unfold(0, kernel_size, stride)[:tc].float().mean(-1).to(k.dtype))
+        out.append(compress_k(k[None, ks:ks + tk], kernel_size, stride)[0, :tc].to(k.dtype))
     if not out:
         return k.new_zeros(0, k.shape[1], k.shape[2])
     return torch.cat(out, 0).contiguous()
