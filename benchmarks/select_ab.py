@@ -1,0 +1,99 @@
+"""Stage 1 of InfLLM-V2, two versions of `select.py` in one process on the same inputs.
+
+    git show bff5a1d:kernels/infllmv2/select.py > /tmp/select_old.py
+    python benchmarks/select_ab.py --old /tmp/select_old.py --out $OUT [--rounds 3]
+
+Imports an older `select.py` next to the installed one and alternates them, round after round,
+on the benchmark's random inputs (benchmarks/infllmv2.py): the whole selection
+(`parallel_infllmv2_select` with that module's `select_blocks`) and its top-k alone
+(`radix_topk` on the score buffer the new scoring pass wrote for the first tiles of the call, as
+the selection feeds it). Records whether each version's block lists equal the new one's. Writes
+DIR/select-ab.json. --smoke: tiny shapes on the CPU under TRITON_INTERPRET=1, a check of the
+script (its times mean nothing).
+"""
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import infllmv2 as bench  # noqa: E402
+from salaconvert.kernels.infllmv2 import parallel  # noqa: E402
+from salaconvert.kernels.infllmv2 import select as new  # noqa: E402
+
+CASES = [(32768, 2), (131072, 2), (131072, 8), (262144, 8), (524288, 2)]  # (T, Hkv)
+
+
+def load(path: Path):
+    spec = importlib.util.spec_from_file_location("select_old", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def median_ms(fn, reps: int) -> float:
+    fn()
+    bench.sync()
+    return statistics.median(bench.timed(fn) for _ in range(reps))
+
+
+def first_scores(q, k) -> tuple[torch.Tensor, int]:
+    """The score buffer of the selection's first top-k call ([rows, NB] fp32) and its K."""
+    seen = []
+    real = new.radix_topk
+    new.radix_topk = lambda scores, out, K: seen.append((scores.clone(), K)) or real(scores, out, K)
+    try:
+        with torch.no_grad():
+            parallel.parallel_infllmv2_select(q, k, **bench.OURS96)
+    finally:
+        new.radix_topk = real
+    return seen[0]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--old", type=Path, required=True, help="the other select.py")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1)")
+    args = ap.parse_args()
+    if args.smoke:
+        bench.smoke_mode()
+    versions = {"old": load(args.old), "new": new}
+    rows = []
+    for T, hkv in CASES:
+        T, hkv = bench.LEN(T), min(hkv, bench.H)
+        q, k, _ = bench.inputs(T, hkv)
+        scores, K = first_scores(q, k)
+        want = None
+        for rnd in range(args.rounds):
+            for name, module in versions.items():
+                def select():
+                    parallel.select_blocks = module.select_blocks  # what _select_flat calls
+                    try:
+                        with torch.no_grad():
+                            return parallel.parallel_infllmv2_select(q, k, **bench.OURS96)
+                    finally:
+                        parallel.select_blocks = new.select_blocks
+                out = torch.full((scores.shape[0], K), -1, dtype=torch.int32, device=scores.device)
+                module.radix_topk(scores, out, K)
+                idx = select()
+                want = (idx, out) if want is None else want
+                row = dict(T=T, Hkv=hkv, variant=name, round=rnd, topk_rows=scores.shape[0], NB=scores.shape[1],
+                           lists_equal_first=bool(torch.equal(idx, want[0]) and torch.equal(out, want[1])),
+                           select_ms=round(median_ms(select, 5 if T < 200000 else 3), 3),
+                           topk_ms=round(median_ms(lambda: module.radix_topk(scores, out, K), 5), 3))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        del scores
+        bench.empty_cache()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "select-ab.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
