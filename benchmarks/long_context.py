@@ -116,19 +116,42 @@ def profile_prefill(model, length: int, chunk: int, kv_cache: str = "auto") -> d
 
 
 def kernel_profile(model, length: int, chunk: int, kv_cache: str = "auto", top: int = 30) -> dict:
-    """GPU milliseconds of the `top` costliest kernels over one chunked prefill (torch.profiler)."""
+    """Where one chunked prefill's time goes (torch.profiler, host and GPU): GPU milliseconds of the
+    `top` costliest kernels; the GPU's busy time (union of kernel intervals) against the span from
+    the first kernel to the last, the difference being time the GPU waited on the host; and the
+    host's CUDA runtime calls that wait (synchronize, copies to the host, allocation) by the code
+    that made them."""
     from torch.profiler import ProfilerActivity, profile
 
     from salaconvert.bench.run import _reserved_cache
     from salaconvert.eval.forward import prefill
 
     ids = torch.randint(0, model.config.vocab_size, (length,))
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        prefill(model, ids, chunk, cache=_reserved_cache(model, length, kv_dtype=KV_DTYPES[kv_cache]))
+    cache = _reserved_cache(model, length, kv_dtype=KV_DTYPES[kv_cache])
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        prefill(model, ids, chunk, cache=cache)
         torch.cuda.synchronize()
+    events = prof.events()
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in events
+                     if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0)
+    busy, reach = 0.0, float("-inf")
+    for start, end in kernels:  # union of the kernel intervals (µs)
+        busy += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    waits = {}
+    for e in events:
+        if e.device_type == torch.autograd.DeviceType.CPU and any(
+                w in e.name for w in ("Synchronize", "MemcpyDtoH", "cudaMemcpy", "cudaMalloc", "cuMemMap", "cuMemCreate")):
+            ours = [f for f in (e.stack or []) if "salaconvert" in f or "kernels/" in f]
+            key = f"{e.name} @ {ours[0] if ours else '?'}"
+            n, us = waits.get(key, (0, 0.0))
+            waits[key] = (n + 1, us + e.cpu_time_total)
     costly = sorted((e for e in prof.key_averages() if e.device_time_total > 0), key=lambda e: -e.device_time_total)
     empty_cache()
     return {"length": length, "chunk": chunk, "total_gpu_ms": round(sum(e.device_time_total for e in costly) / 1e3, 1),
+            "gpu_busy_ms": round(busy / 1e3, 1), "gpu_span_ms": round((reach - kernels[0][0]) / 1e3, 1) if kernels else 0.0,
+            "host_waits_ms": {k: [round(us / 1e3, 1), n] for k, (n, us) in
+                              sorted(waits.items(), key=lambda kv: -kv[1][1])[:top]},
             "top_ms": {e.key[:90]: [round(e.device_time_total / 1e3, 1), e.count] for e in costly[:top]}}
 
 
@@ -156,7 +179,7 @@ def main():
     ap.add_argument("--kernel-profile", type=int, default=None,
                     help="also list the costliest GPU kernels of one hybrid prefill of this many tokens")
     ap.add_argument("--unfused-glue", action="store_true",
-                    help="the hybrid's norms, RoPE and gate on the PyTorch path (what salaconvert.kernels.norm replaced)")
+                    help="both models' norms, RoPE, gates and MLP products on the PyTorch path (what salaconvert.kernels.norm replaced)")
     ap.add_argument("--kv-cache", choices=tuple(KV_DTYPES), default="auto",
                     help="the hybrid's sparse K/V storage (fp8: half the bytes; results get a -kvfp8 suffix)")
     ap.add_argument("--smoke", action="store_true", help="a small model on the CPU at the given (short) lengths")
