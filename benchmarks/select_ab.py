@@ -89,7 +89,6 @@ def main():
                            topk_ms=round(median_ms(lambda: module.radix_topk(scores, out, K), 5), 3))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-        del scores
         bench.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "select-ab.json").write_text(json.dumps(rows, indent=1))
