@@ -26,6 +26,8 @@ class Seqs:
     Tq_list: list[int]
     Tk_list: list[int]
     Tc_list: list[int]
+    q_start_list: list[int]
+    k_start_list: list[int]
 
     @property
     def n(self) -> int:
@@ -64,10 +66,22 @@ def make_seqs(B: int, Tq: int, Tk: int, cu_seqlens: torch.Tensor | None, kernel_
     kcs = [0]
     for c in tc[:-1]:
         kcs.append(kcs[-1] + c)
-    i64 = dict(dtype=torch.int64, device=device)
-    i32 = dict(dtype=torch.int32, device=device)
-    return Seqs(torch.tensor(qs, **i64), torch.tensor(ks, **i64), torch.tensor(kcs, **i64),
-                torch.tensor(tq, **i32), torch.tensor(tk, **i32), torch.tensor(tc, **i32), tq, tk, tc)
+    q_start, k_start, kc_start, Tq, Tk, Tc = to_device([qs, ks, kcs, tq, tk, tc], device).unbind(0)
+    return Seqs(q_start, k_start, kc_start, Tq.int(), Tk.int(), Tc.int(), tq, tk, tc, qs, ks)
+
+
+def to_device(rows: list[list[int]] | torch.Tensor, device) -> torch.Tensor:
+    """A host-built int64 table (lists, or a CPU tensor) on `device` without waiting for the GPU's queue.
+
+    A plain copy from pageable host memory (torch.tensor(..., device="cuda"), .to("cuda")) makes the
+    host wait until every queued kernel has run, and the GPU then idles while Python prepares the
+    next launch: in a chunked prefill at 256K that was ~19 waits per sparse-layer call, about 1 s of
+    idle GPU (benchmarks/notes-long-context.md). From pinned memory the copy is queued like a kernel.
+    """
+    host = torch.as_tensor(rows, dtype=torch.int64)
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def with_windows(seqs: Seqs, kernel_size: int, stride: int) -> Seqs:
@@ -76,9 +90,9 @@ def with_windows(seqs: Seqs, kernel_size: int, stride: int) -> Seqs:
     kcs = [0]
     for c in tc[:-1]:
         kcs.append(kcs[-1] + c)
-    dev = seqs.Tc.device
-    return Seqs(seqs.q_start, seqs.k_start, torch.tensor(kcs, dtype=torch.int64, device=dev), seqs.Tq, seqs.Tk,
-                torch.tensor(tc, dtype=torch.int32, device=dev), seqs.Tq_list, seqs.Tk_list, tc)
+    kc_start, Tc = to_device([kcs, tc], seqs.Tc.device).unbind(0)
+    return Seqs(seqs.q_start, seqs.k_start, kc_start, seqs.Tq, seqs.Tk, Tc.int(), seqs.Tq_list, seqs.Tk_list, tc,
+                seqs.q_start_list, seqs.k_start_list)
 
 
 def make_tiles(seqs: Seqs, BT: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,9 +100,10 @@ def make_tiles(seqs: Seqs, BT: int, device) -> tuple[torch.Tensor, torch.Tensor]
     ns, i0s = [], []
     for n, t in enumerate(seqs.Tq_list):
         cnt = (t + BT - 1) // BT
-        ns.append(torch.full((cnt,), n, dtype=torch.int32))
-        i0s.append(torch.arange(cnt, dtype=torch.int32) * BT)
-    return torch.cat(ns).to(device), torch.cat(i0s).to(device)
+        ns.append(torch.full((cnt,), n, dtype=torch.int64))
+        i0s.append(torch.arange(cnt, dtype=torch.int64) * BT)
+    tile_n, tile_i = to_device(torch.stack([torch.cat(ns), torch.cat(i0s)]), device).int().unbind(0)
+    return tile_n, tile_i
 
 
 def compress_k_flat(k: torch.Tensor, seqs: Seqs, kernel_size: int, stride: int) -> torch.Tensor:
@@ -97,7 +112,7 @@ def compress_k_flat(k: torch.Tensor, seqs: Seqs, kernel_size: int, stride: int) 
     k is [Nk, Hkv, d] (flattened rows). The mean is taken in fp32 and rounded once.
     """
     out = []
-    for ks, tk, tc in zip(seqs.k_start.tolist(), seqs.Tk_list, seqs.Tc_list):
+    for ks, tk, tc in zip(seqs.k_start_list, seqs.Tk_list, seqs.Tc_list):
         if tc == 0:
             continue
         out.append(compress_k(k[None, ks:ks + tk], kernel_size, stride)[0, :tc].to(k.dtype))
@@ -117,7 +132,8 @@ def next_pow2(x: int) -> int:
 
 def seq_of_rows(seqs: Seqs, device) -> torch.Tensor:
     """int64 [Nq]: the sequence each flattened query row belongs to."""
-    return torch.repeat_interleave(torch.arange(seqs.n, device=device), seqs.Tq.long().to(device))
+    return torch.repeat_interleave(torch.arange(seqs.n, device=device), seqs.Tq.long().to(device),
+                                   output_size=sum(seqs.Tq_list))  # known here: no wait for the device
 
 
 def block_segments(idx: torch.Tensor, seqs: Seqs, block_size: int, dense_len: int, seg: int,
@@ -170,7 +186,7 @@ def block_segments(idx: torch.Tensor, seqs: Seqs, block_size: int, dense_len: in
     if dense_ids:
         tok_parts.append(torch.arange(Nq, device=dev, dtype=torch.int32))
     for n in dense_ids:
-        qs, tq, tk = int(seqs.q_start[n]), seqs.Tq_list[n], seqs.Tk_list[n]
+        qs, tq, tk = seqs.q_start_list[n], seqs.Tq_list[n], seqs.Tk_list[n]
         b = torch.arange((tk + block_size - 1) // block_size, device=dev, dtype=torch.int64)
         lo = base + qs + torch.clamp(b * block_size - (tk - tq), min=0)
         hi = torch.full_like(lo, base + qs + tq)

@@ -292,7 +292,7 @@ def select_blocks(q: torch.Tensor, kc: torch.Tensor, seqs: Seqs, *, block_size: 
     out = torch.full((Nq, Hkv, topk), -1, dtype=torch.int32, device=q.device)
     # whole tiles in groups, so the score buffer stays bounded
     tiles_per_chunk = max(1, chunk_elems // max(1, BT * Hkv * NBMAX))
-    tile_row = (seqs.q_start.to(tile_n.device)[tile_n.long()] + tile_i).tolist()
+    tile_row = [qs + i for qs, t in zip(seqs.q_start_list, seqs.Tq_list) for i in range(0, t, BT)]
     n_tiles = tile_n.numel()
     for c0 in range(0, n_tiles, tiles_per_chunk):
         c1 = min(n_tiles, c0 + tiles_per_chunk)
