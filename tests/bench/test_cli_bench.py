@@ -113,3 +113,19 @@ def test_warm_sparse_path_compiles_the_sparse_path_at_every_selection_width(monk
     assert prefills == [(200, 64)]
     assert widths == [96, 192, 200]
     assert attns == [100]  # stage 2's block-major part (by_block.py) at the length where it starts
+
+
+def test_triton_compiles_lists_what_triton_compiles_inside_and_puts_the_hooks_back():
+    from types import SimpleNamespace
+
+    from triton import knobs
+
+    from salaconvert.bench.run import triton_compiles
+
+    before = knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook
+    hook = dict(key="k", repr="", compile={}, is_manual_warmup=False, already_compiled=False)  # knobs.JITHook
+    with triton_compiles() as found:
+        assert knobs.runtime.jit_cache_hook(fn=SimpleNamespace(name="_demo_kernel"), **hook) is False  # compile goes on
+        knobs.runtime.jit_post_compile_hook(fn=SimpleNamespace(name="_demo_kernel"), **hook)
+    assert [name for name, _ in found] == ["_demo_kernel"] and found[0][1] >= 0
+    assert (knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook) == before

@@ -27,6 +27,29 @@ def test_bench_on_cuda_reports_peak_memory_and_growing_cache(hybrid):
     assert all("error" not in r for r in result["rows"]), result["rows"]
     assert large["peak_memory_bytes"] > 0 and large["cache_bytes"] > small["cache_bytes"]
     assert large["decode_ms_per_token"] > 0
+    assert large["prefill_compiles"] == [], "the warm-up left kernels to compile inside a timed prefill"
+
+
+def test_triton_compiles_sees_a_real_compile():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import random
+
+    import triton
+    import triton.language as tl
+
+    from salaconvert.bench.run import triton_compiles
+
+    @triton.jit
+    def _fill(x, V: tl.constexpr):
+        tl.store(x + tl.arange(0, 16), tl.full([16], V, tl.float32))
+
+    x = torch.empty(16, device="cuda")
+    value = random.randrange(1 << 20)  # a variant no earlier run has built
+    with triton_compiles() as found:
+        _fill[(1,)](x, V=value)
+        _fill[(1,)](x, V=value)  # built once
+    assert [name for name, _ in found] == ["_fill"] and (x == value).all()
 
 
 def test_chunked_token_loss_equals_one_pass_on_cuda(hybrid):

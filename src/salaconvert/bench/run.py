@@ -14,6 +14,8 @@ chunks sharing one cache, then decode `decode_tokens` tokens one at a time, gree
                        also holds what the allocator kept from the first
   decode               "cuda graph" or "eager": how the decode steps ran
   graph_capture_s      CUDA: seconds to warm up and capture the decode graph (not in the decode timings)
+  prefill_compiles     Triton kernels compiled (or loaded from Triton's disk cache) inside the timed
+                       prefill, with their seconds: a warm run lists none; any listed inflate prefill_s
 On CUDA, decode replays a CUDA graph of the whole model's one-token step
 (salaconvert.models.graph_decode), teacher and hybrid alike: their caches are reserved for the
 whole run before prefill (the teacher's K/V allocated once instead of grown by concatenation), so
@@ -21,6 +23,7 @@ a step writes at a device position and the graph replays at every length. A teac
 cannot be reserved (sliding-window layers) decodes eagerly on its DynamicCache; its rows say so.
 On the CPU decode is eager.
 """
+import contextlib
 import gc
 import resource
 import statistics
@@ -99,13 +102,14 @@ def measure(model, length: int, settings: BenchSettings) -> dict:
     except ValueError:  # a teacher whose layers cannot be reserved: eager decode on its own cache
         cache, graph = None, False
     _sync(device)
-    t0 = time.perf_counter()
-    logits, cache = prefill(model, ids, settings.chunk, cache=cache)
-    _sync(device)
-    prefill_s = time.perf_counter() - t0
+    with triton_compiles() as compiles:
+        t0 = time.perf_counter()
+        logits, cache = prefill(model, ids, settings.chunk, cache=cache)
+        _sync(device)
+        prefill_s = time.perf_counter() - t0
     cache_after_prefill = cache_nbytes(cache)
     row = {"length": length, "prefill_s": prefill_s, "prefill_tokens_per_s": length / prefill_s,
-           "decode": "cuda graph" if graph else "eager"}
+           "decode": "cuda graph" if graph else "eager", "prefill_compiles": compiles}
     if graph:
         t = time.perf_counter()
         decoder = GraphDecoder(model, cache)
@@ -136,6 +140,29 @@ def measure(model, length: int, settings: BenchSettings) -> dict:
         row["peak_rss_bytes"] = peak_rss_bytes()
     del cache
     return row
+
+
+@contextlib.contextmanager
+def triton_compiles():
+    """For the duration, the list of [kernel name, seconds] of every Triton compile (a kernel
+    variant this process had not built yet, from scratch or from Triton's disk cache)."""
+    from triton import knobs
+
+    found, started = [], []
+
+    def before(**_):
+        started.append(time.perf_counter())
+        return False  # True would skip the compile
+
+    def after(*, fn, **_):
+        found.append([fn.name, round(time.perf_counter() - started.pop(), 3)])
+
+    saved = knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook
+    knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = before, after
+    try:
+        yield found
+    finally:
+        knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = saved
 
 
 def _reserved_cache(model, tokens: int, graph: bool = False, kv_dtype=None):
