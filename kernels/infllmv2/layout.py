@@ -66,19 +66,23 @@ def make_seqs(B: int, Tq: int, Tk: int, cu_seqlens: torch.Tensor | None, kernel_
     kcs = [0]
     for c in tc[:-1]:
         kcs.append(kcs[-1] + c)
-    q_start, k_start, kc_start, Tq, Tk, Tc = to_device([qs, ks, kcs, tq, tk, tc], device).unbind(0)
-    return Seqs(q_start, k_start, kc_start, Tq.int(), Tk.int(), Tc.int(), tq, tk, tc, qs, ks)
+    i64 = [to_device(x, torch.int64, device) for x in (qs, ks, kcs)]
+    i32 = [to_device(x, torch.int32, device) for x in (tq, tk, tc)]
+    return Seqs(*i64, *i32, tq, tk, tc, qs, ks)
 
 
-def to_device(rows: list[list[int]] | torch.Tensor, device) -> torch.Tensor:
-    """A host-built int64 table (lists, or a CPU tensor) on `device` without waiting for the GPU's queue.
+def to_device(row: list[int] | torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
+    """A host-built table of integers (a list, or a CPU tensor) on `device` without waiting for the
+    GPU's queue.
 
     A plain copy from pageable host memory (torch.tensor(..., device="cuda"), .to("cuda")) makes the
     host wait until every queued kernel has run, and the GPU then idles while Python prepares the
     next launch: in a chunked prefill at 256K that was ~19 waits per sparse-layer call, about 1 s of
     idle GPU (benchmarks/notes-long-context.md). From pinned memory the copy is queued like a kernel.
+    Each table is an allocation of its own, so the kernels see the same pointer alignment every call
+    (one compiled variant).
     """
-    host = torch.as_tensor(rows, dtype=torch.int64)
+    host = torch.as_tensor(row, dtype=dtype)
     if torch.device(device).type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
@@ -90,9 +94,9 @@ def with_windows(seqs: Seqs, kernel_size: int, stride: int) -> Seqs:
     kcs = [0]
     for c in tc[:-1]:
         kcs.append(kcs[-1] + c)
-    kc_start, Tc = to_device([kcs, tc], seqs.Tc.device).unbind(0)
-    return Seqs(seqs.q_start, seqs.k_start, kc_start, seqs.Tq, seqs.Tk, Tc.int(), seqs.Tq_list, seqs.Tk_list, tc,
-                seqs.q_start_list, seqs.k_start_list)
+    dev = seqs.Tc.device
+    return Seqs(seqs.q_start, seqs.k_start, to_device(kcs, torch.int64, dev), seqs.Tq, seqs.Tk,
+                to_device(tc, torch.int32, dev), seqs.Tq_list, seqs.Tk_list, tc, seqs.q_start_list, seqs.k_start_list)
 
 
 def make_tiles(seqs: Seqs, BT: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,10 +104,9 @@ def make_tiles(seqs: Seqs, BT: int, device) -> tuple[torch.Tensor, torch.Tensor]
     ns, i0s = [], []
     for n, t in enumerate(seqs.Tq_list):
         cnt = (t + BT - 1) // BT
-        ns.append(torch.full((cnt,), n, dtype=torch.int64))
-        i0s.append(torch.arange(cnt, dtype=torch.int64) * BT)
-    tile_n, tile_i = to_device(torch.stack([torch.cat(ns), torch.cat(i0s)]), device).int().unbind(0)
-    return tile_n, tile_i
+        ns.append(torch.full((cnt,), n, dtype=torch.int32))
+        i0s.append(torch.arange(cnt, dtype=torch.int32) * BT)
+    return to_device(torch.cat(ns), torch.int32, device), to_device(torch.cat(i0s), torch.int32, device)
 
 
 def compress_k_flat(k: torch.Tensor, seqs: Seqs, kernel_size: int, stride: int) -> torch.Tensor:

@@ -49,7 +49,7 @@ def test_triton_compiles_sees_a_real_compile():
     with triton_compiles() as found:
         _fill[(1,)](x, V=value)
         _fill[(1,)](x, V=value)  # built once
-    assert [name for name, _ in found] == ["_fill"] and (x == value).all()
+    assert [name.split(".")[-1] for name, _ in found] == ["_fill"] and (x == value).all()
 
 
 def test_chunked_token_loss_equals_one_pass_on_cuda(hybrid):
