@@ -290,8 +290,10 @@ def select_blocks(q: torch.Tensor, kc: torch.Tensor, seqs: Seqs, *, block_size: 
     seq_args = (seqs.q_start, seqs.kc_start, seqs_n.kc_start, seqs.Tq, seqs.Tk, seqs.Tc, seqs_n.Tc)
     K = min(topk, NBMAX)
     out = torch.full((Nq, Hkv, topk), -1, dtype=torch.int32, device=q.device)
-    # whole tiles in groups, so the score buffer stays bounded
-    tiles_per_chunk = max(1, chunk_elems // max(1, BT * Hkv * NBMAX))
+    # whole tiles in groups, so the score buffer stays bounded; a multiple of 4 tiles, so each group's
+    # int32 tile_n / tile_i slice starts 16-byte aligned like the whole tables: Triton compiles a
+    # variant per pointer alignment, and an unaligned group compiled one inside a timed 256K prefill
+    tiles_per_chunk = max(4, chunk_elems // max(1, BT * Hkv * NBMAX) // 4 * 4)
     tile_row = [qs + i for qs, t in zip(seqs.q_start_list, seqs.Tq_list) for i in range(0, t, BT)]
     n_tiles = tile_n.numel()
     for c0 in range(0, n_tiles, tiles_per_chunk):

@@ -84,6 +84,28 @@ def test_select_tall_scoring_tiles(rows, G, monkeypatch):
     assert tokens == [rows // (4 if G == 3 else 16)]
 
 
+@pytest.mark.parametrize("elems", [1, 3000])
+def test_select_in_groups_of_tiles_aligned(elems, monkeypatch):
+    # a bounded score buffer scores the tiles in groups: same blocks, and every group's tile_n /
+    # tile_i slice starts a multiple of 4 int32 in (16-byte aligned: one compiled variant on the GPU)
+    starts, real = [], select_mod._select_scores_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                starts.append((args[4].storage_offset(), args[5].storage_offset()))
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(select_mod, "_select_scores_kernel", Spy())
+    whole = parallel_mod.select_blocks
+    monkeypatch.setattr(parallel_mod, "select_blocks", lambda *a, **kw: whole(*a, chunk_elems=elems, **kw))
+    q, k, _ = _qkv(1, 150, 150, 4, 2, 16, seed=9)
+    kw = dict(topk=4, **SMALL)
+    assert torch.equal(parallel_infllmv2_select(q, k, **kw), naive_infllmv2_select(q, k, **kw))
+    assert len(starts) > 1 and all(a % 4 == 0 and b % 4 == 0 for a, b in starts), starts
+
+
 def test_select_ties_broken_by_lowest_block():
     # identical key blocks give exactly equal block scores: both sides must keep the lowest ids
     q, k, _ = _qkv(1, 90, 90, 4, 2, 16, seed=5)
