@@ -146,7 +146,9 @@ def kernel_profile(model, length: int, chunk: int, kv_cache: str = "auto", top: 
             key = f"{e.name} @ {ours[0] if ours else '?'}"
             n, us = waits.get(key, (0, 0.0))
             waits[key] = (n + 1, us + e.cpu_time_total)
-    costly = sorted((e for e in prof.key_averages() if e.device_time_total > 0), key=lambda e: -e.device_time_total)
+    costly = sorted((e for e in prof.key_averages()  # kernels and copies only: host ops would count their kernels again
+                     if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0),
+                    key=lambda e: -e.device_time_total)
     empty_cache()
     return {"length": length, "chunk": chunk, "total_gpu_ms": round(sum(e.device_time_total for e in costly) / 1e3, 1),
             "gpu_busy_ms": round(busy / 1e3, 1), "gpu_span_ms": round((reach - kernels[0][0]) / 1e3, 1) if kernels else 0.0,
