@@ -13,7 +13,6 @@ under TRITON_INTERPRET=1, a check of the script (its times mean nothing).
 """
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -39,12 +38,6 @@ VARIANTS = {  # name -> (parallel knobs, by_block knobs)
 }
 
 
-def median_ms(fn, reps: int) -> float:
-    fn()
-    bench.sync()
-    return statistics.median(bench.timed(fn) for _ in range(reps))
-
-
 def chunk_profile(out: Path, Tq: int = 16384, Tk: int = 262144, hkv: int = 8) -> dict:
     """One call as a chunked prefill makes it (the last Tq queries against Tk keys): wall time, GPU
     time and the host-side ops that cost most (torch.profiler, CPU and CUDA)."""
@@ -55,7 +48,7 @@ def chunk_profile(out: Path, Tq: int = 16384, Tk: int = 262144, hkv: int = 8) ->
     with torch.no_grad():
         idx = parallel.parallel_infllmv2_select(q, k, **bench.OURS96)
         run = lambda: parallel.parallel_infllmv2_attn(q, k, v, block_indices=idx, **bench.OURS96)  # noqa: E731
-        row = dict(Tq=Tq, Tk=Tk, Hkv=hkv, wall_ms=round(median_ms(run, 5), 3))
+        row = dict(Tq=Tq, Tk=Tk, Hkv=hkv, wall_ms=round(bench.median_ms(run, 5), 3))
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             run()
             bench.sync()
@@ -102,7 +95,7 @@ def main():
                         o = run().float()
                         row = dict(T=T, Hkv=hkv, variant=name, round=rnd,
                                    rel_diff_vs_union=round(((o - ref).abs().max() / ref.abs().max()).item(), 5),
-                                   fwd_ms=round(median_ms(run, 5 if T < 200000 else 3), 3))
+                                   fwd_ms=round(bench.median_ms(run, 5 if T < 200000 else 3), 3))
                         if rnd == 0 and name == "by_block" and bench.DEV == "cuda":
                             row["kernels_us"] = bench.kernel_split(run, calls=3, top=8)
                     rows.append(row)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import signal
@@ -80,6 +81,21 @@ def timed(fn) -> float:
     e.record()
     torch.cuda.synchronize()
     return s.elapsed_time(e)
+
+
+def median_ms(fn, reps: int) -> float:
+    """Median of `reps` timed calls after one untimed one (the A/B scripts' measure)."""
+    fn()
+    sync()
+    return statistics.median(timed(fn) for _ in range(reps))
+
+
+def load_file(path, name: str):
+    """A module from a file (an older version of one of ours, for the A/B scripts)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def bench(fn, budget_s: float | None = None, max_reps: int = 30) -> float:

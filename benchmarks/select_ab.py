@@ -12,9 +12,7 @@ DIR/select-ab.json. --smoke: tiny shapes on the CPU under TRITON_INTERPRET=1, a 
 script (its times mean nothing).
 """
 import argparse
-import importlib.util
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -26,19 +24,6 @@ from salaconvert.kernels.infllmv2 import parallel  # noqa: E402
 from salaconvert.kernels.infllmv2 import select as new  # noqa: E402
 
 CASES = [(32768, 2), (131072, 2), (131072, 8), (262144, 8), (524288, 2)]  # (T, Hkv)
-
-
-def load(path: Path):
-    spec = importlib.util.spec_from_file_location("select_old", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def median_ms(fn, reps: int) -> float:
-    fn()
-    bench.sync()
-    return statistics.median(bench.timed(fn) for _ in range(reps))
 
 
 def first_scores(q, k) -> tuple[torch.Tensor, int]:
@@ -63,7 +48,7 @@ def main():
     args = ap.parse_args()
     if args.smoke:
         bench.smoke_mode()
-    versions = {"old": load(args.old), "new": new}
+    versions = {"old": bench.load_file(args.old, "select_old"), "new": new}
     rows = []
     for T, hkv in CASES:
         T, hkv = bench.LEN(T), min(hkv, bench.H)
@@ -85,8 +70,8 @@ def main():
                 want = (idx, out) if want is None else want
                 row = dict(T=T, Hkv=hkv, variant=name, round=rnd, topk_rows=scores.shape[0], NB=scores.shape[1],
                            lists_equal_first=bool(torch.equal(idx, want[0]) and torch.equal(out, want[1])),
-                           select_ms=round(median_ms(select, 5 if T < 200000 else 3), 3),
-                           topk_ms=round(median_ms(lambda: module.radix_topk(scores, out, K), 5), 3))
+                           select_ms=round(bench.median_ms(select, 5 if T < 200000 else 3), 3),
+                           topk_ms=round(bench.median_ms(lambda: module.radix_topk(scores, out, K), 5), 3))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         bench.empty_cache()

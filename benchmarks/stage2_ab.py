@@ -13,9 +13,7 @@ DIR/stage2-ab.json (runs 27, 30 and 31 of notes-infllmv2.md). --smoke: tiny shap
 under TRITON_INTERPRET=1, a check of the script (its times mean nothing).
 """
 import argparse
-import importlib.util
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -30,19 +28,6 @@ CASES = [(32768, 2, True), (32768, 8, True), (65536, 2, True), (131072, 2, False
          (262144, 8, False)]
 
 
-def load(path: Path):
-    spec = importlib.util.spec_from_file_location("parallel_old", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def median_ms(fn, reps: int) -> float:
-    fn()
-    bench.sync()
-    return statistics.median(bench.timed(fn) for _ in range(reps))
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--old", type=Path, required=True, help="the other parallel.py")
@@ -52,7 +37,7 @@ def main():
     args = ap.parse_args()
     if args.smoke:
         bench.smoke_mode()
-    versions = {"old": load(args.old), "new": new}
+    versions = {"old": bench.load_file(args.old, "parallel_old"), "new": new}
     rows = []
     for T, hkv, backward in CASES:
         T = bench.LEN(T)
@@ -69,7 +54,7 @@ def main():
                     first = o if first is None else first
                     row = dict(T=T, Hkv=hkv, variant=name, round=rnd,
                                rel_diff_vs_first=round(((o - first).abs().max() / first.abs().max()).item(), 5),
-                               fwd_ms=round(median_ms(lambda: attn(q, k, v, block_indices=idx, **bench.OURS96),
+                               fwd_ms=round(bench.median_ms(lambda: attn(q, k, v, block_indices=idx, **bench.OURS96),
                                                       5 if T < 200000 else 3), 3))
                 if backward:
                     qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
@@ -77,7 +62,7 @@ def main():
                     def step():
                         out = attn(qq, kk, vv, block_indices=idx, **bench.OURS96)
                         out.backward(torch.ones_like(out))
-                    row["fwdbwd_ms"] = round(median_ms(step, 5), 3)
+                    row["fwdbwd_ms"] = round(bench.median_ms(step, 5), 3)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         bench.empty_cache()
