@@ -83,6 +83,9 @@ def test_a_failing_length_is_recorded_and_the_others_still_run():
               "results": {"hybrid": result}, "versions": {"salaconvert": "0", "torch": "0", "transformers": "0"}}
     md = markdown(report)
     assert "| hybrid | 96 | failed |" in md and "kernel said no" in md
+    assert "compiled kernels inside" not in md  # none on the CPU
+    rows[32]["prefill_compiles"] = [["_select_scores_kernel", 1.25], ["_merge_kernel", 0.5]]
+    assert "- hybrid at 32: 1.75 s (_merge_kernel, _select_scores_kernel)" in markdown(report)
 
 
 def test_warm_sparse_path_compiles_the_sparse_path_at_every_selection_width(monkeypatch):

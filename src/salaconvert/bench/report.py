@@ -47,6 +47,12 @@ def markdown(report: dict) -> str:
              for row in report["results"][label]["rows"] if "error" in row or "skipped" in row]
     if notes:
         lines += ["", "Not measured:", *notes]
+    compiled = [f"- {label} at {short_length(row['length'])}: {sum(s for _, s in row['prefill_compiles']):.2f} s "
+                f"({', '.join(sorted({name for name, _ in row['prefill_compiles']}))})"
+                for label in (m for m in MODELS if m in report["results"])
+                for row in report["results"][label]["rows"] if row.get("prefill_compiles")]
+    if compiled:
+        lines += ["", "Triton compiled kernels inside these timed prefills (their prefill s includes it):", *compiled]
     eager = [f"- {label} at {short_length(row['length'])}" for label in (m for m in MODELS if m in report["results"])
              for row in report["results"][label]["rows"] if row.get("decode") == "eager"]
     if eager and report["cuda_graphs"].startswith("used"):
