@@ -30,6 +30,17 @@ def _columns(report: dict) -> list:
     return [c for c in COLUMNS if c[0] in present]
 
 
+COMPILED = "Triton compiled kernels inside these timed prefills (their prefill s includes it)"
+
+
+def compiled_in_prefill(report: dict) -> list[str]:
+    """One line per row whose timed prefill included Triton compiles: where, how long, which kernels."""
+    return [f"{label} at {short_length(row['length'])}: {sum(s for _, s in row['prefill_compiles']):.2f} s "
+            f"({', '.join(sorted({name for name, _ in row['prefill_compiles']}))})"
+            for label in (m for m in MODELS if m in report["results"])
+            for row in report["results"][label]["rows"] if row.get("prefill_compiles")]
+
+
 def markdown(report: dict) -> str:
     cols = _columns(report)
     lines = [f"# bench: {report['model']}" + (f" vs teacher {report['teacher']}" if report["teacher"] else ""),
@@ -47,12 +58,9 @@ def markdown(report: dict) -> str:
              for row in report["results"][label]["rows"] if "error" in row or "skipped" in row]
     if notes:
         lines += ["", "Not measured:", *notes]
-    compiled = [f"- {label} at {short_length(row['length'])}: {sum(s for _, s in row['prefill_compiles']):.2f} s "
-                f"({', '.join(sorted({name for name, _ in row['prefill_compiles']}))})"
-                for label in (m for m in MODELS if m in report["results"])
-                for row in report["results"][label]["rows"] if row.get("prefill_compiles")]
+    compiled = compiled_in_prefill(report)
     if compiled:
-        lines += ["", "Triton compiled kernels inside these timed prefills (their prefill s includes it):", *compiled]
+        lines += ["", COMPILED + ":", *(f"- {c}" for c in compiled)]
     eager = [f"- {label} at {short_length(row['length'])}" for label in (m for m in MODELS if m in report["results"])
              for row in report["results"][label]["rows"] if row.get("decode") == "eager"]
     if eager and report["cuda_graphs"].startswith("used"):

@@ -40,7 +40,7 @@ def bench(
             if threads < 1:
                 raise InputError(f"--threads {threads}: must be at least 1")
             torch.set_num_threads(threads)
-        from salaconvert.bench.report import table
+        from salaconvert.bench.report import COMPILED, compiled_in_prefill, table
         from salaconvert.bench.run import BenchSettings, run_bench
         from salaconvert.eval.run import default_teacher
         from salaconvert.io.load import resolve_source
@@ -52,6 +52,8 @@ def bench(
         with steps("bench") as step:
             report = run_bench(model, None if no_teacher else teacher, settings, out_dir, dtype.value, device, step)
     err.print(table(report))
+    for line in compiled_in_prefill(report):
+        err.print(f"[yellow]{COMPILED}: {line}[/]", highlight=False)
     err.print(f"[dim]CUDA graphs: {report['cuda_graphs']}[/]")
     err.print(f"wrote {', '.join(str(v) for v in report['files'].values())} in {report['seconds']:.1f}s", highlight=False)
     if as_json:
