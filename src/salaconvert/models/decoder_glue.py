@@ -4,14 +4,15 @@ Every decoder layer of a Llama-family model (the teacher, and the hybrid built f
 attention and MLP in modules that PyTorch runs as chains of elementwise passes over the
 activations: transformers' RMSNorm (cast, square, mean, rsqrt, product, cast, weight: seven
 launches, each reading and writing a [tokens, hidden] tensor) and the SwiGLU product
-act(gate(x)) · up(x) (two). In a Llama-3-8B-shaped prefill at 256K they took about 1.2 s of GPU
-time, the same in both models (benchmarks/notes-long-context.md).
+act(gate(x)) · up(x) (two). In a Llama-3-8B-shaped prefill at 256K they took about 1.1 s of GPU
+time, the same in both models; fused, 0.3 s (benchmarks/notes-long-context.md, runs 21 and 25).
 
 `fused_decoder_glue(model)` gives, for its duration, those modules of the registered
 architectures a forward on `salaconvert.kernels.norm.rms_norm` / `silu_mul`: one pass each,
 rounding where the module rounds. The swap is per instance, undone on exit, and each forward falls
 back to the module's own where `layers.common.fuse_glue` says no (no Triton device, or a gradient
-wanted). `eval.forward.prefill` and `GraphDecoder` run under it, so teacher and hybrid alike get it.
+wanted). `eval.forward.prefill`, `decode_step` and `GraphDecoder` run under it, so teacher and
+hybrid alike get it.
 """
 import contextlib
 
