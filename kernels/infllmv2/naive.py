@@ -54,6 +54,8 @@ def compress_k(k: torch.Tensor, kernel_size: int = 32, stride: int = 16) -> torc
         return k.new_zeros(B, 0, H, d, dtype=torch.float32)
     # Sums of g-token pieces (g = gcd), then each window's kernel_size / g pieces: no window copy
     # (an unfolded [Tc, H, d, kernel_size] copy is 2× the keys in fp32: 8.6 GB at 1M tokens).
+    if k.element_size() == 1:  # fp8 storage (the cache's --kv-cache fp8): not every device's sum reads fp8
+        k = k.float()
     g = math.gcd(kernel_size, stride)
     step, n_pieces = stride // g, (Tc - 1) * (stride // g) + kernel_size // g
     pieces = k[:, :n_pieces * g].reshape(B, n_pieces, g, H, d).sum(2, dtype=torch.float32)
