@@ -7,8 +7,8 @@ The hybrid's attention modules (fp32 inside, rounded once):
         embedding: rotate_half convention, out = x·cos + rotate_half(x)·sin).
     gated_rms_norm(x, z, weight, eps)     x, z [..., D] -> rmsnorm(x) · weight · sigmoid(z)
 
-The teacher architecture's own decoder glue, rounded where its modules round (so a prefill gives
-the same tokens either way):
+The teacher architecture's own decoder glue, rounded where its modules round (the modules' values,
+up to the order of a sum):
 
     rms_norm(x, weight, eps)              x [..., D] -> weight · round(rmsnorm(x))
     silu_mul(g, u)                        g, u [...] -> round(silu(g)) · u
