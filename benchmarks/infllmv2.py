@@ -33,6 +33,7 @@ import signal
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +97,20 @@ def load_file(path, name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def ab_args(doc: str, what: str) -> argparse.Namespace:
+    """The arguments of an A/B script that times an older `what` (a file) against the installed one;
+    --smoke switches this module to its CPU shapes."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--old", required=True, help=f"the other {what}")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1)")
+    args = ap.parse_args()
+    if args.smoke:
+        smoke_mode()
+    return args
 
 
 def bench(fn, budget_s: float | None = None, max_reps: int = 30) -> float:

@@ -11,7 +11,6 @@ the selection feeds it). Records whether each version's block lists equal the ne
 DIR/select-ab.json. --smoke: tiny shapes on the CPU under TRITON_INTERPRET=1, a check of the
 script (its times mean nothing).
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -40,14 +39,7 @@ def first_scores(q, k) -> tuple[torch.Tensor, int]:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--old", type=Path, required=True, help="the other select.py")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1)")
-    args = ap.parse_args()
-    if args.smoke:
-        bench.smoke_mode()
+    args = bench.ab_args(__doc__, "select.py")
     versions = {"old": bench.load_file(args.old, "select_old"), "new": new}
     rows = []
     for T, hkv in CASES:

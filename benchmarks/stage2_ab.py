@@ -12,7 +12,6 @@ output's largest difference from the first version's, relative to max |o|. Write
 DIR/stage2-ab.json (runs 27, 30 and 31 of notes-infllmv2.md). --smoke: tiny shapes on the CPU
 under TRITON_INTERPRET=1, a check of the script (its times mean nothing).
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -29,14 +28,7 @@ CASES = [(32768, 2, True), (32768, 8, True), (65536, 2, True), (131072, 2, False
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--old", type=Path, required=True, help="the other parallel.py")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1)")
-    args = ap.parse_args()
-    if args.smoke:
-        bench.smoke_mode()
+    args = bench.ab_args(__doc__, "parallel.py")
     versions = {"old": bench.load_file(args.old, "parallel_old"), "new": new}
     rows = []
     for T, hkv, backward in CASES:
