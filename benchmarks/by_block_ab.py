@@ -47,7 +47,7 @@ def chunk_profile(out: Path, Tq: int = 16384, Tk: int = 262144, hkv: int = 8) ->
     q = q[:, -Tq:].contiguous()
     with torch.no_grad():
         idx = parallel.parallel_infllmv2_select(q, k, **bench.OURS96)
-        run = lambda: parallel.parallel_infllmv2_attn(q, k, v, block_indices=idx, **bench.OURS96)  # noqa: E731
+        run = lambda: parallel.attend_selected(q, k, v, idx, **bench.OURS96)  # noqa: E731
         row = dict(Tq=Tq, Tk=Tk, Hkv=hkv, wall_ms=round(bench.median_ms(run, 5), 3))
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             run()
@@ -86,7 +86,7 @@ def main():
         q, k, v = bench.inputs(T, hkv)
         with torch.no_grad():
             idx = parallel.parallel_infllmv2_select(q, k, **bench.OURS96)
-            run = lambda: parallel.parallel_infllmv2_attn(q, k, v, block_indices=idx, **bench.OURS96)  # noqa: E731
+            run = lambda: parallel.attend_selected(q, k, v, idx, **bench.OURS96)  # noqa: E731
             with bench.knobs(parallel, **VARIANTS["union"][0]):
                 ref = run().float()
             for rnd in range(args.rounds):

@@ -209,11 +209,15 @@ def nsa_fn(q, k, v, backward=False):
 
 
 def ours_fn(q, k, v, cfg, backward=False, block_indices=None):
-    from salaconvert.kernels.infllmv2.parallel import parallel_infllmv2_attn
+    """Selection and attention, or with block_indices (this selection's lists) stage 2 alone."""
+    from salaconvert.kernels.infllmv2.parallel import attend_selected, parallel_infllmv2_attn
     qq, kk, vv = (x.detach().requires_grad_(backward) for x in (q, k, v))
 
     def run():
-        o = parallel_infllmv2_attn(qq, kk, vv, block_indices=block_indices, **cfg)
+        if block_indices is None:
+            o = parallel_infllmv2_attn(qq, kk, vv, **cfg)
+        else:
+            o = attend_selected(qq, kk, vv, block_indices, **cfg)
         if backward:
             o.backward(torch.ones_like(o))
     return run

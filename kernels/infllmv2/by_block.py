@@ -4,12 +4,14 @@ The union tiles of parallel.py load a K/V block once for a tile's tokens and run
 its rows; when neighbouring tokens choose different blocks (random inputs, small groups: a 16-token
 tile at group 4 walks ~7× K blocks at 128K) most of those rows are masked out and every block is
 re-read for every tile that picked it. Here one program takes one (KV head, block) and a segment of
-the query rows that picked it (the CSR of layout.block_segments, as the dk/dv kernel uses), so no
+the query rows that picked it (layout.chosen_segments: a CSR like the dk/dv kernel's), so no
 row is wasted and each block is read once per segment: the price is a partial result per
 (row, selected block) — the block's normalised output, in q's dtype, and its log-sum-exp — which a
 second kernel merges per row in list order, into the result of the row's forced blocks (init and
 local, shared by neighbouring tokens), which parallel._inference_forward computes over union tiles
-first. Query rows are processed in chunks whose partials fit in PARTIAL_BYTES. Partial outputs rounded to bf16 add at most one bf16 rounding of max |v| to the
+first. Query rows are processed in chunks whose partials fit in PARTIAL_BYTES; every size comes from
+the shapes and an upper bound on the entries per row, so the host queues all of it without waiting
+for the device. Partial outputs rounded to bf16 add at most one bf16 rounding of max |v| to the
 result (the union path rounds only the final output).
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ from salaconvert.kernels.infllmv2.layout import Seqs, next_pow2
 fix_interpreter_index()
 
 PARTIAL_BYTES = 2 << 30  # partial outputs of one chunk of query rows, at most (the chunk is ≥ 1 row)
-PASS_ENTRIES = 1 << 27  # selection entries listed at once (the CSR's int64 sort keys: 1 GiB), at most
+PASS_ENTRIES = 1 << 27  # selection entries (valid or not) of one chunk's CSR, at most
 SEG = 256  # query rows of one block per program, at most
 ROWS, WARPS, STAGES = 64, 4, 2  # rows (tokens × padded group heads) per dot, launch shape of the partials
 # rows per program and launch shape of the merge. Run 37, group 4: 128 rows on 8 warps 154 -> 138 ms
@@ -37,9 +39,10 @@ MERGE_ROWS, MERGE_WARPS, MERGE_STAGES = 128, 8, 3
 @triton.jit
 def segment(i_s, seg_h, seg_n, seg_b, seg_lo, seg_hi, q_start, k_start, seq_Tq, seq_Tk, k, v, stride_kt,
             D: tl.constexpr, BS: tl.constexpr):
-    """Segment i_s of a block-major CSR (layout.block_segments; here and in parallel's dk/dv kernel):
-    its KV head, its rows' range in tok_list, its sequence's first query row, Tq and Tk, and its
-    block's key positions, [BS, D] offsets and row mask, K and V."""
+    """Segment i_s of a block-major CSR (layout.chosen_segments here, layout.block_segments in
+    parallel's dk/dv kernel): its KV head, its rows' range in tok_list, its sequence's first query
+    row, Tq and Tk, and its block's key positions, [BS, D] offsets and row mask, K and V (none
+    loaded for an empty segment)."""
     i_h = tl.load(seg_h + i_s)
     n = tl.load(seg_n + i_s)
     blk = tl.load(seg_b + i_s)
@@ -51,24 +54,21 @@ def segment(i_s, seg_h, seg_n, seg_b, seg_lo, seg_hi, q_start, k_start, seq_Tq, 
     Tk = tl.load(seq_Tk + n)
     o_k = blk * BS + tl.arange(0, BS)
     o_kd = (ks + o_k).to(tl.int64)[:, None] * stride_kt + i_h * D + tl.arange(0, D)[None, :]
-    m_k = o_k < Tk
+    m_k = (o_k < Tk) & (lo < hi)
     b_k = tl.load(k + o_kd, mask=m_k[:, None], other=0.)
     b_v = tl.load(v + o_kd, mask=m_k[:, None], other=0.)
     return i_h, lo, hi, qs, Tq, Tk, o_k, o_kd, m_k, b_k, b_v
 
 
-# the offsets change from chunk to chunk and call to call: specialising on them (divisibility by 16)
-# would compile new variants inside timed prefills
-@triton.jit(do_not_specialize=["s0", "p0"])
-def _partial_kernel(q, k, v, part_o, part_lse, tok_list, seg_h, seg_n, seg_b, seg_lo, seg_hi, s0, p0,
+@triton.jit
+def _partial_kernel(q, k, v, part_o, part_lse, tok_list, seg_h, seg_n, seg_b, seg_lo, seg_hi,
                     q_start, k_start, seq_Tq, seq_Tk, scale_log2, stride_qt, stride_kt,
                     G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BS: tl.constexpr):
-    """Segment s0 + program id: one block, the rows in tok_list[lo:hi] that picked it, each row's
-    softmax over the block alone. Writes, for the row at position p of tok_list (p0: the chunk's
-    first), part_o[(p − p0)·G + g] = the normalised output and part_lse[(p − p0)·G + g] =
-    log2 Σ exp2(scores) (−inf when no key is visible)."""
+    """Segment program id: one block, the rows in tok_list[lo:hi] that picked it, each row's softmax
+    over the block alone. Writes, for the row at position p of tok_list, part_o[p·G + g] = the
+    normalised output and part_lse[p·G + g] = log2 Σ exp2(scores) (−inf when no key is visible)."""
     BM: tl.constexpr = BT * GP
-    i_h, lo, hi, qs, Tq, Tk, o_k, _, _, b_k, b_v = segment(s0 + tl.program_id(0), seg_h, seg_n, seg_b, seg_lo, seg_hi,
+    i_h, lo, hi, qs, Tq, Tk, o_k, _, _, b_k, b_v = segment(tl.program_id(0), seg_h, seg_n, seg_b, seg_lo, seg_hi,
                                                           q_start, k_start, seq_Tq, seq_Tk, k, v, stride_kt, D, BS)
     o_d = tl.arange(0, D)
     o_r = tl.arange(0, BM)
@@ -87,19 +87,20 @@ def _partial_kernel(q, k, v, part_o, part_lse, tok_list, seg_h, seg_n, seg_b, se
         b_l = rsum(b_p, 1)
         seen = b_l > 0
         b_o = tl.dot(b_p.to(b_v.dtype), b_v) / tl.where(seen, b_l, 1.)[:, None]
-        p_out = (t0 - p0 + r_t).to(tl.int64) * G + r_g
+        p_out = (t0 + r_t).to(tl.int64) * G + r_g
         tl.store(part_o + p_out[:, None] * D + o_d[None, :], b_o.to(part_o.dtype.element_ty), mask=m_r[:, None])
         tl.store(part_lse + p_out, tl.where(seen, m_use + tl.log2(tl.where(seen, b_l, 1.)), float("-inf")),
                  mask=m_r)
 
 
-@triton.jit(do_not_specialize=["r0", "n_rows", "s0", "p0", "NJ"])
-def _merge_kernel(part_o, part_lse, slot, o, lse, r0, n_rows, s0, p0, NJ, stride_ot, Hq, Hkv,
+# the first row changes from chunk to chunk: specialising on it (divisibility by 16) would compile
+# new variants inside timed prefills
+@triton.jit(do_not_specialize=["r0", "n_rows"])
+def _merge_kernel(part_o, part_lse, slot, o, lse, r0, n_rows, stride_ot, Hq, Hkv,
                   G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, K: tl.constexpr):
-    """BT query rows (from r0) × the G heads of one KV head: the online softmax of the forced blocks'
-    result (o, lse; lse −inf: no forced block) and the partials of the rows' first NJ list entries
-    (slot, from its row s0: positions in tok_list, p0 the chunk's first; −1: none), in list order;
-    o in place."""
+    """BT query rows (from r0) × the G heads of one KV head: the online softmax of the result so far
+    (o, lse; lse −inf: nothing yet) and the partials of the rows' list entries (slot [rows from r0,
+    Hkv, K]: positions in tok_list, −1: none), in list order; o in place."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     BM: tl.constexpr = BT * GP
     o_r = tl.arange(0, BM)
@@ -111,11 +112,11 @@ def _merge_kernel(part_o, part_lse, slot, o, lse, r0, n_rows, s0, p0, NJ, stride
     b_m = tl.load(lse + (r0 + tok).to(tl.int64) * Hq + i_h * G + r_g, mask=m_row, other=float("-inf"))
     b_l = tl.where(b_m == float("-inf"), 0., 1.)
     b_acc = tl.load(p_o, mask=m_row[:, None], other=0.).to(tl.float32)
-    p_slot = slot + ((s0 + tok).to(tl.int64) * Hkv + i_h) * K
-    for j in range(NJ):
+    p_slot = slot + (tok.to(tl.int64) * Hkv + i_h) * K
+    for j in range(K):
         s = tl.load(p_slot + j, mask=m_row, other=-1)
         ok = m_row & (s >= 0)
-        p = (s - p0) * G + r_g
+        p = s * G + r_g
         x = tl.load(part_lse + p, mask=ok, other=float("-inf"))
         b_o = tl.load(part_o + p[:, None] * D + o_d[None, :], mask=ok[:, None], other=0.).to(tl.float32)
         m_new = tl.maximum(b_m, x)
@@ -138,43 +139,28 @@ def forced_entries(idx: torch.Tensor, seqs: Seqs, block_size: int, init_blocks: 
 
 
 def add_chosen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, seqs: Seqs, block_size: int,
-               scale_log2: float, o: torch.Tensor, lse: torch.Tensor) -> None:
-    """Merge into o (with lse [Nq, Hq], log2 units, −inf where none: every row's attention over some
-    blocks already, its forced ones) the attention over the blocks in idx [Nq, Hkv, K] (−1 anywhere: none).
+               scale_log2: float, o: torch.Tensor, lse: torch.Tensor, most: int) -> None:
+    """Merge into o (with lse [Nq, Hq], log2 units, −inf where nothing yet) the attention over the
+    blocks in idx [Nq, Hkv, K] (−1 anywhere: none; at most `most` others per row and KV head).
     Flattened q [Nq, Hq, D], k/v [Nk, Hkv, D], every sequence sparse; no autograd."""
     Nq, Hq, D = q.shape
     Hkv, K = k.shape[1], idx.shape[2]
+    if most == 0 or Nq == 0:
+        return
     G = Hq // Hkv
     GP = next_pow2(G)
     BT = max(1, ROWS // GP, (16 + GP - 1) // GP)
     BTM = max(1, MERGE_ROWS // GP)
-    # each row's entries first, in order, then the −1s: the merge walks the first `most` of them
-    idx = torch.sort(torch.where(idx >= 0, idx, torch.iinfo(torch.int32).max), -1).values
-    idx = torch.where(idx == torch.iinfo(torch.int32).max, -1, idx)
-    most = int((idx >= 0).sum(2).max()) if idx.numel() else 0  # entries of the fullest (row, KV head)
-    if most == 0:
-        return
-    chunk = max(1, PARTIAL_BYTES // (Hq * most * (D * q.element_size() + 4)))
-    per_pass = max(chunk, PASS_ENTRIES // (Hkv * K) // chunk * chunk)
-    for a in range(0, Nq, per_pass):
-        b = min(Nq, a + per_pass)
-        tok_list, slot, sh, sn, sb, slo, shi, sc = layout.block_segments(idx, seqs, block_size, 0, SEG,
-                                                                         chunk_rows=chunk, rows=(a, b))
-        if not sh.numel():  # these rows chose nothing beyond their forced blocks
-            continue
-        n_chunks = triton.cdiv(b - a, chunk)
-        seg_at = torch.searchsorted(sc, torch.arange(n_chunks + 1, device=sc.device))
-        pos_at = torch.cat([slo, shi[-1:]])[seg_at]  # each chunk's first position in tok_list
-        seg_at, pos_at = torch.stack([seg_at, pos_at]).tolist()
-        part_o = layout.empty((max(y - x for x, y in zip(pos_at, pos_at[1:])) * G, D), q.dtype, q.device)
-        part_lse = layout.empty((part_o.shape[0],), torch.float32, q.device)
-        for c in range(n_chunks):
-            r0, r1 = a + c * chunk, min(b, a + (c + 1) * chunk)
-            if seg_at[c + 1] > seg_at[c]:
-                _partial_kernel[(seg_at[c + 1] - seg_at[c],)](
-                    q, k, v, part_o, part_lse, tok_list, sh, sn, sb, slo, shi, seg_at[c], pos_at[c],
-                    seqs.q_start, seqs.k_start, seqs.Tq, seqs.Tk, scale_log2, q.stride(0), k.stride(0),
-                    G=G, GP=GP, BT=BT, D=D, BS=block_size, num_warps=WARPS, num_stages=STAGES)
-            _merge_kernel[(triton.cdiv(r1 - r0, BTM), Hkv)](
-                part_o, part_lse, slot, o, lse, r0, r1 - r0, r0 - a, pos_at[c], most, o.stride(0), Hq, Hkv,
-                G=G, GP=GP, BT=BTM, D=D, K=K, num_warps=MERGE_WARPS, num_stages=MERGE_STAGES)
+    chunk = max(1, min(Nq, PARTIAL_BYTES // (Hq * most * (D * q.element_size() + 4)), PASS_ENTRIES // (Hkv * K)))
+    part_o = layout.empty((chunk * Hkv * most * G, D), q.dtype, q.device)
+    part_lse = layout.empty((part_o.shape[0],), torch.float32, q.device)
+    for r0 in range(0, Nq, chunk):
+        r1 = min(Nq, r0 + chunk)
+        tok_list, slot, sh, sn, sb, slo, shi = layout.chosen_segments(idx[r0:r1], seqs, r0, block_size, SEG, most)
+        _partial_kernel[(sh.numel(),)](
+            q, k, v, part_o, part_lse, tok_list, sh, sn, sb, slo, shi,
+            seqs.q_start, seqs.k_start, seqs.Tq, seqs.Tk, scale_log2, q.stride(0), k.stride(0),
+            G=G, GP=GP, BT=BT, D=D, BS=block_size, num_warps=WARPS, num_stages=STAGES)
+        _merge_kernel[(triton.cdiv(r1 - r0, BTM), Hkv)](
+            part_o, part_lse, slot, o, lse, r0, r1 - r0, o.stride(0), Hq, Hkv,
+            G=G, GP=GP, BT=BTM, D=D, K=K, num_warps=MERGE_WARPS, num_stages=MERGE_STAGES)

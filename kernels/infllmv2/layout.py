@@ -1,5 +1,5 @@
 """Host-side bookkeeping shared by the InfLLM-V2 Triton kernels: the sequence table, query tiles and
-the block-major CSR (block_segments).
+the block-major CSRs (block_segments, chosen_segments).
 
 Every call is reduced to N sequences over flattened rows: sequence n owns query rows
 [q_start[n], q_start[n] + Tq[n]) and key rows [k_start[n], k_start[n] + Tk[n]); its queries are the
@@ -139,18 +139,14 @@ def seq_of_rows(seqs: Seqs, device) -> torch.Tensor:
                                    output_size=sum(seqs.Tq_list))  # known here: no wait for the device
 
 
-def block_segments(idx: torch.Tensor, seqs: Seqs, block_size: int, dense_len: int, seg: int,
-                   chunk_rows: int | None = None, rows: tuple[int, int] | None = None):
+def block_segments(idx: torch.Tensor, seqs: Seqs, block_size: int, dense_len: int, seg: int):
     """CSR of (KV head, sequence, block) -> the query rows that attend to it, cut into segments of ≤ seg rows.
 
     idx int32 [Nq, Hkv, K]: each query row's selected blocks (−1 anywhere: none). Sequences at or
     under dense_len attend to every causal block instead (their rows of one block form one range).
-    Returns tok_list int32 (query rows; positions no segment covers hold none), slot, per-segment
-    (h, n, b, lo, hi) tensors (lo/hi: positions in tok_list) and seg_chunk. With `chunk_rows`
-    (every sequence sparse), only query rows `rows` = (r0, r1) (default all) are listed, the entries
-    of rows [r0 + c·chunk_rows, r0 + (c + 1)·chunk_rows) before those of later rows, each chunk's
-    segments marked c in seg_chunk int64, and slot int64 [r1 − r0, Hkv, K] holds each entry's
-    position in tok_list (−1: none); else slot and seg_chunk are None.
+    Returns tok_list int32 (query rows; positions no segment covers hold none) and the per-segment
+    (h, n, b, lo, hi) tensors (lo/hi: positions in tok_list). The backward's dk/dv CSR; sizes depend
+    on the data (the host waits for them once per backward).
     """
     dev = idx.device
     Nq, Hkv, K = idx.shape
@@ -158,28 +154,17 @@ def block_segments(idx: torch.Tensor, seqs: Seqs, block_size: int, dense_len: in
     NBMAX = max((t + block_size - 1) // block_size for t in seqs.Tk_list)
     seq_of_row = seq_of_rows(seqs, dev)
     dense_ids = [n for n, t in enumerate(seqs.Tk_list) if t <= dense_len]
-    if chunk_rows is not None and dense_ids:
-        raise ValueError("block_segments: chunk_rows takes sparse sequences only")
-    r0, r1 = rows if chunk_rows is not None and rows is not None else (0, Nq)
-    n_rows = r1 - r0
     groups = []  # (group id, lo, hi): lo/hi into tok_list
     tok_parts = []
-    slot, base = None, 0
-    n_groups = Hkv * N * NBMAX
-    if len(dense_ids) < N:  # sparse sequences: sort (chunk, h, n, b, row) keys of every valid selection entry
+    base = 0
+    if len(dense_ids) < N:  # sparse sequences: sort (h, n, b, row) keys of every valid selection entry
         dense_seq = seqs.Tk.to(dev) <= dense_len
-        sel, seq_sel = idx[r0:r1], seq_of_row[r0:r1]
-        valid = (sel >= 0) & ~dense_seq[seq_sel][:, None, None]
-        r = torch.arange(r0, r1, device=dev, dtype=torch.int64)[:, None, None].expand(n_rows, Hkv, K)
-        h = torch.arange(Hkv, device=dev, dtype=torch.int64)[None, :, None].expand(n_rows, Hkv, K)
-        g = (h * N + seq_sel[:, None, None]) * NBMAX + sel.long()
-        if chunk_rows is not None:
-            g = g + torch.div(r - r0, chunk_rows, rounding_mode="floor") * n_groups
+        valid = (idx >= 0) & ~dense_seq[seq_of_row][:, None, None]
+        r = torch.arange(Nq, device=dev, dtype=torch.int64)[:, None, None].expand(Nq, Hkv, K)
+        h = torch.arange(Hkv, device=dev, dtype=torch.int64)[None, :, None].expand(Nq, Hkv, K)
+        g = (h * N + seq_of_row[:, None, None]) * NBMAX + idx.long()
         none = torch.iinfo(torch.int64).max
-        key, order = torch.sort(torch.where(valid, g * Nq + r, none).flatten())
-        if chunk_rows is not None:
-            slot = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=dev))
-            slot = torch.where(valid, slot.view(n_rows, Hkv, K), -1)
+        key = torch.sort(torch.where(valid, g * Nq + r, none).flatten()).values
         tok_parts.append((key % Nq).to(torch.int32))  # the invalid entries sort last: no segment holds them
         gid, counts = torch.unique_consecutive(key // Nq, return_counts=True)
         ends = torch.cumsum(counts, 0)
@@ -199,7 +184,7 @@ def block_segments(idx: torch.Tensor, seqs: Seqs, block_size: int, dense_len: in
             groups.append(((hh * N + n) * NBMAX + b, lo, hi))
     if not groups:
         z = torch.zeros(0, dtype=torch.int64, device=dev)
-        return torch.zeros(1, dtype=torch.int32, device=dev), slot, z, z, z, z, z, z
+        return torch.zeros(1, dtype=torch.int32, device=dev), z, z, z, z, z
     gid, glo, ghi = (torch.cat(x) for x in zip(*groups))
     nseg = (ghi - glo + seg - 1) // seg
     rep = torch.repeat_interleave(torch.arange(gid.numel(), device=dev), nseg)
@@ -207,6 +192,43 @@ def block_segments(idx: torch.Tensor, seqs: Seqs, block_size: int, dense_len: in
     lo = glo[rep] + (torch.arange(rep.numel(), device=dev) - first[rep]) * seg
     hi = torch.minimum(lo + seg, ghi[rep])
     gid = gid[rep]
-    within = gid % n_groups
-    return (torch.cat(tok_parts), slot, (within // (N * NBMAX)).int(), ((within // NBMAX) % N).int(),
-            (within % NBMAX).int(), lo, hi, gid // n_groups if chunk_rows is not None else None)
+    return (torch.cat(tok_parts), (gid // (N * NBMAX)).int(), ((gid // NBMAX) % N).int(), (gid % NBMAX).int(),
+            lo, hi)
+
+
+def chosen_segments(idx: torch.Tensor, seqs: Seqs, r0: int, block_size: int, seg: int, most: int):
+    """The block-major CSR of query rows r0 … r0 + R − 1 (every sequence sparse), each size fixed by
+    the shapes, so the host never waits for the device (by_block.py's inference forward).
+
+    idx int32 [R, Hkv, K]: those rows' entries (−1 anywhere: none), at most `most` per (row, KV head).
+    Returns tok_list int32 [R·Hkv·K] (the valid entries' query rows, ordered by (KV head, sequence,
+    block) and by row within), slot int64 [R, Hkv, K] (each entry's position in tok_list, −1: none)
+    and S segments' (h, n, b) int32 and (lo, hi) int64 (positions in tok_list): the rows of each
+    (KV head, sequence, block) cut into runs of ≤ seg. S = ⌈E / seg⌉ + min(groups, E) with
+    E = R·Hkv·most bounds the real count; the segments past the last are empty (lo = hi = 0).
+    """
+    dev = idx.device
+    R, Hkv, K = idx.shape
+    N = seqs.n
+    NB = max((t + block_size - 1) // block_size for t in seqs.Tk_list)
+    n_groups = Hkv * N * NB
+    if n_groups >= 2 ** 31 - 1:
+        raise ValueError(f"{Hkv} KV heads × {N} sequences × {NB} blocks: more block groups than int32 holds")
+    seq = seq_of_rows(seqs, dev)[r0:r0 + R].int()
+    h = torch.arange(Hkv, device=dev, dtype=torch.int32)[None, :, None]
+    valid = idx >= 0
+    group = torch.where(valid, (h * N + seq[:, None, None]) * NB + idx, n_groups)
+    group, order = torch.sort(group.flatten(), stable=True)  # rows stay ascending within a group
+    tok_list = (torch.div(order, Hkv * K, rounding_mode="floor") + r0).int()
+    slot = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=dev))
+    slot = torch.where(valid, slot.view(R, Hkv, K), -1)
+    bounds = torch.searchsorted(group, torch.arange(n_groups + 1, device=dev, dtype=torch.int32))
+    nseg = (bounds[1:] - bounds[:-1] + seg - 1) // seg
+    upto = torch.cumsum(nseg, 0)  # segments of the groups up to each one
+    E = R * Hkv * most
+    s = torch.arange((E + seg - 1) // seg + min(n_groups, E), device=dev)
+    g = torch.searchsorted(upto, s, right=True).clamp_(max=n_groups - 1)
+    real = s < upto[-1]
+    lo = torch.where(real, bounds[g] + (s - upto[g] + nseg[g]) * seg, 0)
+    hi = torch.where(real, torch.minimum(lo + seg, bounds[g + 1]), 0)
+    return tok_list, slot, (g // (N * NB)).int(), ((g // NB) % N).int(), (g % NB).int(), lo, hi

@@ -123,7 +123,10 @@ def _step(p_blk, p_bits, u, sparse, r_t, m_row, BT: tl.constexpr):
 def _fwd_kernel(q, k, v, o, lse, idx, tile_n, tile_i, q_start, k_start, seq_Tq, seq_Tk,
                 u_blk, u_bits, u_len, U, scale_log2, dense_len, stride_qt, stride_kt, stride_it, Hq,
                 G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                K: tl.constexpr):
+                K: tl.constexpr, FORCED: tl.constexpr = False, INIT: tl.constexpr = 0, LOCAL: tl.constexpr = 0):
+    """o and lse (log2 units) of a tile's rows over their walk (_walk). FORCED: the walk is each
+    row's forced blocks alone, from positions (blocks 0 … INIT − 1 and the LOCAL up to the row's
+    own, as the selection forces them), without lists; a row that attends to nothing gets lse −inf."""
     i_tile, i_h = tl.program_id(0), tl.program_id(1)
     BM: tl.constexpr = BT * GP
     n = tl.load(tile_n + i_tile)
@@ -145,11 +148,22 @@ def _fwd_kernel(q, k, v, o, lse, idx, tile_n, tile_i, q_start, k_start, seq_Tq, 
     b_m = tl.full([BM], float("-inf"), tl.float32)
     b_l = tl.full([BM], 0, tl.float32)
     b_acc = tl.full([BM, D], 0, tl.float32)
-    p_blk, p_bits, n_blk = _walk(idx, u_blk, u_bits, u_len, U, qs, i0, i_tile, i_h, Tq, Tk, dense_len, stride_it,
-                                 BT, BS, K)
+    if FORCED:  # the init blocks, then the local ones of the tile's first row to those of its last
+        qb_row = pos // BS
+        qb_last = (Tk - Tq + tl.minimum(i0 + BT, Tq) - 1) // BS
+        n_init = tl.minimum(INIT, qb_last + 1)
+        lo_local = tl.maximum((Tk - Tq + i0) // BS - LOCAL + 1, INIT)
+        n_blk = n_init + tl.maximum(qb_last - lo_local + 1, 0)
+    else:
+        p_blk, p_bits, n_blk = _walk(idx, u_blk, u_bits, u_len, U, qs, i0, i_tile, i_h, Tq, Tk, dense_len, stride_it,
+                                     BT, BS, K)
     k_h, v_h, kv_off = _kv_base(k, v, ks, i_h, stride_kt, BS, D)
     for u in range(0, n_blk):
-        blk, rowsel = _step(p_blk, p_bits, u, Tk > dense_len, r_t, m_row, BT)
+        if FORCED:
+            blk = tl.where(u < n_init, u, lo_local + u - n_init)
+            rowsel = m_row & ((blk < INIT) | (blk > qb_row - LOCAL))
+        else:
+            blk, rowsel = _step(p_blk, p_bits, u, Tk > dense_len, r_t, m_row, BT)
         o_k, b_k, b_v = _load_kv(k_h, v_h, kv_off, blk, Tk, stride_kt, BS)
         b_m, b_l, b_acc = _attend_fwd(b_q, b_m, b_l, b_acc, b_k, b_v, o_k, pos, rowsel, scale_log2)
 
@@ -157,7 +171,10 @@ def _fwd_kernel(q, k, v, o, lse, idx, tile_n, tile_i, q_start, k_start, seq_Tq, 
     b_o = b_acc / tl.where(ok, b_l, 1.)[:, None]
     p_o = o + (qs + tok).to(tl.int64)[:, None] * stride_qt + (i_h * G + r_g)[:, None] * D + o_d[None, :]
     tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_row[:, None])
-    b_lse = tl.where(ok, b_m + tl.log2(tl.where(ok, b_l, 1.)), 0.)
+    if FORCED:
+        b_lse = tl.where(ok, b_m + tl.log2(tl.where(ok, b_l, 1.)), float("-inf"))
+    else:
+        b_lse = tl.where(ok, b_m + tl.log2(tl.where(ok, b_l, 1.)), 0.)
     tl.store(lse + (qs + tok).to(tl.int64) * Hq + i_h * G + r_g, b_lse, mask=m_row)
 
 
@@ -261,6 +278,8 @@ DKV_SEG = 256  # query tokens per dk/dv program at most: a block's tokens beyond
 # group 16 at 32K 17 -> 24, 128K 92 -> 94.
 BY_BLOCK_MAX_GROUP = 8
 BY_BLOCK_MIN_KEYS = 65536
+# The forced blocks of that forward (_forced_forward): rows per tile, and warps
+FORCED_ROWS, FORCED_WARPS = 64, 4
 
 
 def _tile_tokens(G: int, Tq_max: int, tokens: int | None) -> tuple[int, int]:
@@ -337,8 +356,8 @@ class InfLLMv2Function(torch.autograd.Function):
             num_warps=DQ_WARPS, num_stages=DQ_STAGES)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-        tok_list, _, sh, sn, sb, slo, shi, _ = layout.block_segments(idx, seqs, cfg["block_size"], cfg["dense_len"],
-                                                                     seg=DKV_SEG)
+        tok_list, sh, sn, sb, slo, shi = layout.block_segments(idx, seqs, cfg["block_size"], cfg["dense_len"],
+                                                               seg=DKV_SEG)
         if sh.numel():
             rows, warps = (DKV_ROWS, DKV_WARPS) if D * q.element_size() <= 256 else (64, 4)
             _, BTK = _tile_tokens(G, max(seqs.Tq_list), max(1, rows // GP))  # no wasted rows: tall
@@ -367,15 +386,41 @@ def _union_forward(q, k, v, idx, seqs, cfg, scale):
     return o, lse, tile_n, tile_i, union, (G, GP, BT)
 
 
-def _inference_forward(q, k, v, idx, seqs, cfg, scale):
-    """The forward when no gradient is wanted and every sequence is sparse: each row's forced blocks
-    (init and local: the same for neighbouring tokens, so a union tile wastes no row on them) over
-    union tiles, its chosen blocks block-major (by_block.py), merged by log-sum-exp."""
-    forced = by_block.forced_entries(idx, seqs, cfg["block_size"], cfg["init_blocks"], cfg["local_blocks"])
-    o, lse, *_ = _union_forward(q, k, v, torch.where(forced, idx, -1), seqs, cfg, scale)
-    none = ~forced.any(-1)[:, :, None].expand(-1, -1, q.shape[1] // k.shape[1]).reshape(lse.shape)
-    lse.masked_fill_(none, float("-inf"))  # rows given no forced block (block_indices from the caller)
-    by_block.add_chosen(q, k, v, torch.where(forced, -1, idx), seqs, cfg["block_size"], scale * LOG2E, o, lse)
+def _forced_forward(q, k, v, seqs, cfg, scale):
+    """o and lse (log2 units, −inf: nothing) of every row over its forced blocks alone (init and
+    local: the same for the tokens of one block, so a tile wastes no row on them), walked from the
+    positions: no lists to read or merge."""
+    Nq, Hq, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    GP, BT = _tile_tokens(G, max(seqs.Tq_list), max(1, FORCED_ROWS // next_pow2(G)))
+    tile_n, tile_i = make_tiles(seqs, BT, q.device)
+    o = layout.empty(q.shape, q.dtype, q.device)
+    lse = layout.empty((Nq, Hq), torch.float32, q.device)
+    z = torch.zeros(1, 1, dtype=torch.int32, device=q.device)
+    _fwd_kernel[(tile_n.numel(), Hkv)](
+        q, k, v, o, lse, z, tile_n, tile_i, seqs.q_start, seqs.k_start, seqs.Tq, seqs.Tk,
+        z, z, z[0], 1, scale * LOG2E, cfg["dense_len"], q.stride(0), k.stride(0), 0, Hq,
+        G=G, GP=GP, BT=BT, D=D, BS=cfg["block_size"], K=1, FORCED=True, INIT=cfg["init_blocks"],
+        LOCAL=cfg["local_blocks"], num_warps=FORCED_WARPS, num_stages=ATTN_STAGES)
+    return o, lse
+
+
+def _inference_forward(q, k, v, idx, seqs, cfg, scale, selected):
+    """The forward when no gradient is wanted and every sequence is sparse. `selected`: idx came
+    from this call's selection, so every row lists its forced blocks: those go through
+    _forced_forward and the rest block-major (by_block.py), merged by log-sum-exp. Lists from the
+    caller may leave forced blocks out: all of their entries go block-major."""
+    if selected:
+        o, lse = _forced_forward(q, k, v, seqs, cfg, scale)
+        forced = by_block.forced_entries(idx, seqs, cfg["block_size"], cfg["init_blocks"], cfg["local_blocks"])
+        idx = torch.where(forced, -1, idx)
+        most = max(0, cfg["topk"] - cfg["init_blocks"] - cfg["local_blocks"])  # a row's chosen blocks, at most
+    else:
+        o = torch.zeros_like(q)
+        lse = torch.full(q.shape[:2], float("-inf"), device=q.device)
+        most = idx.shape[2]
+    by_block.add_chosen(q, k, v, idx, seqs, cfg["block_size"], scale * LOG2E, o, lse, most)
     return o
 
 
@@ -440,6 +485,21 @@ def parallel_infllmv2_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     ([B, Tq, Hkv, K] from infllmv2_select) skips stage 1 when given.
     """
     cfg = _cfg(block_size, topk, init_blocks, local_blocks, kernel_size, stride, dense_len, coarse_norm)
+    return _attn(q, k, v, cfg, scale, cu_seqlens, block_indices)
+
+
+def attend_selected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor, *,
+                    scale: float | None = None, cu_seqlens: torch.Tensor | None = None, **kw) -> torch.Tensor:
+    """Stage 2 alone over lists that parallel_infllmv2_select made with the same keywords (block_size,
+    topk, init_blocks, local_blocks, kernel_size, stride, dense_len, coarse_norm): exactly what
+    parallel_infllmv2_attn does after its own selection. Lists from elsewhere (its block_indices=)
+    may leave a row's forced blocks out, so that call cannot walk them from positions; the
+    benchmarks time stage 2 with this one."""
+    defaults = dict(block_size=64, topk=96, init_blocks=1, local_blocks=32, kernel_size=32, stride=16, dense_len=8192)
+    return _attn(q, k, v, _cfg(**{**defaults, **kw}), scale, cu_seqlens, block_indices, selected=True)
+
+
+def _attn(q, k, v, cfg, scale, cu_seqlens, block_indices, selected=False):
     seqs = _prepare(q, k, cu_seqlens, cfg)
     B, Tq, Hq, D = q.shape
     Hkv = k.shape[2]
@@ -449,15 +509,16 @@ def parallel_infllmv2_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     vf = v.reshape(-1, Hkv, D).contiguous()
     if block_indices is not None:
         idx = block_indices.reshape(B * Tq, Hkv, -1).to(torch.int32).contiguous()
-    elif any(t > dense_len for t in seqs.Tk_list):
+    elif any(t > cfg["dense_len"] for t in seqs.Tk_list):
+        selected = True
         with torch.no_grad():
             idx = _select_flat(qf, kf, seqs, cfg, scale)
     else:
         idx = torch.full((B * Tq, Hkv, 1), -1, dtype=torch.int32, device=q.device)
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    if not grad and Hq // Hkv <= BY_BLOCK_MAX_GROUP and all(t > dense_len and t >= BY_BLOCK_MIN_KEYS
+    if not grad and Hq // Hkv <= BY_BLOCK_MAX_GROUP and all(t > cfg["dense_len"] and t >= BY_BLOCK_MIN_KEYS
                                                             for t in seqs.Tk_list):
-        o = _inference_forward(qf, kf, vf, idx, seqs, cfg, scale)
+        o = _inference_forward(qf, kf, vf, idx, seqs, cfg, scale, selected)
     else:
         o = InfLLMv2Function.apply(qf, kf, vf, cfg, seqs, scale, idx)
     return o.view(B, Tq, Hq, D)

@@ -248,8 +248,10 @@ def test_inference_forward_equals_reference(G, by_block_everywhere):
     kw = dict(topk=5, dense_len=0, **SMALL)
     with torch.no_grad():
         got = parallel_infllmv2_attn(q, k, v, **kw)
+        stage2 = parallel_mod.attend_selected(q, k, v, parallel_infllmv2_select(q, k, **kw), **kw)
     assert by_block_everywhere and by_block_everywhere[0] > 0, "no chosen block went block-major"
     assert_close(got, naive_infllmv2_attn(q, k, v, **kw), rtol=RTOL_FP32, what=f"G={G}")
+    assert torch.equal(stage2, got), "stage 2 over the call's own lists differs from the call"
 
 
 @pytest.mark.parametrize("budget", [1, 4000])
@@ -294,37 +296,60 @@ def test_inference_forward_only_without_autograd(by_block_everywhere):
     assert not by_block_everywhere and v.grad is not None
 
 
-@pytest.mark.parametrize("chunk_rows", [None, 7])
-def test_block_segments_list_every_entry_once(chunk_rows):
-    # ascending random lists with −1 anywhere: each segment holds rows that picked its block, ≤ seg of
-    # them, segments cover every valid entry once; with chunk_rows, slot points at each entry and
-    # the entries of a chunk of rows come before the next chunk's
-    g = torch.Generator().manual_seed(0)
-    Nq, Hkv, K, NB = 40, 2, 6, 9
+def _random_lists(Nq, Hkv, K, NB, seed=0):
+    """Ascending random block lists with −1 anywhere."""
+    g = torch.Generator().manual_seed(seed)
     idx = torch.sort(torch.randint(0, NB, (Nq, Hkv, K), generator=g), -1).values.int()
     idx[torch.rand(Nq, Hkv, K, generator=g) < 0.3] = -1
-    seqs = layout.make_seqs(1, Nq, NB * 16, None, 8, 4, "cpu")
-    tok, slot, sh, sn, sb, lo, hi, sc = layout.block_segments(idx, seqs, 16, 0, 5, chunk_rows=chunk_rows)
-    if chunk_rows:  # rows 9..30 alone: the same lists of those rows, slot counted from row 9
-        part = layout.block_segments(idx, seqs, 16, 0, 5, chunk_rows=chunk_rows, rows=(9, 31))
-        got = sorted((int(part[0][p]), h, b) for h, b, a, z in zip(part[2].tolist(), part[4].tolist(),
-                                                                 part[5].tolist(), part[6].tolist()) for p in range(a, z))
-        assert got == sorted((r, h, b) for r in range(9, 31) for h in range(Hkv) for b in idx[r, h].tolist() if b >= 0)
-        assert part[1].shape == (22, Hkv, K) and int(part[0][part[1][0, 0][idx[9, 0] >= 0][0]]) == 9
+    return idx
+
+
+def _segment_entries(tok, sh, sb, lo, hi, seg):
+    """(row, KV head, block) of every entry the segments cover; each segment holds 1 … seg rows."""
     pairs = []
     for h, b, a, z in zip(sh.tolist(), sb.tolist(), lo.tolist(), hi.tolist()):
-        assert 0 < z - a <= 5
-        for p in range(a, z):
-            r = int(tok[p])
-            assert b in idx[r, h].tolist()
-            pairs.append((r, h, b))
-            if chunk_rows:
-                assert int(sc[(lo <= p) & (p < hi)][0]) == r // chunk_rows
-                assert int(idx[r, h][slot[r, h] == p][0]) == b
+        assert 0 < z - a <= seg
+        pairs += [(int(tok[p]), h, b) for p in range(a, z)]
+    return pairs
+
+
+def test_block_segments_list_every_entry_once():
+    # each segment holds rows that picked its block, ≤ seg of them; the segments cover every valid entry once
+    Nq, Hkv, K, NB = 40, 2, 6, 9
+    idx = _random_lists(Nq, Hkv, K, NB)
+    seqs = layout.make_seqs(1, Nq, NB * 16, None, 8, 4, "cpu")
+    tok, sh, sn, sb, lo, hi = layout.block_segments(idx, seqs, 16, 0, 5)
     want = [(r, h, b) for r in range(Nq) for h in range(Hkv) for b in idx[r, h].tolist() if b >= 0]
-    assert sorted(pairs) == sorted(want)
-    if chunk_rows:
-        assert (slot[idx < 0] == -1).all() and torch.equal(sc, torch.sort(sc).values)
+    assert sorted(_segment_entries(tok, sh, sb, lo, hi, 5)) == sorted(want)
+
+
+def test_chosen_segments_fixed_sizes_and_slots():
+    # rows 9..30 of two packed sequences alone: their entries once each, in segments of ≤ seg rows of one
+    # (head, sequence, block) with rows ascending; slot points at each entry; the segment count comes
+    # from the shapes and `most` alone, the ones past the last empty
+    Hkv, K, most = 2, 6, 5
+    idx = _random_lists(40, Hkv, K, 5, seed=1)  # blocks of 4 tokens: 5 in the first sequence, 6 in the second
+    idx[:, :, most:] = -1
+    seqs = layout.make_seqs(1, 40, 40, torch.tensor([0, 17, 40]), 8, 4, "cpu")
+    tok, slot, sh, sn, sb, lo, hi = layout.chosen_segments(idx[9:31], seqs, 9, 4, 5, most)
+    n_groups = Hkv * 2 * 6
+    E = 22 * Hkv * most
+    assert sh.numel() == (E + 4) // 5 + min(n_groups, E)
+    real = lo < hi
+    assert (lo[~real] == 0).all() and (hi[~real] == 0).all() and real.nonzero().max() < real.sum()
+    seq_of = lambda r: 0 if r < 17 else 1  # noqa: E731
+    for n, a, z in zip(sn[real].tolist(), lo[real].tolist(), hi[real].tolist()):
+        rows = tok[a:z].tolist()
+        assert rows == sorted(rows) and all(seq_of(r) == n for r in rows)
+    want = [(r, h, b) for r in range(9, 31) for h in range(Hkv) for b in idx[r, h].tolist() if b >= 0]
+    assert sorted(_segment_entries(tok, sh[real], sb[real], lo[real], hi[real], 5)) == sorted(want)
+    assert slot.shape == (22, Hkv, K) and (slot[idx[9:31] < 0] == -1).all()
+    for r in range(22):
+        for h in range(Hkv):
+            for j in range(K):
+                if idx[9 + r, h, j] >= 0:
+                    p = int(slot[r, h, j])
+                    assert int(tok[p]) == 9 + r and int(sb[real][(lo[real] <= p) & (p < hi[real])]) == idx[9 + r, h, j]
 
 
 # the backward kernels exponentiate masked (future) keys too and discard them: at growth 4 those overflow
@@ -578,6 +603,25 @@ def test_gpu_inference_forward(Hq, Hkv, by_block_everywhere):
         ref = naive_infllmv2_attn(q.float(), k.float(), v.float(), block_indices=idx, **kw)
     assert by_block_everywhere and by_block_everywhere[0] > 0
     assert_close(got, ref, rtol=RTOL_BF16, what=f"inference forward Hq={Hq} Hkv={Hkv}")
+
+
+@gpu
+def test_gpu_inference_forward_never_waits(monkeypatch):
+    # a chunked prefill queues the whole sparse call (selection, forced blocks, the block-major CSR,
+    # partials, merge) without waiting for the GPU: every size comes from the shapes
+    monkeypatch.setattr(parallel_mod, "BY_BLOCK_MIN_KEYS", 0)
+    kw = dict(topk=16, local_blocks=4, dense_len=1024)
+    q, k, v = _qkv(1, 6000, 6000, 32, 8, 128, dtype=torch.bfloat16, device="cuda")
+    q = q[:, -2000:].contiguous()
+    with torch.no_grad():
+        want = parallel_infllmv2_attn(q, k, v, **kw)  # compiles outside the check
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = parallel_infllmv2_attn(q, k, v, **kw)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got, want)
 
 
 @gpu
