@@ -3,10 +3,10 @@
     python benchmarks/by_block_ab.py --out DIR [--rounds 2] [--variants union,by_block] [--lengths 65536] [--smoke]
 
 On the benchmark's random inputs (benchmarks/infllmv2.py: Hq = 32, d = 128, bf16, 96 blocks) with
-`block_indices` from one selection, so every variant walks the same lists, alternating round after
+the lists of one selection (parallel.attend_selected), so every variant walks the same lists, alternating round after
 round in one process: the union path alone (BY_BLOCK_MAX_GROUP = 0) and the forced/chosen split of
 parallel._inference_forward at every case (by_block.py's defaults, and other stages, rows per
-program, partial-output budgets, merge tiles). Records
+program, partial-output budgets, merge tiles, forced-block tiles). Records
 each output's largest difference from the union path's (relative to max |o|) and, for the
 defaults, the GPU time per kernel. Writes DIR/by_block_ab.json. --smoke: tiny shapes on the CPU
 under TRITON_INTERPRET=1, a check of the script (its times mean nothing).
@@ -35,6 +35,8 @@ VARIANTS = {  # name -> (parallel knobs, by_block knobs)
     "merge32_w2": (EVERYWHERE, {"MERGE_ROWS": 32, "MERGE_WARPS": 2}),
     "merge_stages1": (EVERYWHERE, {"MERGE_STAGES": 1}),
     "merge_stages4": (EVERYWHERE, {"MERGE_STAGES": 4}),
+    "forced128_w8": ({**EVERYWHERE, "FORCED_ROWS": 128, "FORCED_WARPS": 8}, {}),
+    "forced128_w4": ({**EVERYWHERE, "FORCED_ROWS": 128, "FORCED_WARPS": 4}, {}),
 }
 
 
