@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import infllmv2 as bench  # noqa: E402
 from salaconvert.kernels.infllmv2 import by_block, parallel  # noqa: E402
 
-CASES = [(32768, 2), (32768, 8), (65536, 2), (65536, 8), (131072, 2), (131072, 8), (262144, 8)]  # (T, Hkv)
+CASES = [(16384, 8), (32768, 2), (32768, 8), (65536, 2), (65536, 8), (131072, 2), (131072, 8), (262144, 8)]  # (T, Hkv)
 EVERYWHERE = {"BY_BLOCK_MAX_GROUP": 64, "BY_BLOCK_MIN_KEYS": 0}  # block-major at every case
 VARIANTS = {  # name -> (parallel knobs, by_block knobs)
     "union": ({"BY_BLOCK_MAX_GROUP": 0}, {}),

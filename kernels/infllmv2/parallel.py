@@ -413,9 +413,13 @@ def _inference_forward(q, k, v, idx, seqs, cfg, scale, selected):
     caller may leave forced blocks out: all of their entries go block-major."""
     if selected:
         o, lse = _forced_forward(q, k, v, seqs, cfg, scale)
+        # a row lists its blocks ascending: the init ones first, the local ones (up to its own) last,
+        # and the chosen ones, at most topk − init − local, between them (short rows: some forced there)
+        first = cfg["init_blocks"]
+        most = max(0, cfg["topk"] - first - cfg["local_blocks"])
+        idx = idx[:, :, first:first + most]
         forced = by_block.forced_entries(idx, seqs, cfg["block_size"], cfg["init_blocks"], cfg["local_blocks"])
         idx = torch.where(forced, -1, idx)
-        most = max(0, cfg["topk"] - cfg["init_blocks"] - cfg["local_blocks"])  # a row's chosen blocks, at most
     else:
         o = torch.zeros_like(q)
         lse = torch.full(q.shape[:2], float("-inf"), device=q.device)
