@@ -275,10 +275,12 @@ DKV_SEG = 256  # query tokens per dk/dv program at most: a block's tokens beyond
 # BY_BLOCK_MIN_KEYS keys long, takes each row's chosen (not forced) blocks block-major
 # (by_block.py) at groups up to BY_BLOCK_MAX_GROUP. H100 runs 34-37, stage 2 alone on random lists,
 # union -> split: group 4 at 32K 27 -> 38 ms, 64K 83 -> 76, 128K 255 -> 138, 256K 685 -> 279;
-# group 16 at 32K 17 -> 24, 128K 92 -> 94.
+# group 16 at 32K 17 -> 24, 128K 92 -> 94. Run 43 (forced blocks from positions, no host waits):
+# group 4 at 16K 8.8 -> 12.0 ms, 32K 27.0 -> 25.5, 128K 253 -> 123; group 16 at 32K 17.4 -> 25.6.
 BY_BLOCK_MAX_GROUP = 8
-BY_BLOCK_MIN_KEYS = 65536
-# The forced blocks of that forward (_forced_forward): rows per tile, and warps
+BY_BLOCK_MIN_KEYS = 32768
+# The forced blocks of that forward (_forced_forward): rows per tile, and warps. Run 42, group 4:
+# 128 rows on 8 warps as fast (32K 28.3 vs 28.1 ms, 128K 123.2 vs 123.1), on 4 warps slower (33.3, 142.0)
 FORCED_ROWS, FORCED_WARPS = 64, 4
 
 
