@@ -8,8 +8,8 @@ the query rows that picked it (layout.chosen_segments: a CSR like the dk/dv kern
 row is wasted and each block is read once per segment: the price is a partial result per
 (row, selected block) — the block's normalised output, in q's dtype, and its log-sum-exp — which a
 second kernel merges per row in list order, into the result of the row's forced blocks (init and
-local, shared by neighbouring tokens), which parallel._inference_forward computes over union tiles
-first. Query rows are processed in chunks whose partials fit in PARTIAL_BYTES; every size comes from
+local, shared by neighbouring tokens), which parallel._forced_forward computes first by walking them
+from positions (for lists from a caller there is none: every entry comes here). Query rows are processed in chunks whose partials fit in PARTIAL_BYTES; every size comes from
 the shapes and an upper bound on the entries per row, so the host queues all of it without waiting
 for the device. Partial outputs rounded to bf16 add at most one bf16 rounding of max |v| to the
 result (the union path rounds only the final output).
