@@ -54,7 +54,7 @@ def segment(i_s, seg_h, seg_n, seg_b, seg_lo, seg_hi, q_start, k_start, seq_Tq, 
     Tk = tl.load(seq_Tk + n)
     o_k = blk * BS + tl.arange(0, BS)
     o_kd = (ks + o_k).to(tl.int64)[:, None] * stride_kt + i_h * D + tl.arange(0, D)[None, :]
-    m_k = (o_k < Tk) & (lo < hi)
+    m_k = o_k < tl.where(lo < hi, Tk, 0)  # an empty segment loads nothing
     b_k = tl.load(k + o_kd, mask=m_k[:, None], other=0.)
     b_v = tl.load(v + o_kd, mask=m_k[:, None], other=0.)
     return i_h, lo, hi, qs, Tq, Tk, o_k, o_kd, m_k, b_k, b_v
