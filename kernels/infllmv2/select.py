@@ -203,51 +203,38 @@ def _radix_topk_kernel(scores, out, n_rows, NB, stride_s, stride_o, K,
     """Exact top-K of R rows of fp32 block scores, ranked (score desc, block id asc), written as
     ascending block ids (−inf entries never written; the caller pre-fills −1).
 
-    Scores map to int32 keys in the same order; a search over the key range finds a threshold thr
-    with at least K keys at or above it and at most K above it, in counting passes over the row,
-    held in registers. Every block with a key above thr is taken, then the lowest-id blocks equal
-    to thr until K are taken; a running count of taken blocks gives each one its output slot, so
-    the ids come out ascending.
+    Scores map to int32 keys in the same order; a binary search over the key range finds a threshold
+    thr with at least K keys at or above it and at most K above it, in counting passes over the row,
+    held in registers: at most 32, fewer where a pass counts exactly K keys (thr is then that pass's
+    midpoint). Every block with a key above thr is taken, then the lowest-id blocks equal to thr
+    until K are taken; a running count of taken blocks gives each one its output slot, so the ids
+    come out ascending.
     """
     rows = tl.program_id(0) * R + tl.arange(0, R)
     o_b = tl.arange(0, BLOCK)
     m = (rows < n_rows)[:, None] & (o_b[None, :] < NB)
     s = tl.load(scores + rows.to(tl.int64)[:, None] * stride_s + o_b[None, :], mask=m, other=float("-inf"))
     key = orderable_int32(s)
-    # invariant: n_lo = count(key >= lo) >= K and n_hi = count(key > hi) <= K, so once hi <= lo,
-    # thr = lo splits the row: every key above it is in the top K, and K − (their count) of the
-    # keys equal to it. A pass that counts exactly K keys from mid up ends the row's search
-    # (lo = mid, hi = mid − 1).
+    # invariant: count(key >= lo) >= K and count(key > hi) <= K, so once hi <= lo, thr = lo splits
+    # the row: every key above it is in the top K, and K − (their count) of the keys equal to it.
+    # A pass that counts exactly K keys from mid up ends the row's search (lo = mid, hi = mid − 1).
     # The search starts inside the scores that can decide it: above the −1s (no visible window) and
     # −infs (masked) when K scores ≥ 0 exist, below the +infs (forced) when they are at most K.
     # Their keys are ~2^31 apart while the visible scores' span ~2^24: about 7 passes fewer.
     big = 2147483647
-    n_vis = rsum((s >= 0.).to(tl.int32), 1)
-    n_fin = rsum((s > float("-inf")).to(tl.int32), 1)
-    lo = tl.where(n_vis >= K, rmin(tl.where(s >= 0., key, big), 1),
-                  tl.where(n_fin >= K, rmin(tl.where(s > float("-inf"), key, big), 1), rmin(key, 1))).to(tl.int64)
-    n_lo = tl.where(n_vis >= K, n_vis, tl.where(n_fin >= K, n_fin, BLOCK))
+    vis = s >= 0.
+    fin = s > float("-inf")
+    lo = tl.where(rsum(vis.to(tl.int32), 1) >= K, rmin(tl.where(vis, key, big), 1),
+                  tl.where(rsum(fin.to(tl.int32), 1) >= K, rmin(tl.where(fin, key, big), 1), rmin(key, 1)))
     forced = s == float("inf")
-    n_inf = rsum(forced.to(tl.int32), 1)
-    hi = tl.where(n_inf <= K, rmax(tl.where(forced, -big - 1, key), 1), rmax(key, 1)).to(tl.int64)
-    n_hi = tl.where(n_inf <= K, n_inf, 0)
-    # Passes alternate an interpolated midpoint (where the counts say the K-th key sits, were the
-    # keys between lo and hi evenly spread) with a halving one, which bounds the passes at twice
-    # the halving's (≤ 64) whatever the spread.
-    halve = 0
+    hi = tl.where(rsum(forced.to(tl.int32), 1) <= K, rmax(tl.where(forced, -big - 1, key), 1), rmax(key, 1))
+    lo = lo.to(tl.int64)
+    hi = hi.to(tl.int64)
     while tl.max(hi - lo, 0) > 0:
-        live = hi > lo
-        frac = (n_lo - K).to(tl.float32) / tl.maximum(n_lo - n_hi, 1).to(tl.float32)
-        guess = lo + 1 + ((hi - lo - 1).to(tl.float32) * frac).to(tl.int64)
-        mid = tl.where(halve == 1, (lo + hi + 1) >> 1, tl.minimum(tl.maximum(guess, lo + 1), hi))
+        mid = (lo + hi + 1) >> 1
         n = rsum((key >= mid.to(tl.int32)[:, None]).to(tl.int32), 1)
-        up = live & (n >= K)
-        down = live & (n <= K)
-        lo = tl.where(up, mid, lo)
-        n_lo = tl.where(up, n, n_lo)
-        hi = tl.where(down, mid - 1, hi)
-        n_hi = tl.where(down, n, n_hi)
-        halve = 1 - halve
+        lo = tl.where(n >= K, mid, lo)
+        hi = tl.where(n > K, hi, mid - 1)
     thr = lo.to(tl.int32)[:, None]
     above = key > thr
     tied = key == thr
