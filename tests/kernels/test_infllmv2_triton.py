@@ -186,8 +186,8 @@ def test_fix_ties_reranks_ambiguous_rows():
 @pytest.mark.parametrize("NB,K", [(1, 1), (7, 3), (50, 8), (300, 96), (1000, 96)])
 def test_radix_topk_equals_ranked_reference(NB, K):
     # rows full of exact ties, −inf (not causal), +inf (forced), −1 (no visible window), fewer
-    # selectable blocks than K, more forced ones than K, fewer visible ones than K; rows per
-    # program > 1 with a partial last program (N = 37)
+    # selectable blocks than K, more forced ones than K, fewer visible ones than K, scores spread
+    # over many orders of magnitude; rows per program > 1 with a partial last program (N = 37)
     g = torch.Generator().manual_seed(NB)
     N = 37
     scores = torch.randint(-2, 5, (N, NB), generator=g).float() / 2
@@ -197,6 +197,7 @@ def test_radix_topk_equals_ranked_reference(NB, K):
     scores[0], scores[1], scores[2, 1:] = float("-inf"), 0., float("-inf")
     scores[3], scores[4, ::2] = float("inf"), float("inf")  # more forced blocks than K
     scores[5], scores[5, :K // 2] = -1., 0.5  # fewer visible scores than K
+    scores[6] = torch.exp(torch.randn(NB, generator=g) * 20)  # spread over ~2^60
     want = _ranked_topk(scores, K)
     got = torch.full((N, K + 2), -1, dtype=torch.int32)
     select_mod.radix_topk(scores, got, K)
