@@ -495,14 +495,15 @@ def parallel_infllmv2_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 
 
 def attend_selected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor, *,
-                    scale: float | None = None, cu_seqlens: torch.Tensor | None = None, **kw) -> torch.Tensor:
-    """Stage 2 alone over lists that parallel_infllmv2_select made with the same keywords (block_size,
-    topk, init_blocks, local_blocks, kernel_size, stride, dense_len, coarse_norm): exactly what
-    parallel_infllmv2_attn does after its own selection. Lists from elsewhere (its block_indices=)
-    may leave a row's forced blocks out, so that call cannot walk them from positions; the
-    benchmarks time stage 2 with this one."""
-    defaults = dict(block_size=64, topk=96, init_blocks=1, local_blocks=32, kernel_size=32, stride=16, dense_len=8192)
-    return _attn(q, k, v, _cfg(**{**defaults, **kw}), scale, cu_seqlens, block_indices, selected=True)
+                    block_size: int = 64, topk: int = 96, init_blocks: int = 1, local_blocks: int = 32,
+                    kernel_size: int = 32, stride: int = 16, dense_len: int = 8192, scale: float | None = None,
+                    cu_seqlens: torch.Tensor | None = None, coarse_norm: bool = False) -> torch.Tensor:
+    """Stage 2 alone over lists that parallel_infllmv2_select made with the same keywords: exactly
+    what parallel_infllmv2_attn does after its own selection. Lists from elsewhere (its
+    block_indices=) may leave a row's forced blocks out, so that call cannot walk them from
+    positions; the benchmarks time stage 2 with this one."""
+    cfg = _cfg(block_size, topk, init_blocks, local_blocks, kernel_size, stride, dense_len, coarse_norm)
+    return _attn(q, k, v, cfg, scale, cu_seqlens, block_indices, selected=True)
 
 
 def _attn(q, k, v, cfg, scale, cu_seqlens, block_indices, selected=False):
