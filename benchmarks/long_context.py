@@ -48,13 +48,14 @@ SMOKE = dict(LLAMA3_8B, hidden_size=256, intermediate_size=512, num_hidden_layer
 ONE_PASS_TEACHER_MAX = 262144  # beyond this the teacher's one-pass activations + K/V cannot fit in 80 GB
 
 
-def build_models(shape: dict, device: str):
+def build_models(shape: dict, device: str, lightning: dict | None = None, sparse: dict | None = None):
     config = LlamaConfig(**shape)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device(device):
         teacher = LlamaForCausalLM(config).to(torch.bfloat16 if device == "cuda" else torch.float32).eval()
-    hybrid = convert(teacher, LayerPlan(uniform_layer_types(shape["num_hidden_layers"], "1:3")))
+    hybrid = convert(teacher, LayerPlan(uniform_layer_types(shape["num_hidden_layers"], "1:3")), lightning=lightning,
+                     sparse=sparse)
     return teacher, hybrid
 
 
@@ -184,6 +185,10 @@ def main():
                     help="both models' norms, RoPE, gates and MLP products on the PyTorch path (what salaconvert.kernels.norm replaced)")
     ap.add_argument("--kv-cache", choices=tuple(KV_DTYPES), default="auto",
                     help="the hybrid's sparse K/V storage (fp8: half the bytes; results get a -kvfp8 suffix)")
+    ap.add_argument("--lightning-gqa", action="store_true",
+                    help="the Lightning layers keep the teacher's 8 K/V heads (lightning.gqa; results get a -gqa suffix)")
+    ap.add_argument("--coarse-norm", action="store_true",
+                    help="the sparse selection's normaliser from the coarse pool (sparse.coarse_norm; a -coarse suffix)")
     ap.add_argument("--smoke", action="store_true", help="a small model on the CPU at the given (short) lengths")
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",") if x]
@@ -191,7 +196,8 @@ def main():
         import salaconvert.layers.common as common
         common.fuse_glue = lambda *a: False
     device = "cpu" if args.smoke else "cuda"
-    teacher, hybrid = build_models(SMOKE if args.smoke else LLAMA3_8B, device)
+    teacher, hybrid = build_models(SMOKE if args.smoke else LLAMA3_8B, device, {"gqa": args.lightning_gqa},
+                                   {"coarse_norm": args.coarse_norm})
     warm = min([4096, *lengths])
     run(teacher, warm, warm, 4)  # warm-up: kernels compiled, allocator primed
     run(hybrid, warm, warm, 4, args.kv_cache)
@@ -221,13 +227,15 @@ def main():
         kernels = kernel_profile(hybrid, args.kernel_profile, args.chunk, args.kv_cache)
         print(json.dumps(kernels), flush=True)
     card_name = "cpu-smoke" if args.smoke else torch.cuda.get_device_name()
-    card = card_name.replace(" ", "-") + ("-kvfp8" if args.kv_cache == "fp8" else "")
+    card = (card_name.replace(" ", "-") + ("-kvfp8" if args.kv_cache == "fp8" else "")
+            + ("-gqa" if args.lightning_gqa else "") + ("-coarse" if args.coarse_norm else ""))
     report = {
         "what": "Llama-3-8B-shaped teacher (random weights, bf16, SDPA) vs its 1:3 salaconvert hybrid",
         "card": card_name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
-        "layer_types": hybrid.config.layer_types, "decode_tokens": args.decode, "kv_cache": args.kv_cache,
+        "layer_types": hybrid.config.layer_types, "lightning": hybrid.config.lightning, "sparse": hybrid.config.sparse,
+        "decode_tokens": args.decode, "kv_cache": args.kv_cache,
         "fused_glue": not args.unfused_glue,
         "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "cache_bytes_per_token": hybrid.config.cache_bytes_per_token(2), "rows": rows, "profile": profile,

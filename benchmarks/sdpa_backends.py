@@ -21,7 +21,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
-from salaconvert.layers.common import causal_attention
+from salaconvert.layers.common import _prefix_plus_chunk, causal_attention
 
 sdpa = torch.nn.functional.scaled_dot_product_attention
 BACKENDS = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -78,6 +78,23 @@ def cases():
     yield "chunk_16K_x_240K_prefix_nomask", (lambda: sdpa(qc, kc[:, :, :S - T], vc[:, :, :S - T])), 3
     k8, v8 = kc[:, ::4].contiguous(), vc[:, ::4].contiguous()
     yield "chunk_16K_of_256K_gqa8_salaconvert", (lambda: causal_attention(qc, k8, v8)), 3
+    # cuDNN's own GQA: the same two calls on the 8 K/V heads, no repeat (max |diff| in `gqa_check`)
+    yield "chunk_16K_of_256K_gqa8_cudnn_unrepeated", (lambda: _prefix_plus_chunk(qc, k8, v8, None)), 3
+
+
+def gqa_check() -> dict:
+    """Whether cuDNN's attention takes 8 K/V heads for 32 query heads, and agrees with the repeat."""
+    dev, dt = "cuda", torch.bfloat16
+    q = torch.randn(1, 32, 1024, 128, device=dev, dtype=dt)
+    k, v = (torch.randn(1, 8, 4096, 128, device=dev, dtype=dt) for _ in range(2))
+    params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False, True)
+    out = dict(can_use_cudnn_gqa=torch.backends.cuda.can_use_cudnn_attention(params))
+    try:
+        got = _prefix_plus_chunk(q, k, v, None)
+    except RuntimeError as e:
+        return dict(out, error=str(e).splitlines()[0][:200])
+    want = _prefix_plus_chunk(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), None)
+    return dict(out, max_abs_diff=(got.float() - want.float()).abs().max().item())
 
 
 def main():
@@ -94,7 +111,9 @@ def main():
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from infllmv2 import sdpa_choice  # the same shape, dtype and call
 
-    meta = dict(torch=torch.__version__, card=torch.cuda.get_device_name(), default_choice=sdpa_choice())
+    meta = dict(torch=torch.__version__, card=torch.cuda.get_device_name(), default_choice=sdpa_choice(),
+                gqa_check=gqa_check())
+    print(json.dumps(meta), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"sdpa_backends-{card}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
 

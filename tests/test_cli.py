@@ -35,6 +35,19 @@ def test_convert_writes_a_checkpoint_and_report(teacher_dir, tmp_path):
         assert no_gpu.exit_code == 2 and "CUDA is not available" in no_gpu.output
 
 
+def test_convert_lightning_gqa_keeps_the_teachers_kv_heads(teacher_dir, tmp_path):
+    reports = {}
+    for flag in ("--no-lightning-gqa", "--lightning-gqa"):
+        out = tmp_path / flag
+        result = run_cli("convert", teacher_dir, "--out", out, "--ratio", "1:3", flag)
+        assert result.exit_code == 0, result.output
+        reports[flag] = json.loads((out / "conversion_report.json").read_text())
+    assert json.loads((tmp_path / "--lightning-gqa" / "config.json").read_text())["lightning"]["gqa"] is True
+    assert reports["--lightning-gqa"]["params"]["hybrid"] < reports["--no-lightning-gqa"]["params"]["hybrid"]
+    gen = run_cli("generate", tmp_path / "--lightning-gqa", "hello", "--max-new-tokens", "4")
+    assert gen.exit_code == 0 and "4 tokens" in gen.output, gen.output
+
+
 @pytest.mark.parametrize("field,value,says", [("sparse", {"kernel_size": 40}, "kernel_size 40"),
                                                ("layer_types", ["sparse_attention", "bogus", "linear_attention",
                                                                 "linear_attention"], "unknown type")])

@@ -53,10 +53,11 @@ HYBRIDS = {"sparse+lightning": ["sparse_attention", "linear_attention", "linear_
            "with a full-attention layer": ["sparse_attention", "linear_attention", "full_attention", "sparse_attention"]}
 
 
-@pytest.mark.parametrize("plan,kernels", [(plan, "torch") for plan in HYBRIDS] + [("sparse+lightning", "triton")])
-def test_hybrid_captured_step_follows_eager_decode_across_dense_len(plan, kernels, monkeypatch):
+@pytest.mark.parametrize("plan,kernels,gqa", [(plan, "torch", False) for plan in HYBRIDS]
+                         + [("sparse+lightning", "triton", False), ("sparse+lightning", "triton", True)])
+def test_hybrid_captured_step_follows_eager_decode_across_dense_len(plan, kernels, gqa, monkeypatch):
     monkeypatch.setenv("SALACONVERT_KERNELS", kernels)  # triton: the decode kernels through the interpreter
-    hybrid = tiny_hybrid(HYBRIDS[plan])
+    hybrid = tiny_hybrid(HYBRIDS[plan], lightning={"gqa": gqa})
     prompt, steps = SHORT if kernels == "triton" else (PROMPT, STEPS)
     ids = torch.randint(0, 128, (prompt + steps,), generator=torch.Generator().manual_seed(1))
     expected = _reference(hybrid, ids, make_hybrid_cache(hybrid.config), prompt)

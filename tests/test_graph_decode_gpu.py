@@ -28,7 +28,9 @@ def _cuda():
 
 
 def _model(which: str, dtype):
-    model = tiny_teacher("qwen3") if which == "teacher" else tiny_hybrid(PLANS[which], sparse=GPU_SPARSE)
+    plan, _, gqa = which.partition(", lightning ")
+    model = tiny_teacher("qwen3") if which == "teacher" else tiny_hybrid(PLANS[plan], sparse=GPU_SPARSE,
+                                                                          lightning={"gqa": gqa == "gqa"})
     return model.to("cuda", dtype).eval()
 
 
@@ -55,7 +57,7 @@ def _greedy(model, prompt, graph: bool):
     return tokens, all_logits
 
 
-@pytest.mark.parametrize("which", ["hybrid", "hybrid with full attention", "teacher"])
+@pytest.mark.parametrize("which", ["hybrid", "hybrid, lightning gqa", "hybrid with full attention", "teacher"])
 def test_graph_replay_decodes_the_eager_greedy_tokens_and_logits(which):
     model = _model(which, torch.float32)
     prompt = torch.randint(0, 128, (PROMPT,), generator=torch.Generator().manual_seed(0))

@@ -36,7 +36,7 @@ SMALL_SPARSE = {"dense_len": 24, "block_size": 8, "kernel_size": 8, "stride": 4,
 GPU_SPARSE = dict(SMALL_SPARSE, dense_len=48, block_size=16, kernel_size=16, stride=8)
 
 
-def tiny_hybrid(layer_types, arch: str = "llama", sparse=SMALL_SPARSE, attn: str = "sdpa"):
+def tiny_hybrid(layer_types, arch: str = "llama", sparse=SMALL_SPARSE, attn: str = "sdpa", lightning=None):
     """A tiny teacher converted under `layer_types`, with trained-looking gates and norms: a fresh
     hybrid's zero gates hide a wrong path in the attention, these let it show in the logits."""
     from salaconvert.layer_selection import LayerPlan
@@ -44,7 +44,7 @@ def tiny_hybrid(layer_types, arch: str = "llama", sparse=SMALL_SPARSE, attn: str
 
     teacher = tiny_teacher(arch)
     teacher.config._attn_implementation = attn
-    hybrid = convert(teacher, LayerPlan(layer_types), sparse=sparse)
+    hybrid = convert(teacher, LayerPlan(layer_types), sparse=sparse, lightning=lightning)
     with torch.no_grad():
         for name, p in hybrid.named_parameters():
             if any(k in name for k in ("z_proj", "og_proj", "o_norm")):

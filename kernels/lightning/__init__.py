@@ -16,7 +16,8 @@ __all__ = ["lightning_attn", "lightning_attn_step", "naive_lightning_attn", "nai
 def lightning_attn(q, k, v, decay, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
     """Lightning attention over a whole sequence (prefill / training), differentiable.
 
-    q, k: [B, T, H, K]; v: [B, T, H, V]; decay: [H] fp32 log-decay (negative, γ = exp(decay));
+    q: [B, T, H, K]; k: [B, T, Hkv, K]; v: [B, T, Hkv, V], Hkv dividing H (GQA: query head h reads
+    key/value head h // (H/Hkv), each query head keeps its own state); decay: [H] fp32 log-decay (negative, γ = exp(decay));
     scale: defaults to K**-0.5; initial_state: [N, H, K, V] fp32 or None; cu_seqlens: [N+1] int
     offsets of N sequences packed along T (then B == 1), else N = B.
     Returns (o [B, T, H, V] in q's dtype, final_state [N, H, K, V] fp32 or None).
@@ -29,7 +30,7 @@ def lightning_attn(q, k, v, decay, scale=None, initial_state=None, output_final_
 
 
 def lightning_attn_step(q, k, v, decay, state, scale=None):
-    """One decode step. q, k: [B, 1, H, K]; v: [B, 1, H, V]; state: [B, H, K, V] fp32, updated in place.
+    """One decode step. q: [B, 1, H, K]; k, v: [B, 1, Hkv, *]; state: [B, H, K, V] fp32, updated in place.
 
     Returns o [B, 1, H, V] in q's dtype. The Triton step needs a contiguous state (it writes it
     in place) and does no host sync, so it can be captured in a CUDA graph.

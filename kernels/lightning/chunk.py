@@ -39,14 +39,17 @@ TUNE: dict = {}
 @triton.jit(do_not_specialize=["T", "NSEG", "CPS", "scale"])
 def lightning_chunk_kernel(
     q, k, v, o, h0, ht, decay, cu_seqlens, scale, T, NSEG, CPS,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GQ: tl.constexpr, GK: tl.constexpr, GV: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     REVERSE: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STATE_ONLY: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """o_t = scale · q_t S_t with S_t = γ S_{t-1} + k_tᵀ v_t, taken in time order, or against it if REVERSE.
 
-    q, k: [*, H, K] rows; v, o: [*, H, V] rows; decay: [H] log γ. Program (i_v, (n, s, h)) walks
+    q, k: [*, H/GQ, K] and [*, H/GK, K] rows; v: [*, H/GV, V] rows; o: [*, H, V] rows; decay: [H]
+    log γ. Head h reads head h // GX of an input with H/GX heads: GQA keys and values (GK = GV =
+    the group) are shared by the query heads of a group, each of which keeps its own state and
+    decay. Program (i_v, (n, s, h)) walks
     the CPS chunks of segment s of sequence n (NSEG segments; NSEG = 1 and CPS = the longest
     sequence's chunk count when the sequence is not split). h0, ht: [N, NSEG, H, K, V] fp32, the
     state entering / leaving each segment. STATE_ONLY: skip q and o, only accumulate the state
@@ -99,9 +102,9 @@ def lightning_chunk_kernel(
             i_t = c
         L = tl.where(c < NT, tl.minimum(BT, seq_len - i_t * BT), 0)    # real length of this chunk
         m_t = o_i < L
-        o_row = (bos + i_t * BT) * H + i_h                       # int64 row index of the chunk's first token
-        p_k = k + o_row * K + o_i[:, None] * (H * K) + o_k[None, :]
-        p_v = v + o_row * V + o_i[:, None] * (H * V) + o_v[None, :]
+        o_tok = bos + i_t * BT                                   # int64 index of the chunk's first token
+        p_k = k + (o_tok * (H // GK) + i_h // GK) * K + o_i[:, None] * (H // GK * K) + o_k[None, :]
+        p_v = v + (o_tok * (H // GV) + i_h // GV) * V + o_i[:, None] * (H // GV * V) + o_v[None, :]
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
         b_k = tl.load(p_k, mask=m_tk, other=0.0)
@@ -127,14 +130,14 @@ def lightning_chunk_kernel(
         b_dk = tl.exp(b_g * tl.maximum((L - 1).to(tl.float32) - pf, 0.0))    # row → end of chunk: γ^(L-1-p)
 
         if not STATE_ONLY:
-            p_q = q + o_row * K + o_i[:, None] * (H * K) + o_k[None, :]
+            p_q = q + (o_tok * (H // GQ) + i_h // GQ) * K + o_i[:, None] * (H // GQ * K) + o_k[None, :]
             b_q = tl.load(p_q, mask=m_tk, other=0.0)
             if UPCAST:
                 b_q = b_q.to(tl.float32)
             b_A = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * b_D
             b_o = tl.dot(b_A.to(b_v.dtype), b_v, input_precision=DOT_PREC)
             b_o += tl.dot((b_q * b_dq[:, None]).to(b_q.dtype), b_h.to(b_q.dtype), input_precision=DOT_PREC)
-            p_o = o + o_row * V + o_i[:, None] * (H * V) + o_v[None, :]
+            p_o = o + (o_tok * H + i_h) * V + o_i[:, None] * (H * V) + o_v[None, :]
             tl.store(p_o, (b_o * scale).to(p_o.dtype.element_ty), mask=m_tv)
 
         b_h = b_h * b_dc + tl.dot(tl.trans((b_k * b_dk[:, None]).to(b_k.dtype)), b_v, input_precision=DOT_PREC)
@@ -219,19 +222,22 @@ def _chunks_per_segment(N: int, H: int, NT: int, device: torch.device) -> int:
 
 
 def lightning_chunk_launch(q, k, v, decay, scale, h0, cu_seqlens, *, reverse=False, store_ht=False, out=None):
-    """Launch the chunk kernel(s). q, k: [B, T, H, K]; v: [B, T, H, V]; h0: [N, H, K, V] fp32 or None.
+    """Launch the chunk kernel(s). q, k: [B, T, Hq, K], [B, T, Hk, K]; v: [B, T, Hv, V], each head
+    count dividing H, the largest; h0: [N, H, K, V] fp32 or None.
 
     Returns (o [B, T, H, V] in v's dtype unless `out` is given, ht [N, H, K, V] fp32 or None).
     """
-    B, T, H, K = q.shape
+    B, T, _, K = q.shape
     V = v.shape[-1]
+    H = max(x.shape[2] for x in (q, k, v))
     N = B if cu_seqlens is None else len(cu_seqlens) - 1
     o = _empty(B, T, H, V, dtype=v.dtype, device=v.device) if out is None else out
     ht = _empty(N, H, K, V, dtype=torch.float32, device=q.device) if store_ht else None
     BT = TUNE.get("BT", BT_DEFAULT)
     BK = max(16, triton.next_power_of_2(K))
     common = dict(
-        H=H, K=K, V=V, BT=BT, BK=BK, REVERSE=reverse, IS_VARLEN=cu_seqlens is not None,
+        H=H, K=K, V=V, GQ=H // q.shape[2], GK=H // k.shape[2], GV=H // v.shape[2],
+        BT=BT, BK=BK, REVERSE=reverse, IS_VARLEN=cu_seqlens is not None,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16,
     )
@@ -299,28 +305,46 @@ class LightningAttnFunction(torch.autograd.Function):
         # scales its whole output, so the final-state gradient goes in divided by scale.
         g0 = None if dht is None else (dht.float() / scale)
         g0_t = None if g0 is None else g0.transpose(-1, -2).contiguous()
-        dk, _ = lightning_chunk_launch(v, do, q, decay, scale, g0_t, cu_seqlens, reverse=True, out=_empty(*k.shape, dtype=k.dtype, device=k.device))
+        dk, _ = lightning_chunk_launch(v, do, q, decay, scale, g0_t, cu_seqlens, reverse=True, out=_grad_out(q, k))
         need_dh0 = ctx.needs_input_grad[5]
         dv, dh0 = lightning_chunk_launch(
             k, q, do, decay, scale, None if g0 is None else g0.contiguous(), cu_seqlens,
-            reverse=True, store_ht=need_dh0, out=_empty(*v.shape, dtype=v.dtype, device=v.device),
+            reverse=True, store_ht=need_dh0, out=_grad_out(q, v),
         )
         if dh0 is not None and ctx.initial_state_dtype is not None:
             dh0 = dh0.to(ctx.initial_state_dtype)
-        return dq, dk, dv, None, None, dh0, None, None
+        return dq, _group_sum(dk, k), _group_sum(dv, v), None, None, dh0, None, None
+
+
+def _grad_out(q, x):
+    """The buffer for x's gradient: x's own shape, or one row per query head in fp32 when x has
+    fewer heads (GQA), summed over each group by `_group_sum`."""
+    if x.shape[2] == q.shape[2]:
+        return _empty(*x.shape, dtype=x.dtype, device=x.device)
+    return _empty(*q.shape[:3], x.shape[3], dtype=torch.float32, device=x.device)
+
+
+def _group_sum(dx, x):
+    if dx.shape == x.shape:
+        return dx
+    B, T, Hx, d = x.shape
+    return dx.view(B, T, Hx, -1, d).sum(3).to(x.dtype)
 
 
 def chunk_lightning_attn(q, k, v, decay, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
     """Lightning attention through the fused Triton kernels, differentiable in q, k, v and initial_state.
 
-    q, k: [B, T, H, K]; v: [B, T, H, V]; bf16, fp16 or fp32 (k and v are cast to q's dtype; the
-    dots accumulate in fp32, the state is fp32).
+    q: [B, T, H, K]; k: [B, T, Hkv, K]; v: [B, T, Hkv, V] with Hkv dividing H (GQA: query head h
+    reads key/value head h // (H/Hkv) and keeps its own state); bf16, fp16 or fp32 (k and v are
+    cast to q's dtype; the dots accumulate in fp32, the state is fp32).
     decay: [H] log-decay (negative, γ = exp(decay)); scale defaults to K**-0.5.
     initial_state: [N, H, K, V] fp32 or None; cu_seqlens: [N+1] int offsets of N sequences packed
     along T (then B == 1), else N = B.
     Returns (o [B, T, H, V] in q's dtype, final_state [N, H, K, V] fp32 or None).
     """
     B, T, H, K = q.shape
+    if k.shape[:3] != v.shape[:3] or k.shape[:2] != (B, T) or H % k.shape[2]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected [B,T,H,K], [B,T,Hkv,K], [B,T,Hkv,V] with Hkv dividing H")
     # Mixed dtypes (say fp32 q, k after a norm and RoPE, bf16 v) run in q's dtype, o's dtype.
     k, v = k.to(q.dtype), v.to(q.dtype)
     if cu_seqlens is not None:

@@ -16,9 +16,9 @@ __all__ = ["naive_lightning_attn", "chunk_lightning_attn_torch", "naive_lightnin
 
 def _check(q, k, v, decay, initial_state, cu_seqlens):
     B, T, H, K = q.shape
-    V = v.shape[-1]
-    if k.shape != (B, T, H, K) or v.shape[:3] != (B, T, H):
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected [B,T,H,K], [B,T,H,K], [B,T,H,V]")
+    Hkv, V = v.shape[2], v.shape[-1]
+    if k.shape != (B, T, Hkv, K) or v.shape[:2] != (B, T) or H % Hkv:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected [B,T,H,K], [B,T,Hkv,K], [B,T,Hkv,V] with Hkv dividing H")
     if decay.shape != (H,):
         raise ValueError(f"decay {tuple(decay.shape)}: expected [H]={H}")
     if cu_seqlens is not None:
@@ -32,6 +32,12 @@ def _check(q, k, v, decay, initial_state, cu_seqlens):
     return N
 
 
+def _per_query_head(q, *kv):
+    """GQA: each key/value head repeated for the query heads of its group (every head keeps its own state)."""
+    group = q.shape[2] // kv[0].shape[2]
+    return tuple(x.repeat_interleave(group, dim=2) for x in kv) if group > 1 else kv
+
+
 def _segments(T: int, cu_seqlens) -> list[tuple[int, int]]:
     if cu_seqlens is None:
         return [(0, T)]
@@ -42,11 +48,13 @@ def _segments(T: int, cu_seqlens) -> list[tuple[int, int]]:
 def naive_lightning_attn(q, k, v, decay, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
     """Exact token-by-token recurrence in fp32 (slow; the reference every other path is tested against).
 
-    q, k: [B, T, H, K]; v: [B, T, H, V]; decay: [H] log-decay (negative); initial_state: [N, H, K, V] fp32.
+    q: [B, T, H, K]; k: [B, T, Hkv, K]; v: [B, T, Hkv, V], Hkv dividing H (query head h reads
+    key/value head h // (H/Hkv)); decay: [H] log-decay (negative); initial_state: [N, H, K, V] fp32.
     Returns o [B, T, H, V] in q's dtype and final_state [N, H, K, V] fp32 (None unless output_final_state).
     With cu_seqlens ([N+1] int, B == 1) the N sequences are packed along T and each starts from its own state.
     """
     _check(q, k, v, decay, initial_state, cu_seqlens)
+    k, v = _per_query_head(q, k, v)
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else scale
@@ -120,6 +128,7 @@ def chunk_lightning_attn_torch(q, k, v, decay, scale=None, initial_state=None, o
     prefill and training.
     """
     _check(q, k, v, decay, initial_state, cu_seqlens)
+    k, v = _per_query_head(q, k, v)
     B, T, H, K = q.shape
     scale = K ** -0.5 if scale is None else scale
     qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))          # [B, H, T, *]
@@ -143,10 +152,12 @@ def chunk_lightning_attn_torch(q, k, v, decay, scale=None, initial_state=None, o
 
 
 def naive_lightning_attn_step(q, k, v, decay, state, scale=None):
-    """One decode step. q, k: [B, 1, H, K]; v: [B, 1, H, V]; state: [B, H, K, V] fp32, updated in place.
+    """One decode step. q: [B, 1, H, K]; k: [B, 1, Hkv, K]; v: [B, 1, Hkv, V]; state: [B, H, K, V]
+    fp32, updated in place.
 
     Returns o [B, 1, H, V] in q's dtype.
     """
+    k, v = _per_query_head(q, k, v)
     K = q.shape[-1]
     scale = K ** -0.5 if scale is None else scale
     gamma = decay.float().exp()[None, :, None, None]

@@ -32,10 +32,12 @@ def _add(a, b):
 @triton.jit(do_not_specialize=["scale"])
 def lightning_step_kernel(
     q, k, v, o, state, decay, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
+    """Head h reads key/value head h // G of k, v ([B, H/G, *]); q, o, state have H heads."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_h = i_bh % H
+    o_kv = (i_bh // H).to(tl.int64) * (H // G) + i_h // G
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k = o_k < K
@@ -43,8 +45,8 @@ def lightning_step_kernel(
     b_g = tl.load(decay + i_h).to(tl.float32)
     o_bh = i_bh.to(tl.int64)
     b_q = tl.load(q + o_bh * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-    b_k = tl.load(k + o_bh * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-    b_v = tl.load(v + o_bh * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+    b_k = tl.load(k + o_kv * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_v = tl.load(v + o_kv * V + o_v, mask=m_v, other=0.0).to(tl.float32)
     p_s = state + o_bh * K * V + o_k[:, None] * V + o_v[None, :]
     m_s = m_k[:, None] & m_v[None, :]
     b_s = tl.load(p_s, mask=m_s, other=0.0) * tl.exp(b_g) + b_k[:, None] * b_v[None, :]
@@ -56,13 +58,14 @@ def lightning_step_kernel(
 
 
 def lightning_step(q, k, v, decay, state, scale=None):
-    """One decode step. q, k: [B, 1, H, K]; v: [B, 1, H, V]; decay: [H] log-decay;
-    state: [B, H, K, V] fp32 contiguous, updated in place. Returns o [B, 1, H, V] in q's dtype.
+    """One decode step. q: [B, 1, H, K]; k: [B, 1, Hkv, K]; v: [B, 1, Hkv, V] (Hkv dividing H);
+    decay: [H] log-decay; state: [B, H, K, V] fp32 contiguous, updated in place.
+    Returns o [B, 1, H, V] in q's dtype.
     """
     B, one, H, K = q.shape
-    V = v.shape[-1]
-    if one != 1 or k.shape != (B, 1, H, K) or v.shape != (B, 1, H, V):
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected one token [B,1,H,*]")
+    Hkv, V = v.shape[2], v.shape[-1]
+    if one != 1 or k.shape != (B, 1, Hkv, K) or v.shape[:2] != (B, 1) or H % Hkv:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected one token [B,1,H,K], [B,1,Hkv,K], [B,1,Hkv,V]")
     if state.shape != (B, H, K, V) or state.dtype != torch.float32 or not state.is_contiguous():
         raise ValueError(f"state must be a contiguous fp32 [B,H,K,V]=({B},{H},{K},{V}) tensor, got {tuple(state.shape)} {state.dtype}")
     scale = K ** -0.5 if scale is None else float(scale)
@@ -72,6 +75,6 @@ def lightning_step(q, k, v, decay, state, scale=None):
     grid = (triton.cdiv(V, BV), B * H)
     lightning_step_kernel[grid](
         q.contiguous(), k.contiguous(), v.contiguous(), o, state, decay.to(device=q.device, dtype=torch.float32), scale,
-        H=H, K=K, V=V, BK=BK, BV=BV, num_warps=4,
+        H=H, G=H // Hkv, K=K, V=V, BK=BK, BV=BV, num_warps=4,
     )
     return o

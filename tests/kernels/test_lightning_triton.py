@@ -40,9 +40,10 @@ def poison(monkeypatch):
     monkeypatch.setattr(step_mod, "_empty", _nan_empty)
 
 
-def make(B, T, H, K, V, N=None, with_state=True, device="cpu", dtype=torch.float32, seed=0):
+def make(B, T, H, K, V, N=None, with_state=True, device="cpu", dtype=torch.float32, seed=0, Hkv=None):
     g = torch.Generator(device=device).manual_seed(seed)
-    q, k, v = (torch.randn(B, T, H, d, generator=g, device=device).to(dtype).requires_grad_() for d in (K, K, V))
+    q, k, v = (torch.randn(B, T, h, d, generator=g, device=device).to(dtype).requires_grad_()
+               for h, d in ((H, K), (Hkv or H, K), (Hkv or H, V)))
     S0 = torch.randn(N or B, H, K, V, generator=g, device=device).requires_grad_() if with_state else None
     return q, k, v, S0
 
@@ -83,6 +84,27 @@ def test_split_walk_matches_reference(T, cps, monkeypatch):
     monkeypatch.setitem(chunk_mod.TUNE, "CPS", cps)
     q, k, v, S0 = make(1, T, 3, 32, 32, seed=T + cps)
     compare(chunk_lightning_attn, naive_lightning_attn, q, k, v, sala_decay(3), S0)
+
+
+@pytest.mark.parametrize("T,H,Hkv,cps", [(100, 6, 2, 0), (65, 3, 1, 0), (300, 4, 2, 2), (129, 6, 3, 1)])
+def test_gqa_keys_and_values_shared_by_a_group(T, H, Hkv, cps, monkeypatch):
+    """GQA: q has H heads, k and v Hkv; head h reads k/v head h // (H/Hkv) with its own state and
+    decay. o, the final state and every gradient (dk and dv summed over each group) against the
+    reference, on the one-program walk and on the split walk (cps > 0)."""
+    monkeypatch.setitem(chunk_mod.TUNE, "CPS", cps)
+    q, k, v, S0 = make(2, T, H, 32, 48, seed=T + H, Hkv=Hkv)
+    compare(chunk_lightning_attn, naive_lightning_attn, q, k, v, sala_decay(H), S0)
+
+
+def test_gqa_equals_mha_on_repeated_keys_and_values():
+    """The reference's GQA is MHA on k, v repeated per group, gradients summed over the group."""
+    q, k, v, S0 = make(1, 70, 4, 32, 32, seed=21, Hkv=2)
+    o, S, (dq, dk, dv, dS0) = run_with_grads(chunk_lightning_attn, q, k, v, sala_decay(4), S0)
+    k4, v4 = (x.detach().repeat_interleave(2, dim=2).requires_grad_() for x in (k, v))
+    o4, S4, (dq4, dk4, dv4, dS04) = run_with_grads(naive_lightning_attn, q, k4, v4, sala_decay(4), S0)
+    for name, a, e in (("o", o, o4), ("final_state", S, S4), ("dq", dq, dq4), ("d_initial_state", dS0, dS04),
+                       ("dk", dk, dk4.view(1, 70, 2, 2, 32).sum(3)), ("dv", dv, dv4.view(1, 70, 2, 2, 32).sum(3))):
+        assert_close(a, e, rtol=RTOL_FP32, what=name)
 
 
 def test_unequal_head_dims_and_custom_scale():
@@ -169,6 +191,18 @@ def test_step_matches_recurrence_in_place():
     assert_close(state, S_ref, rtol=RTOL_FP32, what="state updated in place")
 
 
+def test_step_gqa_matches_recurrence():
+    B, T, H, Hkv, K, V = 2, 4, 6, 2, 32, 32
+    q, k, v, S0 = make(B, T, H, K, V, seed=22, Hkv=Hkv)
+    decay = sala_decay(H)
+    with torch.no_grad():
+        o_ref, S_ref = naive_lightning_attn(q, k, v, decay, initial_state=S0, output_final_state=True)
+        state = S0.detach().clone()
+        o = torch.cat([lightning_step(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], decay, state) for t in range(T)], 1)
+    assert_close(o, o_ref, rtol=RTOL_FP32, what="o")
+    assert_close(state, S_ref, rtol=RTOL_FP32, what="state")
+
+
 def test_dispatch_runs_triton_when_asked(monkeypatch):
     monkeypatch.setenv("SALACONVERT_KERNELS", "triton")
     calls = []
@@ -198,10 +232,11 @@ def gpu(fn):
 
 
 @gpu
-@pytest.mark.parametrize("B,H,T,d", [(2, 8, 4096, 128), (1, 4, 3000, 64), (4, 32, 1024, 128), (1, 32, 16384, 128)])
-def test_gpu_bf16_forward_and_gradients(B, H, T, d):
-    """Small N·H takes the split walk (segments + scan), N·H = 128 the plain one."""
-    q, k, v, S0 = make(B, T, H, d, d, device="cuda", dtype=torch.bfloat16, seed=10)
+@pytest.mark.parametrize("B,H,T,d,Hkv", [(2, 8, 4096, 128, 8), (1, 4, 3000, 64, 4), (4, 32, 1024, 128, 32),
+                                         (1, 32, 16384, 128, 32), (1, 32, 16384, 128, 8), (4, 32, 1024, 128, 8)])
+def test_gpu_bf16_forward_and_gradients(B, H, T, d, Hkv):
+    """Small N·H takes the split walk (segments + scan), N·H = 128 the plain one; Hkv < H: GQA."""
+    q, k, v, S0 = make(B, T, H, d, d, device="cuda", dtype=torch.bfloat16, seed=10, Hkv=Hkv)
     decay = sala_decay(H, "cuda")
     ref = [x.detach().float().requires_grad_() for x in (q, k, v, S0)]
     o, S, grads = run_with_grads(chunk_lightning_attn, q, k, v, decay, S0)

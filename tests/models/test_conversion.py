@@ -5,6 +5,7 @@ import torch
 from salaconvert.layer_selection import LayerPlan, uniform_layer_types
 from salaconvert.surgery.convert import convert
 from salaconvert.surgery.registry import ConversionError
+from helpers import assert_close
 from tiny import SMALL_SPARSE, tiny_teacher
 
 
@@ -54,6 +55,22 @@ def test_gqa_expansion_repeats_each_kv_head_for_its_query_group():
     for h in range(4):
         assert torch.equal(k_h.weight[h * d:(h + 1) * d], k_t.weight[(h // group) * d:(h // group + 1) * d])
         assert torch.equal(k_h.bias[h * d:(h + 1) * d], k_t.bias[(h // group) * d:(h // group + 1) * d])
+
+
+def test_lightning_gqa_keeps_the_teachers_kv_heads():
+    """lightning.gqa: the linear layers take the teacher's K/V projections as they are (the same
+    tensors), so the hybrid has fewer parameters, and its logits differ from the MHA conversion's
+    only as the model does: with identical weights per head, MHA-repeated and shared K/V agree."""
+    teacher = tiny_teacher("qwen2")  # k_proj has a bias too
+    gqa = convert(teacher, LayerPlan(uniform_layer_types(4, "1:3")), lightning={"gqa": True})
+    mha = convert(teacher, LayerPlan(uniform_layer_types(4, "1:3")))
+    for name in ("k_proj", "v_proj"):
+        t, h = getattr(teacher.model.layers[1].self_attn, name), getattr(gqa.model.layers[1].self_attn, name)
+        assert h.weight.data_ptr() == t.weight.data_ptr() and h.bias.data_ptr() == t.bias.data_ptr()
+    assert gqa.num_parameters() == mha.num_parameters() - 2 * 2 * (64 + 1) * 32  # 2 layers x k, v x (4 - 2) heads x 16
+    x = torch.randint(0, 128, (2, 40))
+    with torch.no_grad():
+        assert_close(gqa(x).logits, mha(x).logits, rtol=1e-5, what="logits, shared vs repeated K/V")
 
 
 def test_qwen3_sparse_and_linear_layers_keep_the_teachers_qk_norm():

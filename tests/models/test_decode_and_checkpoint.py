@@ -11,17 +11,19 @@ from transformers import AutoModelForCausalLM
 from helpers import assert_close
 from salaconvert.io.checkpoint import INDEX, SIDECAR, save_checkpoint
 from salaconvert.layer_selection import LayerPlan, uniform_layer_types
+from salaconvert.layers import SparseAttention
 from salaconvert.surgery.convert import convert
-from tiny import tiny_hybrid, tiny_teacher
+from tiny import SMALL_SPARSE, tiny_hybrid, tiny_teacher
 
 
-def _hybrid(arch="llama", layer_types=None, attn="sdpa"):
-    return tiny_hybrid(layer_types or uniform_layer_types(4, "1:3"), arch, attn=attn)
+def _hybrid(arch="llama", layer_types=None, attn="sdpa", lightning=None):
+    return tiny_hybrid(layer_types or uniform_layer_types(4, "1:3"), arch, attn=attn, lightning=lightning)
 
 
 @pytest.mark.parametrize("prefill", [1, 17, 40])
-def test_prefill_then_token_by_token_decode_equals_full_forward(arch, prefill):
-    hybrid = _hybrid(arch)
+@pytest.mark.parametrize("gqa", [False, True], ids=["mha", "lightning-gqa"])
+def test_prefill_then_token_by_token_decode_equals_full_forward(arch, prefill, gqa):
+    hybrid = _hybrid(arch, lightning={"gqa": gqa})
     x = torch.randint(0, 128, (2, 52))  # crosses dense_len=24: dense and sparse regimes both decode
     with torch.no_grad():
         full = hybrid(x, use_cache=False).logits
@@ -31,6 +33,27 @@ def test_prefill_then_token_by_token_decode_equals_full_forward(arch, prefill):
             out = hybrid(x[:, t:t + 1], past_key_values=cache, use_cache=True)
             steps.append(out.logits)
     # fp32; the recurrent and chunked Lightning forms sum in different orders: 1e-4 (acceptance bound).
+    assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("prefill", [17, 40])
+def test_coarse_normaliser_prefill_then_decode_equals_full_forward(prefill):
+    """sparse.coarse_norm: the prefill pools coarse keys from the keys, decode from the cached
+    compressed keys; both must select the same blocks. It must also change the selection (some
+    logits differ from the exact normaliser's), or the option would not reach the kernels."""
+    hybrid = tiny_hybrid(uniform_layer_types(4, "1:3"), "qwen2", sparse={**SMALL_SPARSE, "coarse_norm": True})
+    x = torch.randint(0, 128, (2, 120), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = hybrid(x, use_cache=False).logits
+        out = hybrid(x[:, :prefill], use_cache=True)
+        cache, steps = out.past_key_values, [out.logits]
+        for t in range(prefill, x.shape[1]):
+            out = hybrid(x[:, t:t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+        for layer in hybrid.modules():
+            if isinstance(layer, SparseAttention):
+                layer.kernel_kwargs["coarse_norm"] = False
+        assert (hybrid(x, use_cache=False).logits - full).abs().max().item() > 1e-3
     assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-4
 
 
@@ -67,15 +90,16 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(arch, attn
                          rtol=1e-5, what=f"row {row}: logits, padded batch vs alone")
 
 
-def test_save_then_load_gives_identical_logits_and_the_spec_files(tmp_path):
-    hybrid = _hybrid("qwen3")
+@pytest.mark.parametrize("gqa", [False, True], ids=["mha", "lightning-gqa"])
+def test_save_then_load_gives_identical_logits_and_the_spec_files(tmp_path, gqa):
+    hybrid = _hybrid("qwen3", lightning={"gqa": gqa})
     out = save_checkpoint(hybrid, None, tmp_path / "ckpt", {"plan": {"layer_types": hybrid.config.layer_types}})
     names = set(os.listdir(out))
     assert {"config.json", INDEX, "generation_config.json", SIDECAR}.issubset(names)
     assert any(n.startswith("model-") and n.endswith(".safetensors") for n in names)
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "sala_hybrid" and config["layer_types"] == hybrid.config.layer_types
-    assert config["teacher"]["model_type"] == "qwen3" and "lightning" in config and "sparse" in config
+    assert config["teacher"]["model_type"] == "qwen3" and config["lightning"]["gqa"] is gqa and "sparse" in config
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
     x = torch.randint(0, 128, (2, 45))
     with torch.no_grad():

@@ -17,6 +17,12 @@ def convert(
     first_last: Annotated[bool, typer.Option(help="SALA's rule: the first and last layers are always sparse.")] = True,
     dense_len: Annotated[int, typer.Option(help="Sparse layers attend densely while the context is at most this long.")] = 8192,
     sparse_rope: Annotated[bool, typer.Option(help="Keep the rotary embedding in sparse layers (default: NoPE).")] = False,
+    coarse_norm: Annotated[bool, typer.Option(
+        help="Sparse layers take the block selection's softmax normaliser from the 4x coarser key pool (the "
+             "paper's approximation: a cheaper selection that picks somewhat different blocks).")] = False,
+    lightning_gqa: Annotated[bool, typer.Option(
+        help="Lightning layers keep the teacher's K/V heads, shared by each group of query heads (default: "
+             "repeated per query head, HALO's GQA→MHA). Smaller and faster; every query head keeps its own state.")] = False,
     dtype: Annotated[DType, typer.Option(help="Weight dtype of the written checkpoint.")] = DType.auto,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
@@ -32,7 +38,8 @@ def convert(
     with user_errors(), steps("convert") as step:
         report = convert_model(model, out_dir, ratio=ratio, plan=str(plan) if plan else None, first_last=first_last,
                                dtype=dtype.value, overwrite=overwrite,
-                               sparse={"dense_len": dense_len, "rope": sparse_rope}, step=step)
+                               sparse={"dense_len": dense_len, "rope": sparse_rope, "coarse_norm": coarse_norm},
+                               lightning={"gqa": lightning_gqa}, step=step)
     print_report(report)
     if as_json:
         out.print_json(json.dumps(report))

@@ -18,12 +18,14 @@ class LightningAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.head_dim = d = config.head_dim
-        self.num_heads = H = config.num_attention_heads  # GQA→MHA: K/V rows repeated per query head
+        self.num_heads = H = config.num_attention_heads
+        # GQA→MHA (K/V rows repeated per query head) unless lightning.gqa keeps the teacher's K/V heads
+        Hkv = config.num_key_value_heads if config.lightning["gqa"] else H
         D = config.hidden_size
         bq, bk, bv, bo = config.qkvo_bias
         self.q_proj = nn.Linear(D, H * d, bias=bq)
-        self.k_proj = nn.Linear(D, H * d, bias=bk)
-        self.v_proj = nn.Linear(D, H * d, bias=bv)
+        self.k_proj = nn.Linear(D, Hkv * d, bias=bk)
+        self.v_proj = nn.Linear(D, Hkv * d, bias=bv)
         self.o_proj = nn.Linear(H * d, D, bias=bo)
         eps = config.rms_norm_eps or 1e-6
         self.q_norm = RMSNorm(d, eps) if config.lightning["qk_norm"] else nn.Identity()

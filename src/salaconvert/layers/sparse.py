@@ -14,7 +14,7 @@ from salaconvert.kernels.infllmv2 import infllmv2_attn, infllmv2_decode
 from salaconvert.layers.common import RMSNorm, causal_attention, norm_rope
 
 KERNEL_KEYS = (  # the sparse config entries the InfLLM-V2 ops take
-    "block_size", "topk", "init_blocks", "local_blocks", "kernel_size", "stride", "dense_len")
+    "block_size", "topk", "init_blocks", "local_blocks", "kernel_size", "stride", "dense_len", "coarse_norm")
 
 
 class SparseAttention(nn.Module):

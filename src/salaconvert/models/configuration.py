@@ -15,6 +15,9 @@ LAYER_TYPES = ("linear_attention", "sparse_attention", "full_attention")
 LIGHTNING_DEFAULTS = {
     "decay": "sala",  # γ_h = exp(−2^(−8h/H)); "minimax" scales it by layer depth
     "qk_norm": True,  # per-head RMSNorm on q and k (the teacher's own norms when it has them)
+    # False: GQA→MHA, K/V rows repeated per query head (HALO). True: the teacher's K/V heads kept,
+    # shared by the query heads of a group; each query head still keeps its own state and decay.
+    "gqa": False,
 }
 SPARSE_DEFAULTS = {
     "block_size": 64,
@@ -24,6 +27,7 @@ SPARSE_DEFAULTS = {
     "kernel_size": 32,
     "stride": 16,
     "dense_len": 8192,
+    "coarse_norm": False,  # True: the selection's softmax normaliser from the 4x coarser pool (the paper's approximation)
     "rope": False,  # NoPE (HyPE): the sparse layers drop the rotary embedding
     "output_gate": True,
     "qk_norm": False,  # set at conversion when the teacher's attention has per-head q/k norms
@@ -121,7 +125,7 @@ class SalaHybridConfig(PreTrainedConfig):
         n_sparse = self.layer_types.count("sparse_attention")
         n_full = self.layer_types.count("full_attention")
         n_linear = self.layer_types.count("linear_attention")
-        heads = self.num_attention_heads  # GQA→MHA: one state per query head
+        heads = self.num_attention_heads  # one state per query head, with or without lightning.gqa
         compressed = self.num_key_value_heads * self.head_dim * dtype_bytes / self.sparse["stride"]
         return {
             "teacher_per_token": kv * self.num_hidden_layers,
