@@ -319,7 +319,9 @@ def triton_infllmv2_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     l_buf = layout.empty(B * Hkv * NSP * BM, torch.float32, dev)
     _dec_stats_kernel[(B * Hkv, NSP)](q, kc_cache, lens, m_buf, l_buf, sl2, dense_len, Hkv, q.stride(0),
                                       kc_cache.stride(0), kc_cache.stride(1), G=G, BM=BM, D=D, CH=CH,
-                                      BC=min(CH, 64), KS=kernel_size, ST=stride, NSP=NSP, COARSE=coarse_norm)
+                                      # coarse: 4 tiles per key block, so half the width fits shared memory at d = 128
+                                      BC=min(CH, 32 if coarse_norm else 64), KS=kernel_size, ST=stride, NSP=NSP,
+                                      COARSE=coarse_norm)
     BNB = 64 if NBMAX >= 64 else max(16, next_pow2(NBMAX))
     keys = layout.empty((B * Hkv, NBMAX), torch.int64, dev)
     _dec_score_kernel[(B * Hkv, triton.cdiv(NBMAX, BNB))](

@@ -655,6 +655,20 @@ def test_gpu_varlen_and_decode_graph():
 
 
 @gpu
+def test_gpu_decode_coarse_norm_at_head_dim_128():
+    # the coarse normaliser's decode pass loads 4 compressed tiles per block: it must fit the card
+    # at d = 128 (it once asked for 260 KB of shared memory) and select the prefill's blocks
+    kw = dict(topk=16, local_blocks=4, dense_len=1500, coarse_norm=True)
+    q, k, v = _qkv(1, 6000, 6000, 32, 8, 128, dtype=torch.bfloat16, device="cuda")
+    kc = compress_k(k, 32, 16).to(k.dtype).contiguous()
+    for L in (3000, 5999):
+        lens = torch.tensor([L], dtype=torch.int32, device="cuda")
+        od = triton_infllmv2_decode(q[:, L - 1:L], k, v, lens, kc, **kw)
+        ref = infllmv2_attn(q[:, :L], k[:, :L], v[:, :L], **kw)[:, -1:]
+        assert_close(od, ref, rtol=1e-2, what=f"coarse-normaliser decode L={L}")
+
+
+@gpu
 def test_gpu_decode_fp8_cache():
     # an fp8 K/V cache on the GPU (incremental compressed keys included) == decode on the widened caches
     kw = dict(topk=16, local_blocks=4, dense_len=1500)

@@ -23,6 +23,24 @@ def test_lower_right_causal_equals_the_explicit_reference(T, S, Hq, Hkv):
     assert_close(out, ref, rtol=1e-6, what="lower-right causal attention")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("Hq,Hkv", [(32, 8), (8, 8)])
+def test_gpu_chunk_after_cached_keys_equals_the_explicit_reference(Hq, Hkv):
+    """On the GPU the chunk case is two cuDNN calls on the K/V heads as they are (no repeat)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    T, S = 700, 3000
+    g = torch.Generator(device="cuda").manual_seed(7)
+    q, k, v = (torch.randn(1, h, n, 128, generator=g, device="cuda", dtype=torch.bfloat16)
+               for h, n in ((Hq, T), (Hkv, S), (Hkv, S)))
+    out, _ = lower_right_causal_sdpa(None, q, k, v, None)
+    kk, vv = (x.float().repeat_interleave(Hq // Hkv, 1) for x in (k, v))
+    scores = (q.float() @ kk.transpose(-1, -2)) / 128 ** 0.5
+    i, j = torch.arange(T, device="cuda")[:, None], torch.arange(S, device="cuda")[None, :]
+    ref = (scores.masked_fill(j > i + (S - T), float("-inf")).softmax(-1) @ vv).transpose(1, 2)
+    assert_close(out, ref, rtol=2e-2, what=f"chunk attention Hq={Hq} Hkv={Hkv}")
+
+
 @pytest.mark.parametrize("which", ["teacher", "hybrid"])
 def test_chunked_prefill_logits_equal_one_full_forward(which):
     model = tiny_teacher("qwen3") if which == "teacher" else tiny_hybrid(
