@@ -21,7 +21,7 @@ def log(what: str) -> None:
     print(f"[{time.perf_counter() - T0:7.1f}s] {what}", flush=True)
 
 
-def prepare(gguf: str, work: Path) -> tuple[Path, Path]:
+def prepare(gguf: str, work: Path, lightning: dict | None = None) -> tuple[Path, Path]:
     from salaconvert.cli.common import quiet_transformers
     from salaconvert.convert import convert_model
     from salaconvert.io.load import resolve_source, save_as_hf_directory
@@ -32,7 +32,7 @@ def prepare(gguf: str, work: Path) -> tuple[Path, Path]:
         save_as_hf_directory(resolve_source(gguf), teacher, "float32")
         log(f"teacher saved to {teacher}")
     if not (work / "hybrid" / "config.json").exists():
-        report = convert_model(str(teacher), work / "hybrid", ratio="1:3", step=log)
+        report = convert_model(str(teacher), work / "hybrid", ratio="1:3", lightning=lightning, step=log)
         log(f"converted: {report['counts']}")
     return teacher, work / "hybrid"
 
@@ -57,6 +57,8 @@ def main() -> None:
     p.add_argument("--recipe", default="debug/smollm2-h100")
     p.add_argument("--set", nargs="*", default=[])
     p.add_argument("--out", required=True)
+    p.add_argument("--lightning-gqa", action="store_true",
+                   help="convert with lightning.gqa (the Lightning layers keep the teacher's K/V heads); use its own --work")
     p.add_argument("--prepare-only", action="store_true",
                    help="only write the teacher and hybrid checkpoints (before an `accelerate launch` of this script)")
     args = p.parse_args()
@@ -65,7 +67,7 @@ def main() -> None:
 
     from salaconvert.distill.run import distill
 
-    teacher, hybrid = prepare(args.gguf, Path(args.work))
+    teacher, hybrid = prepare(args.gguf, Path(args.work), {"gqa": args.lightning_gqa})
     if args.prepare_only:
         return
     log(f"distilling on {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
@@ -77,6 +79,7 @@ def main() -> None:
     report["steady_tokens_per_s"] = {str(n): steady_rate(metrics, n) for n in (1, 2)}
     report["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     report["torch"] = torch.__version__
+    report["lightning_gqa"] = args.lightning_gqa
     ppl = report["perplexity"]
     report["student_after_over_teacher"] = ppl["student_after"] / ppl["teacher"]
     (out / "distill_device.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
