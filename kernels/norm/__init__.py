@@ -29,7 +29,7 @@ SILU_BLOCK = 4096  # elements per silu_mul program
 
 
 @triton.jit
-def _norm_rope_kernel(x, w, cos, sin, y, n_rows, H, eps, HALF: tl.constexpr, HP: tl.constexpr,
+def _norm_rope_kernel(x, w, cos, sin, y, n_rows, H, n_cos, eps, HALF: tl.constexpr, HP: tl.constexpr,
                       NORM: tl.constexpr, ROPE: tl.constexpr, BR: tl.constexpr):
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     o = tl.arange(0, HP)
@@ -42,7 +42,7 @@ def _norm_rope_kernel(x, w, cos, sin, y, n_rows, H, eps, HALF: tl.constexpr, HP:
         xa = xa * inv[:, None] * tl.load(w + o, mask=o < HALF, other=0.).to(tl.float32)[None, :]
         xb = xb * inv[:, None] * tl.load(w + HALF + o, mask=o < HALF, other=0.).to(tl.float32)[None, :]
     if ROPE:
-        tok = (r // H).to(tl.int64)[:, None] * (2 * HALF)
+        tok = ((r // H) % n_cos).to(tl.int64)[:, None] * (2 * HALF)  # a [1, T, d] table serves every batch row
         ca = tl.load(cos + tok + o[None, :], mask=m, other=0.).to(tl.float32)
         cb = tl.load(cos + tok + HALF + o[None, :], mask=m, other=0.).to(tl.float32)
         sa = tl.load(sin + tok + o[None, :], mask=m, other=0.).to(tl.float32)
@@ -90,15 +90,20 @@ def _silu_mul_kernel(g, u, y, n, BLOCK: tl.constexpr):
 @torch.compiler.disable  # compiled layers (distill's evaluation) call the launch code as is
 def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None,
               eps: float) -> torch.Tensor:
-    """x [..., T, H, d] (d even) -> rope(rmsnorm(x) · weight) in x's dtype; cos/sin [..., T, d]."""
-    d, H = x.shape[-1], x.shape[-2]
+    """x [B, T, H, d] (d even) -> rope(rmsnorm(x) · weight) in x's dtype; cos/sin [B, T, d] or [1, T, d]
+    (one table for every batch row, as a rotary module makes it from [1, T] positions)."""
+    B, T, H, d = x.shape
     x = x.contiguous()
     y = torch.empty_like(x)
     n_rows = x.numel() // d
+    n_cos = 1
     if cos is not None:
+        if cos.shape[-2:] != (T, d) or cos.numel() // (T * d) not in (1, B):
+            raise ValueError(f"cos/sin {tuple(cos.shape)}: expected [{B} or 1, {T}, {d}] for x {tuple(x.shape)}")
         cos, sin = cos.reshape(-1, d).contiguous(), sin.reshape(-1, d).contiguous()
+        n_cos = cos.shape[0]
     _norm_rope_kernel[(triton.cdiv(n_rows, ROWS),)](
-        x, weight, cos, sin, y, n_rows, H, eps, HALF=d // 2, HP=triton.next_power_of_2(d // 2),
+        x, weight, cos, sin, y, n_rows, H, n_cos, eps, HALF=d // 2, HP=triton.next_power_of_2(d // 2),
         NORM=weight is not None, ROPE=cos is not None, BR=ROWS)
     return y
 

@@ -42,6 +42,33 @@ def test_norm_rope_equals_module_path(d, H, norm, rope):
     assert_close(out, ref, rtol=1e-5, what=f"norm_rope d={d} norm={norm} rope={rope}")
 
 
+def test_norm_rope_one_table_for_every_batch_row():
+    """A rotary module fed [1, T] positions makes one [1, T, d] table for a batch of B rows: every
+    row must read it (batch rows past the first once read past its end: NaN perplexity in distill)."""
+    g = torch.Generator().manual_seed(5)
+    B, T, H, d = 3, 37, 2, 16
+    x = torch.randn(B, T, H, d, generator=g)
+    cos, sin = _rope_tables(1, T, d, g)
+    ref = apply_rope(x, cos, sin)
+    assert_close(norm_kernels.norm_rope(x, None, cos, sin, 0.0), ref, rtol=1e-5, what="norm_rope, [1, T, d] table")
+    with pytest.raises(ValueError, match="cos/sin"):
+        norm_kernels.norm_rope(x, None, cos[:, :-1], sin[:, :-1], 0.0)
+
+
+def test_batched_inference_on_the_fused_path_equals_the_module_path(monkeypatch):
+    """A batch of 2 under bf16 autocast, as distill's held-out perplexity runs it: fused glue and
+    Triton kernels against the PyTorch path."""
+    hybrid = tiny_hybrid(["sparse_attention", "linear_attention", "linear_attention", "sparse_attention"])
+    x = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(0))
+    outs = {}
+    for kernels in ("torch", "triton"):
+        monkeypatch.setenv("SALACONVERT_KERNELS", kernels)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[kernels] = hybrid(x, use_cache=False).logits.float()
+    assert torch.isfinite(outs["triton"]).all()
+    assert_close(outs["triton"], outs["torch"], rtol=3e-2, what="logits, fused vs module path, batch of 2")
+
+
 @pytest.mark.parametrize("D", [48, 256])
 def test_gated_rms_norm_equals_module_path(D):
     g = torch.Generator().manual_seed(D)
