@@ -172,7 +172,7 @@ def run(model, length: int, chunk: int, decode: int, kv_cache: str = "auto") -> 
 def run_teacher(teacher, length: int, chunk: int, decode: int) -> dict:
     """The teacher at its best: one pass where it may fit and chunks of `chunk` tokens, the faster
     row kept (both prefill times under "modes"). One pass at 256K fits 80 GB only just, and is
-    slower there than chunks (41.0 against 38.1 s in runs 33 and 46)."""
+    slower there than chunks (41.0 against 38.1 s in runs 36 and 33; 41.1 against 37.3 s in run 37)."""
     rows = [run(teacher, length, c, decode) for c in (length, chunk)
             if c <= length and (c < length or length <= ONE_PASS_TEACHER_MAX)]
     done = [r for r in rows if "prefill_s" in r]

@@ -71,7 +71,7 @@ def causal_attention(q_BHTD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.T
     T == S is SDPA's own causal call (its dispatch takes cuDNN on Hopper). A chunk after cached
     keys on a GPU with cuDNN attention (sm90+, where it is SDPA's fastest backend) is two cuDNN
     calls merged by their log-sum-exps: all cached keys unmasked, the chunk's own keys causal;
-    cuDNN reads the Hkv heads as they are (sdpa_backends.py: 112 ms against 116 ms with K/V
+    cuDNN reads the Hkv heads as they are (sdpa_backends.py, run 35: 112 ms against 116 ms with K/V
     repeated, a 16K chunk after 240K keys on an H100). Elsewhere `causal_lower_right` says the
     mask without a tensor and SDPA runs flash attention on it (equal head counts: K/V are
     repeated per group); the CPU has no such kernel and gets the (small, test-sized) boolean mask.
