@@ -2,8 +2,8 @@
 
 The hybrid's attention modules (fp32 inside, rounded once):
 
-    norm_rope(x, weight, cos, sin, eps)   x [..., H, d] -> rope(rmsnorm(x) · weight)
-        weight None: no norm; cos None: no RoPE. cos/sin [..., d] per token (transformers' rotary
+    norm_rope(x, weight, cos, sin, eps)   x [B, T, H, d] -> rope(rmsnorm(x) · weight)
+        weight None: no norm; cos None: no RoPE. cos/sin [B or 1, T, d] (transformers' rotary
         embedding: rotate_half convention, out = x·cos + rotate_half(x)·sin).
     gated_rms_norm(x, z, weight, eps)     x, z [..., D] -> rmsnorm(x) · weight · sigmoid(z)
 
