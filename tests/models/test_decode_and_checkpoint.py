@@ -20,6 +20,16 @@ def _hybrid(arch="llama", layer_types=None, attn="sdpa", lightning=None):
     return tiny_hybrid(layer_types or uniform_layer_types(4, "1:3"), arch, attn=attn, lightning=lightning)
 
 
+@torch.no_grad()
+def _prefill_then_decode(hybrid, x, prefill: int) -> torch.Tensor:
+    """Logits of x: its first `prefill` tokens in one call, then one token at a time on the cache."""
+    out = hybrid(x[:, :prefill], use_cache=True)
+    cache, steps = out.past_key_values, [out.logits]
+    for t in range(prefill, x.shape[1]):
+        steps.append(hybrid(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+    return torch.cat(steps, 1)
+
+
 @pytest.mark.parametrize("prefill", [1, 17, 40])
 @pytest.mark.parametrize("gqa", [False, True], ids=["mha", "lightning-gqa"])
 def test_prefill_then_token_by_token_decode_equals_full_forward(arch, prefill, gqa):
@@ -27,13 +37,8 @@ def test_prefill_then_token_by_token_decode_equals_full_forward(arch, prefill, g
     x = torch.randint(0, 128, (2, 52))  # crosses dense_len=24: dense and sparse regimes both decode
     with torch.no_grad():
         full = hybrid(x, use_cache=False).logits
-        out = hybrid(x[:, :prefill], use_cache=True)
-        cache, steps = out.past_key_values, [out.logits]
-        for t in range(prefill, x.shape[1]):
-            out = hybrid(x[:, t:t + 1], past_key_values=cache, use_cache=True)
-            steps.append(out.logits)
     # fp32; the recurrent and chunked Lightning forms sum in different orders: 1e-4 (acceptance bound).
-    assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-4
+    assert (_prefill_then_decode(hybrid, x, prefill) - full).abs().max().item() <= 1e-4
 
 
 @pytest.mark.parametrize("prefill", [17, 40])
@@ -45,16 +50,11 @@ def test_coarse_normaliser_prefill_then_decode_equals_full_forward(prefill):
     x = torch.randint(0, 128, (2, 120), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = hybrid(x, use_cache=False).logits
-        out = hybrid(x[:, :prefill], use_cache=True)
-        cache, steps = out.past_key_values, [out.logits]
-        for t in range(prefill, x.shape[1]):
-            out = hybrid(x[:, t:t + 1], past_key_values=cache, use_cache=True)
-            steps.append(out.logits)
+        assert (_prefill_then_decode(hybrid, x, prefill) - full).abs().max().item() <= 1e-4
         for layer in hybrid.modules():
             if isinstance(layer, SparseAttention):
                 layer.kernel_kwargs["coarse_norm"] = False
         assert (hybrid(x, use_cache=False).logits - full).abs().max().item() > 1e-3
-    assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-4
 
 
 def test_generate_with_cache_equals_rerunning_the_whole_sequence():
