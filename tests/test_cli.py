@@ -35,14 +35,15 @@ def test_convert_writes_a_checkpoint_and_report(teacher_dir, tmp_path):
         assert no_gpu.exit_code == 2 and "CUDA is not available" in no_gpu.output
 
 
-def test_convert_lightning_gqa_keeps_the_teachers_kv_heads(teacher_dir, tmp_path):
+def test_convert_lightning_gqa_and_coarse_norm_reach_the_config(teacher_dir, tmp_path):
     reports = {}
     for flag in ("--no-lightning-gqa", "--lightning-gqa"):
         out = tmp_path / flag
-        result = run_cli("convert", teacher_dir, "--out", out, "--ratio", "1:3", flag)
+        result = run_cli("convert", teacher_dir, "--out", out, "--ratio", "1:3", flag, "--coarse-norm")
         assert result.exit_code == 0, result.output
         reports[flag] = json.loads((out / "conversion_report.json").read_text())
-    assert json.loads((tmp_path / "--lightning-gqa" / "config.json").read_text())["lightning"]["gqa"] is True
+    config = json.loads((tmp_path / "--lightning-gqa" / "config.json").read_text())
+    assert config["lightning"]["gqa"] is True and config["sparse"]["coarse_norm"] is True
     assert reports["--lightning-gqa"]["params"]["hybrid"] < reports["--no-lightning-gqa"]["params"]["hybrid"]
     gen = run_cli("generate", tmp_path / "--lightning-gqa", "hello", "--max-new-tokens", "4")
     assert gen.exit_code == 0 and "4 tokens" in gen.output, gen.output
