@@ -173,8 +173,8 @@ def run_teacher(teacher, length: int, chunk: int, decode: int) -> dict:
     """The teacher at its best: one pass where it may fit and chunks of `chunk` tokens, the faster
     row kept (both prefill times under "modes"). One pass at 256K fits 80 GB only just, and is
     slower there than chunks (41.0 against 38.1 s in runs 36 and 33; 41.1 against 37.3 s in run 37)."""
-    rows = [run(teacher, length, c, decode) for c in (length, chunk)
-            if c <= length and (c < length or length <= ONE_PASS_TEACHER_MAX)]
+    chunks = ([length] if length <= ONE_PASS_TEACHER_MAX else []) + ([chunk] if chunk < length else [])
+    rows = [run(teacher, length, c, decode) for c in chunks]
     done = [r for r in rows if "prefill_s" in r]
     best = min(done, key=lambda r: r["prefill_s"]) if done else rows[-1]
     return {**best, "modes": {str(r["chunk"]): r.get("prefill_s", r.get("error")) for r in rows}}
