@@ -1,14 +1,16 @@
 """Stage 2's forward without autograd: the union tiles (parallel.py) against block-major (by_block.py).
 
     python benchmarks/by_block_ab.py --out DIR [--rounds 2] [--variants union,by_block] [--lengths 65536] [--smoke]
+                                     [--old OTHER_BY_BLOCK.py ...]
 
 On the benchmark's random inputs (benchmarks/infllmv2.py: Hq = 32, d = 128, bf16, 96 blocks) with
 the lists of one selection (parallel.attend_selected), so every variant walks the same lists, alternating round after
 round in one process: the union path alone (BY_BLOCK_MAX_GROUP = 0) and the forced/chosen split of
 parallel._inference_forward at every case (by_block.py's defaults, and other stages, rows per
-program, partial-output budgets, merge tiles, forced-block tiles). Records
-each output's largest difference from the union path's (relative to max |o|) and, for the
-defaults, the GPU time per kernel. Writes DIR/by_block_ab.json. --smoke: tiny shapes on the CPU
+program, partial-output budgets, merge tiles, forced-block tiles, the partials' register cap; with --old,
+other by_block.py files' add_chosen). Records
+each output's largest difference from the union path's (relative to max |o|) and, for every
+block-major variant, the GPU time per kernel. Writes DIR/by_block_ab.json. --smoke: tiny shapes on the CPU
 under TRITON_INTERPRET=1, a check of the script (its times mean nothing).
 """
 import argparse
@@ -37,6 +39,7 @@ VARIANTS = {  # name -> (parallel knobs, by_block knobs)
     "merge_stages4": (EVERYWHERE, {"MERGE_STAGES": 4}),
     "forced128_w8": ({**EVERYWHERE, "FORCED_ROWS": 128, "FORCED_WARPS": 8}, {}),
     "forced128_w4": ({**EVERYWHERE, "FORCED_ROWS": 128, "FORCED_WARPS": 4}, {}),
+    "maxnreg_free": (EVERYWHERE, {"PARTIAL_MAXNREG": None}),
 }
 
 
@@ -71,6 +74,8 @@ def main():
     ap.add_argument("--lengths", default=None, help="comma-separated T: only those cases")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1)")
     ap.add_argument("--chunk-profile", action="store_true", help="only profile one chunked-prefill call")
+    ap.add_argument("--old", type=Path, nargs="*", default=[],
+                    help="other by_block.py files: adds a variant 'old:NAME' for each, block-major with its add_chosen")
     args = ap.parse_args()
     if args.smoke:
         bench.smoke_mode()
@@ -80,6 +85,9 @@ def main():
         return
     rows = []
     variants = {name: VARIANTS[name] for name in args.variants.split(",")}
+    for path in args.old:
+        module = bench.load_file(path, f"by_block_{path.stem}")
+        variants[f"old:{path.stem}"] = (EVERYWHERE, {"add_chosen": module.add_chosen})
     lengths = None if args.lengths is None else {int(x) for x in args.lengths.split(",")}
     for T, hkv in CASES:
         if lengths is not None and T not in lengths:
@@ -98,7 +106,7 @@ def main():
                         row = dict(T=T, Hkv=hkv, variant=name, round=rnd,
                                    rel_diff_vs_union=round(((o - ref).abs().max() / ref.abs().max()).item(), 5),
                                    fwd_ms=round(bench.median_ms(run, 5 if T < 200000 else 3), 3))
-                        if rnd == 0 and name == "by_block" and bench.DEV == "cuda":
+                        if rnd == 0 and name != "union" and bench.DEV == "cuda":
                             row["kernels_us"] = bench.kernel_split(run, calls=3, top=8)
                     rows.append(row)
                     print(json.dumps(row), flush=True)

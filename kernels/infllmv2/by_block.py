@@ -31,6 +31,9 @@ PARTIAL_BYTES = 2 << 30  # partial outputs of one chunk of query rows, at most (
 PASS_ENTRIES = 1 << 27  # selection entries (valid or not) of one chunk's CSR, at most
 SEG = 256  # query rows of one block per program, at most
 ROWS, WARPS, STAGES = 64, 4, 2  # rows (tokens × padded group heads) per dot, launch shape of the partials
+# registers per thread of the partials' launch, at most (None: the compiler's choice). 168 fits three
+# programs per SM at group 4 (177 otherwise: two), with no spills (sass_stats.py)
+PARTIAL_MAXNREG = 168
 # rows per program and launch shape of the merge. Run 37, group 4: 128 rows on 8 warps 154 -> 138 ms
 # at 128K, 311 -> 278 at 256K against 64 on 4 (group 16, not routed here: 94 -> 116); stages 1 and 4 ±2%
 MERGE_ROWS, MERGE_WARPS, MERGE_STAGES = 128, 8, 3
@@ -61,36 +64,56 @@ def segment(i_s, seg_h, seg_n, seg_b, seg_lo, seg_hi, q_start, k_start, seq_Tq, 
 
 
 @triton.jit
+def _partial_rows(q, b_k, b_v, part_o, part_lse, tok_list, t0, hi, i_h, qs, Tq, Tk, o_k, scale_log2, stride_qt,
+                  G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr):
+    """The partials of rows tok_list[t0 : t0 + BT] (those before hi) against one block. MASKED: some
+    row sees only part of the block (it holds the row's own position); else every key is visible
+    and padding rows, q = 0, are only kept from the stores."""
+    BM: tl.constexpr = BT * GP
+    o_d = tl.arange(0, D)
+    o_r = tl.arange(0, BM)
+    r_t, r_g = o_r // GP, o_r % GP
+    m_r = ((t0 + r_t) < hi) & (r_g < G)
+    row = tl.load(tok_list + t0 + r_t, mask=m_r, other=0).to(tl.int64)
+    b_q = tl.load(q + row[:, None] * stride_qt + (i_h * G + r_g)[:, None] * D + o_d[None, :],
+                  mask=m_r[:, None], other=0.)
+    b_s = tl.dot(b_q, tl.trans(b_k))
+    if MASKED:
+        pos = Tk - Tq + (row - qs)
+        b_s = tl.where(m_r[:, None] & (o_k[None, :] <= pos[:, None]), b_s, float("-inf"))
+    # the scale folds into the exponent's FMA: m_use is the row's max raw score, times scale_log2
+    b_m = rmax(b_s, 1)
+    m_use = tl.where(b_m == float("-inf"), 0., b_m) * scale_log2
+    b_p = tl.exp2(b_s * scale_log2 - m_use[:, None])
+    b_l = rsum(b_p, 1)
+    seen = b_l > 0
+    # one reciprocal per row: a division per element costs several instructions more
+    b_o = tl.dot(b_p.to(b_v.dtype), b_v) * (1. / tl.where(seen, b_l, 1.))[:, None]
+    p_out = (t0 + r_t).to(tl.int64) * G + r_g
+    tl.store(part_o + p_out[:, None] * D + o_d[None, :], b_o.to(part_o.dtype.element_ty), mask=m_r[:, None])
+    tl.store(part_lse + p_out, tl.where(seen, m_use + tl.log2(tl.where(seen, b_l, 1.)), float("-inf")), mask=m_r)
+
+
+@triton.jit
 def _partial_kernel(q, k, v, part_o, part_lse, tok_list, seg_h, seg_n, seg_b, seg_lo, seg_hi,
                     q_start, k_start, seq_Tq, seq_Tk, scale_log2, stride_qt, stride_kt,
                     G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BS: tl.constexpr):
     """Segment program id: one block, the rows in tok_list[lo:hi] that picked it, each row's softmax
     over the block alone. Writes, for the row at position p of tok_list, part_o[p·G + g] = the
-    normalised output and part_lse[p·G + g] = log2 Σ exp2(scores) (−inf when no key is visible)."""
-    BM: tl.constexpr = BT * GP
+    normalised output and part_lse[p·G + g] = log2 Σ exp2(scores) (−inf when no key is visible).
+    A segment's rows are ascending, so when its first row sees the block's last key, every row
+    sees every key: no masks (the chosen blocks of a selection, all before the rows' local ones)."""
     i_h, lo, hi, qs, Tq, Tk, o_k, _, _, b_k, b_v = segment(tl.program_id(0), seg_h, seg_n, seg_b, seg_lo, seg_hi,
                                                           q_start, k_start, seq_Tq, seq_Tk, k, v, stride_kt, D, BS)
-    o_d = tl.arange(0, D)
-    o_r = tl.arange(0, BM)
-    r_t, r_g = o_r // GP, o_r % GP
-    for t0 in range(lo, hi, BT):
-        m_r = ((t0 + r_t) < hi) & (r_g < G)
-        row = tl.load(tok_list + t0 + r_t, mask=m_r, other=0).to(tl.int64)
-        pos = Tk - Tq + (row - qs)
-        b_q = tl.load(q + row[:, None] * stride_qt + (i_h * G + r_g)[:, None] * D + o_d[None, :],
-                      mask=m_r[:, None], other=0.)
-        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
-        b_s = tl.where(m_r[:, None] & (o_k[None, :] <= pos[:, None]), b_s, float("-inf"))
-        b_m = rmax(b_s, 1)
-        m_use = tl.where(b_m == float("-inf"), 0., b_m)
-        b_p = tl.exp2(b_s - m_use[:, None])
-        b_l = rsum(b_p, 1)
-        seen = b_l > 0
-        b_o = tl.dot(b_p.to(b_v.dtype), b_v) / tl.where(seen, b_l, 1.)[:, None]
-        p_out = (t0 + r_t).to(tl.int64) * G + r_g
-        tl.store(part_o + p_out[:, None] * D + o_d[None, :], b_o.to(part_o.dtype.element_ty), mask=m_r[:, None])
-        tl.store(part_lse + p_out, tl.where(seen, m_use + tl.log2(tl.where(seen, b_l, 1.)), float("-inf")),
-                 mask=m_r)
+    first = tl.load(tok_list + lo, mask=lo < hi, other=0)
+    if rmax(o_k, 0) <= Tk - Tq + (first - qs):
+        for t0 in range(lo, hi, BT):
+            _partial_rows(q, b_k, b_v, part_o, part_lse, tok_list, t0, hi, i_h, qs, Tq, Tk, o_k, scale_log2,
+                          stride_qt, G, GP, BT, D, False)
+    else:
+        for t0 in range(lo, hi, BT):
+            _partial_rows(q, b_k, b_v, part_o, part_lse, tok_list, t0, hi, i_h, qs, Tq, Tk, o_k, scale_log2,
+                          stride_qt, G, GP, BT, D, True)
 
 
 # the first row changes from chunk to chunk: specialising on it (divisibility by 16) would compile
@@ -160,7 +183,7 @@ def add_chosen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Ten
         _partial_kernel[(sh.numel(),)](
             q, k, v, part_o, part_lse, tok_list, sh, sn, sb, slo, shi,
             seqs.q_start, seqs.k_start, seqs.Tq, seqs.Tk, scale_log2, q.stride(0), k.stride(0),
-            G=G, GP=GP, BT=BT, D=D, BS=block_size, num_warps=WARPS, num_stages=STAGES)
+            G=G, GP=GP, BT=BT, D=D, BS=block_size, num_warps=WARPS, num_stages=STAGES, maxnreg=PARTIAL_MAXNREG)
         _merge_kernel[(triton.cdiv(r1 - r0, BTM), Hkv)](
             part_o, part_lse, slot, o, lse, r0, r1 - r0, o.stride(0), Hq, Hkv,
             G=G, GP=GP, BT=BTM, D=D, K=K, num_warps=MERGE_WARPS, num_stages=MERGE_STAGES)

@@ -216,34 +216,50 @@ def _dq_kernel(q, k, v, do, dq, lse, delta, idx, tile_n, tile_i, q_start, k_star
 
 
 @triton.jit
+def _dkv_rows(q, do, lse, delta, tok_list, b_k, b_v, b_dk, b_dv, t0, hi, i_h, qs, Tq, Tk, o_k, scale_log2,
+              stride_qt, Hq, masked, G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr):
+    """dk, dv of one block plus the rows tok_list[t0 : t0 + BT] (those before hi). masked: some row
+    sees only part of the block; else every key is visible, and padding rows (q, dO, lse and delta
+    all 0) add nothing."""
+    BM: tl.constexpr = BT * GP
+    o_d = tl.arange(0, D)
+    o_r = tl.arange(0, BM)
+    r_t, r_g = o_r // GP, o_r % GP
+    m_r = ((t0 + r_t) < hi) & (r_g < G)
+    row = tl.load(tok_list + t0 + r_t, mask=m_r, other=0).to(tl.int64)
+    o_qd = row[:, None] * stride_qt + (i_h * G + r_g)[:, None] * D + o_d[None, :]
+    b_q = tl.load(q + o_qd, mask=m_r[:, None], other=0.)
+    b_do = tl.load(do + o_qd, mask=m_r[:, None], other=0.)
+    o_l = row * Hq + i_h * G + r_g
+    b_lse = tl.load(lse + o_l, mask=m_r, other=0.)
+    b_delta = tl.load(delta + o_l, mask=m_r, other=0.)
+    b_p = tl.exp2(tl.dot(b_q, tl.trans(b_k)) * scale_log2 - b_lse[:, None])
+    if masked:
+        pos = Tk - Tq + (row - qs)
+        b_p = tl.where(m_r[:, None] & (o_k[None, :] <= pos[:, None]), b_p, 0.)
+    b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do)
+    b_dp = tl.dot(b_do, tl.trans(b_v))
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q)
+    return b_dk, b_dv
+
+
+@triton.jit
 def _dkv_kernel(q, k, v, do, dk, dv, lse, delta, tok_list, seg_h, seg_n, seg_b, seg_lo, seg_hi,
                 q_start, k_start, seq_Tq, seq_Tk, scale, scale_log2, stride_qt, stride_kt, Hq,
                 G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BS: tl.constexpr):
-    BM: tl.constexpr = BT * GP
+    """Segment program id: dk, dv of one block over the rows in tok_list[lo:hi] that attend to it.
+    A segment's rows are ascending, so when its first row sees the block's last key every row sees
+    every key: no masks (all of a block's segments but the one holding its own rows)."""
     i_h, lo, hi, qs, Tq, Tk, o_k, o_kd, m_k, b_k, b_v = segment(
         tl.program_id(0), seg_h, seg_n, seg_b, seg_lo, seg_hi, q_start, k_start, seq_Tq, seq_Tk, k, v, stride_kt, D, BS)
-    o_d = tl.arange(0, D)
     b_dk = tl.full([BS, D], 0, tl.float32)
     b_dv = tl.full([BS, D], 0, tl.float32)
-    o_r = tl.arange(0, BM)
-    r_t, r_g = o_r // GP, o_r % GP
+    first = tl.load(tok_list + lo, mask=lo < hi, other=0)
+    masked = rmax(o_k, 0) > Tk - Tq + (first - qs)
     for t0 in range(lo, hi, BT):
-        m_r = ((t0 + r_t) < hi) & (r_g < G)
-        row = tl.load(tok_list + t0 + r_t, mask=m_r, other=0).to(tl.int64)
-        pos = Tk - Tq + (row - qs)
-        o_qd = row[:, None] * stride_qt + (i_h * G + r_g)[:, None] * D + o_d[None, :]
-        b_q = tl.load(q + o_qd, mask=m_r[:, None], other=0.)
-        b_do = tl.load(do + o_qd, mask=m_r[:, None], other=0.)
-        o_l = row * Hq + i_h * G + r_g
-        b_lse = tl.load(lse + o_l, mask=m_r, other=0.)
-        b_delta = tl.load(delta + o_l, mask=m_r, other=0.)
-        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
-        ok = m_r[:, None] & (o_k[None, :] <= pos[:, None])
-        b_p = tl.where(ok, tl.exp2(b_s - b_lse[:, None]), 0.)
-        b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do)
-        b_dp = tl.dot(b_do, tl.trans(b_v))
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q)
+        b_dk, b_dv = _dkv_rows(q, do, lse, delta, tok_list, b_k, b_v, b_dk, b_dv, t0, hi, i_h, qs, Tq, Tk, o_k,
+                               scale_log2, stride_qt, Hq, masked, G, GP, BT, D)
     # relaxed: the partial sums need no ordering (the kernel's end publishes them); the default
     # acq_rel put a GPU-wide fence around every atomic (run 31: fwd+bwd at group 4 −9%)
     tl.atomic_add(dk + o_kd, b_dk * scale, mask=m_k[:, None], sem="relaxed")
