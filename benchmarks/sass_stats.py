@@ -22,8 +22,10 @@ before). The dk/dv kernel spilled 152-192 bytes on 4 warps; on 8 (the
 default since run 24) it holds 250-255 registers and spills at most 16 bytes. The block-major
 merge kernel (ninth session) holds 183 / 203 registers at groups 4 / 16 on its 8 warps, so one
 program per SM, and issues 496 instructions per thread per merged partial, much of it the
-[rows × d] rescale of the accumulator: a pass over the partials' log-sum-exps first (then no
-rescale) is its next thing to try, on the GPU.
+[rows × d] rescale of the accumulator; a pass over the partials' log-sum-exps first (then no
+rescale: 294 instructions) measured slower on the GPU (notes-infllmv2.md, runs 46-50). The
+partials' kernel issued 1,104 instructions per 64-row step at group 4 before the thirteenth
+session dropped its masks on whole blocks and its per-element division (646, at its 168-register cap).
 """
 import argparse
 import collections
@@ -49,13 +51,16 @@ DIVISIBLE = {"stride_qt", "stride_kct", "stride_knt", "stride_st", "NBMAX", "row
              "stride_kt", "stride_it", "U", "Hq"}
 
 
-def compile_sm90(fn, types: dict, constants: dict, num_warps: int, num_stages: int = 3):
+def compile_sm90(fn, types: dict, constants: dict, num_warps: int, num_stages: int = 3, maxnreg: int | None = None):
     names = list(inspect.signature(fn.fn).parameters)
     signature = {n: "constexpr" if n in constants else types.get(n, "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if signature[n].startswith("*") or n in DIVISIBLE}
     source = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in constants.items()}, attrs=attrs)
-    return triton.compile(source, target=SM90, options=dict(num_warps=num_warps, num_stages=num_stages))
+    options = dict(num_warps=num_warps, num_stages=num_stages)
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    return triton.compile(source, target=SM90, options=options)
 
 
 def sass_report(kernel, work: Path, name: str) -> dict:
@@ -127,8 +132,12 @@ def main():
         GP = triton.next_power_of_2(G)
         BT = min(16, max(1, parallel.ATTN_ROWS // GP))
         shape = dict(G=G, GP=GP, BT=BT, D=128, BS=64, K=96)
-        kernel = compile_sm90(parallel._fwd_kernel, attn, shape, parallel.ATTN_WARPS, parallel.ATTN_STAGES)
+        kernel = compile_sm90(parallel._fwd_kernel, attn, dict(shape, FORCED=False, INIT=0, LOCAL=0),
+                              parallel.ATTN_WARPS, parallel.ATTN_STAGES)
         report[f"stage2_fwd_G{G}"] = sass_report(kernel, work, f"fwd_G{G}")
+        forced = dict(shape, BT=max(1, parallel.FORCED_ROWS // GP), K=1, FORCED=True, INIT=1, LOCAL=32)
+        kernel = compile_sm90(parallel._fwd_kernel, attn, forced, parallel.FORCED_WARPS, parallel.ATTN_STAGES)
+        report[f"stage2_forced_G{G}"] = sass_report(kernel, work, f"forced_G{G}")
         kernel = compile_sm90(parallel._dq_kernel, {**attn, **grads}, shape, parallel.DQ_WARPS, parallel.DQ_STAGES)
         report[f"stage2_dq_G{G}"] = sass_report(kernel, work, f"dq_G{G}")
         kernel = compile_sm90(parallel._dkv_kernel, {**attn, **grads},
@@ -138,7 +147,7 @@ def main():
         parts = {"part_o": "*bf16", "part_lse": "*fp32", "slot": "*i64"}
         kernel = compile_sm90(by_block._partial_kernel, {**attn, **grads, **parts},
                               dict(G=G, GP=GP, BT=max(1, by_block.ROWS // GP), D=128, BS=64),
-                              by_block.WARPS, by_block.STAGES)
+                              by_block.WARPS, by_block.STAGES, by_block.PARTIAL_MAXNREG)
         report[f"stage2_by_block_partial_G{G}"] = sass_report(kernel, work, f"partial_G{G}")
         kernel = compile_sm90(by_block._merge_kernel, {**attn, **parts},
                               dict(G=G, GP=GP, BT=max(1, by_block.MERGE_ROWS // GP), D=128, K=96),
