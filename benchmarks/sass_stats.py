@@ -116,8 +116,9 @@ def main():
               "knobs": {k: getattr(select, k) for k in ("SELECT_BC", "SELECT_ROWS", "SELECT_WARPS", "SELECT_STAGES")}}
     for G in (16, 4):
         GP = triton.next_power_of_2(G)
-        constants = dict(G=G, GP=GP, BT=max(1, select.SELECT_ROWS // GP), D=128, BC=select.SELECT_BC, R=R, E=E, BS=64,
-                         KS=32, ST=16, NKS=32, NST=16, INIT=1, LOCAL=32)
+        BT = max(1, select.SELECT_ROWS // GP)
+        constants = dict(G=G, GP=GP, BT=BT, D=128, BC=select.SELECT_BC, R=R, E=E, BS=64, KS=32, ST=16, NKS=32, NST=16,
+                         INIT=1, LOCAL=32, HALF=select.row_order(GP, BT * GP))
         kernel = compile_sm90(select._select_scores_kernel, ptrs, constants, select.SELECT_WARPS, select.SELECT_STAGES)
         report[f"select_scores_G{G}"] = sass_report(kernel, work, f"select_G{G}")
     radix = compile_sm90(select._radix_topk_kernel, {"scores": "*fp32", "out": "*i32"}, dict(R=1, BLOCK=2048),

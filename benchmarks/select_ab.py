@@ -7,9 +7,10 @@ Imports an older `select.py` next to the installed one and alternates them, roun
 on the benchmark's random inputs (benchmarks/infllmv2.py): the whole selection
 (`parallel_infllmv2_select` with that module's `select_blocks`) and its top-k alone
 (`radix_topk` on the score buffer the new scoring pass wrote for the first tiles of the call, as
-the selection feeds it). Records whether each version's block lists equal the new one's. Writes
-DIR/select-ab.json. --smoke: tiny shapes on the CPU under TRITON_INTERPRET=1, a check of the
-script (its times mean nothing).
+the selection feeds it). Records whether each version's block lists equal the first version's,
+and the share of (row, KV head) lists that differ. Writes DIR/select-ab.json after each case.
+--smoke: tiny shapes on the CPU under TRITON_INTERPRET=1, a check of the script (its times mean
+nothing).
 """
 import json
 import sys
@@ -62,13 +63,15 @@ def main():
                 want = (idx, out) if want is None else want
                 row = dict(T=T, Hkv=hkv, variant=name, round=rnd, topk_rows=scores.shape[0], NB=scores.shape[1],
                            lists_equal_first=bool(torch.equal(idx, want[0]) and torch.equal(out, want[1])),
+                           lists_differing_from_first=(idx != want[0]).any(-1).float().mean().item(),
                            select_ms=round(bench.median_ms(select, 5 if T < 200000 else 3), 3),
                            topk_ms=round(bench.median_ms(lambda: module.radix_topk(scores, out, K), 5), 3))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "select-ab.json").write_text(json.dumps(rows, indent=1))  # kept if a longer case fails
+        del q, k, scores, want, idx, out
         bench.empty_cache()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "select-ab.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -34,9 +34,32 @@ fix_interpreter_index()
 
 
 @triton.jit
+def _row_heads(BM: tl.constexpr, GP: tl.constexpr, HALF: tl.constexpr):
+    """Each row's token (within the tile) and head (within the group): token-major (token = row //
+    GP) when HALF is 0, else interleaved (row_order)."""
+    o_r = tl.arange(0, BM)
+    if HALF == 0:
+        r_t, r_g = o_r // GP, o_r % GP
+    else:
+        in_slab = o_r % 16
+        r_t, r_g = o_r // 16 * (8 // HALF) + in_slab % 8 // HALF, in_slab // 8 * HALF + in_slab % HALF
+    return r_t, r_g
+
+
+@triton.jit
+def _group_sum(b_p, BT: tl.constexpr, GP: tl.constexpr, BC: tl.constexpr, HALF: tl.constexpr):
+    """[BT·GP, BC] -> [BT, BC]: the sum over each token's heads, in _row_heads' order."""
+    if HALF == 0:
+        b_w = rsum(tl.reshape(b_p, [BT, GP, BC]), 1)
+    else:
+        b_w = tl.reshape(rsum(rsum(tl.reshape(b_p, [BT * GP // 16, 2, 8 // HALF, HALF, BC]), 3), 1), [BT, BC])
+    return b_w
+
+
+@triton.jit
 def _tile_queries(q, tile_n, tile_i, q_start, kc_start, seq_Tq, seq_Tk, seq_Tc, i_tile, i_h, stride_qt,
-                  G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr):
-    """The tile's query rows [BM, D] and where they sit (rows are token-major, GP heads per token)."""
+                  G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
+    """The tile's query rows [BM, D] and where they sit (rows in _row_heads' order)."""
     BM: tl.constexpr = BT * GP
     n = tl.load(tile_n + i_tile)
     i0 = tl.load(tile_i + i_tile)
@@ -45,8 +68,7 @@ def _tile_queries(q, tile_n, tile_i, q_start, kc_start, seq_Tq, seq_Tk, seq_Tc, 
     Tq = tl.load(seq_Tq + n)
     Tk = tl.load(seq_Tk + n)
     Tc = tl.load(seq_Tc + n)
-    o_r = tl.arange(0, BM)
-    r_t, r_g = o_r // GP, o_r % GP
+    r_t, r_g = _row_heads(BM, GP, HALF)
     tok = i0 + r_t
     m_row = (tok < Tq) & (r_g < G)
     o_d = tl.arange(0, D)
@@ -109,7 +131,7 @@ def _normaliser(b_q, kc, kcs, Tc, i_h, pos, pos_lo, pos_hi, m_row, stride_kct, s
 @triton.jit
 def _chunk_blocks(b_q, kc, kcs, Tc, i_h, c, offset, pos, pos_t, carry, stride_kct, scale_log2,
                   BT: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BC: tl.constexpr, R: tl.constexpr,
-                  E: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr, MASKED: tl.constexpr):
+                  E: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr, HALF: tl.constexpr, MASKED: tl.constexpr):
     """Pass 2 for the windows [c·BC, (c + 1)·BC): max-pooled group-summed probabilities of the
     blocks they start, [BT, BC // R] (−inf where no window is visible to the token), and the new
     carry: each token's max over the chunk's last E windows (they reach into the next block)."""
@@ -120,7 +142,7 @@ def _chunk_blocks(b_q, kc, kcs, Tc, i_h, c, offset, pos, pos_t, carry, stride_kc
     o_j = j0 + tl.arange(0, BC)
     if MASKED:
         b_p = tl.where(o_j[None, :] * ST + KS - 1 <= pos[:, None], b_p, 0.)
-    b_w = rsum(tl.reshape(b_p, [BT, GP, BC]), 1)  # the group's heads of each token
+    b_w = _group_sum(b_p, BT, GP, BC, HALF)  # the group's heads of each token
     if MASKED:
         b_w = tl.where(o_j[None, :] * ST + KS - 1 <= pos_t[:, None], b_w, float("-inf"))
     b_w = tl.reshape(b_w, [BT, NBC, R])
@@ -154,13 +176,14 @@ def _select_scores_kernel(q, kc, kn, scores, tile_n, tile_i, q_start, kc_start, 
                           seq_Tn, scale_log2, stride_qt, stride_kct, stride_knt, stride_st, NBMAX, row0,
                           G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BC: tl.constexpr,
                           R: tl.constexpr, E: tl.constexpr, BS: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr,
-                          NKS: tl.constexpr, NST: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr):
+                          NKS: tl.constexpr, NST: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
+                          HALF: tl.constexpr):
     """Writes every (token, block) score of the tile; a top-k picks the blocks (radix_topk /
     scores_to_blocks). kn: the normaliser's keys (window NKS, stride NST), kc itself when exact."""
     NBC: tl.constexpr = BC // R
     i_tile, i_h = tl.program_id(0), tl.program_id(1)
     b_q, m_row, pos, i0, qs, kcs, Tq, Tk, Tc = _tile_queries(q, tile_n, tile_i, q_start, kc_start, seq_Tq, seq_Tk,
-                                                             seq_Tc, i_tile, i_h, stride_qt, G, GP, BT, D)
+                                                             seq_Tc, i_tile, i_h, stride_qt, G, GP, BT, D, HALF)
     n = tl.load(tile_n + i_tile)
     pos_lo = Tk - Tq + i0
     pos_hi = Tk - Tq + tl.minimum(i0 + BT, Tq) - 1
@@ -179,11 +202,11 @@ def _select_scores_kernel(q, kc, kn, scores, tile_n, tile_i, q_start, kc_start, 
     n_all = tl.minimum(_n_visible(pos_lo, Tc, KS, ST) // BC, n_scored)
     for c in range(0, n_all):
         best, carry = _chunk_blocks(b_q, kc, kcs, Tc, i_h, c, offset, pos, pos_t, carry, stride_kct, scale_log2,
-                                    BT, GP, D, BC, R, E, KS, ST, False)
+                                    BT, GP, D, BC, R, E, KS, ST, HALF, False)
         _store_scores(scores, best, c * NBC, qb_t, row_t, m_t, stride_st, i_h, NBMAX, NBC, INIT, LOCAL)
     for c in range(n_all, n_scored):
         best, carry = _chunk_blocks(b_q, kc, kcs, Tc, i_h, c, offset, pos, pos_t, carry, stride_kct, scale_log2,
-                                    BT, GP, D, BC, R, E, KS, ST, True)
+                                    BT, GP, D, BC, R, E, KS, ST, HALF, True)
         _store_scores(scores, best, c * NBC, qb_t, row_t, m_t, stride_st, i_h, NBMAX, NBC, INIT, LOCAL)
     unscored = tl.full([BT, NBC], float("-inf"), tl.float32)
     for c in range(n_scored, tl.cdiv(NBMAX, NBC)):
@@ -264,6 +287,15 @@ RADIX_PER_THREAD = 8
 RADIX_WARPS_MAX = 4
 
 
+def row_order(GP: int, BM: int) -> int:
+    """HALF of the scoring tile's interleaved row order, or 0 for token-major rows (token = row //
+    GP). In 16-row slabs, row 8·hi + HALF·j + lo holds head HALF·hi + lo of the slab's token j
+    (GP = 2·HALF). A thread of the wgmma accumulator holds rows a and a + 8 of its warp's slab and
+    lane bit 2 steps a, so a token's heads meet in registers and log2(HALF) shuffle rounds
+    (token-major: log2(GP) rounds)."""
+    return GP // 2 if GP in (2, 4, 8) and BM % 16 == 0 else 0
+
+
 def select_blocks(q: torch.Tensor, kc: torch.Tensor, seqs: Seqs, *, block_size: int, topk: int,
                   init_blocks: int, local_blocks: int, kernel_size: int, stride: int, scale: float,
                   kn: torch.Tensor | None = None, seqs_n: Seqs | None = None,
@@ -295,8 +327,8 @@ def select_blocks(q: torch.Tensor, kc: torch.Tensor, seqs: Seqs, *, block_size: 
             kn = kn.new_zeros(1, Hkv, D)
     sl2 = scale * 1.4426950408889634
     common = dict(G=G, GP=GP, BT=BT, D=D, BC=BC, R=R, E=E, BS=block_size, KS=kernel_size, ST=stride,
-                  NKS=NKS, NST=NST, INIT=init_blocks, LOCAL=local_blocks, num_warps=SELECT_WARPS,
-                  num_stages=SELECT_STAGES)
+                  NKS=NKS, NST=NST, INIT=init_blocks, LOCAL=local_blocks, HALF=row_order(GP, BT * GP),
+                  num_warps=SELECT_WARPS, num_stages=SELECT_STAGES)
     seq_args = (seqs.q_start, seqs.kc_start, seqs_n.kc_start, seqs.Tq, seqs.Tk, seqs.Tc, seqs_n.Tc)
     K = min(topk, NBMAX)
     out = torch.full((Nq, Hkv, topk), -1, dtype=torch.int32, device=q.device)

@@ -64,8 +64,9 @@ def _compare_fwd_bwd(q, k, v, rtol, what, **kw):
 
 # ---- stage 1: selection ----
 
-@pytest.mark.parametrize("G", [1, 3, 4, 16])
+@pytest.mark.parametrize("G", [1, 2, 3, 4, 8, 16])
 def test_select_equals_reference(G):
+    # groups 2–8 score rows in select.row_order's interleaved order, 1 and 16 token-major
     q, k, _ = _qkv(2, 75, 75, 2 * G if G < 16 else G, 2 if G < 16 else 1, 16, seed=G)
     kw = dict(topk=4, **SMALL)
     assert torch.equal(parallel_infllmv2_select(q, k, **kw), naive_infllmv2_select(q, k, **kw))
