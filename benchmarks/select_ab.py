@@ -70,7 +70,7 @@ def main():
                 print(json.dumps(row), flush=True)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "select-ab.json").write_text(json.dumps(rows, indent=1))  # kept if a longer case fails
-        del q, k, scores, want, idx, out
+        q = k = scores = want = idx = out = None  # this case's tensors go before the next one's
         bench.empty_cache()
 
 
