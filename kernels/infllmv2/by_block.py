@@ -64,19 +64,27 @@ def segment(i_s, seg_h, seg_n, seg_b, seg_lo, seg_hi, q_start, k_start, seq_Tq, 
 
 
 @triton.jit
+def segment_rows(tok_list, t0, hi, i_h, stride_qt, G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr,
+                 D: tl.constexpr):
+    """Rows tok_list[t0 : t0 + BT] of a segment × the G heads of KV head i_h (BT·GP rows, token-major):
+    each row's query row, mask (before hi, a real head), [BT·GP, D] offsets into q-shaped tensors,
+    and its token (0 … BT − 1) and head (0 … GP − 1)."""
+    o_r = tl.arange(0, BT * GP)
+    r_t, r_g = o_r // GP, o_r % GP
+    m_r = ((t0 + r_t) < hi) & (r_g < G)
+    row = tl.load(tok_list + t0 + r_t, mask=m_r, other=0).to(tl.int64)
+    o_qd = row[:, None] * stride_qt + (i_h * G + r_g)[:, None] * D + tl.arange(0, D)[None, :]
+    return row, m_r, o_qd, r_t, r_g
+
+
+@triton.jit
 def _partial_rows(q, b_k, b_v, part_o, part_lse, tok_list, t0, hi, i_h, qs, Tq, Tk, o_k, scale_log2, stride_qt,
                   G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr):
     """The partials of rows tok_list[t0 : t0 + BT] (those before hi) against one block. MASKED: some
     row sees only part of the block (it holds the row's own position); else every key is visible
     and padding rows, q = 0, are only kept from the stores."""
-    BM: tl.constexpr = BT * GP
-    o_d = tl.arange(0, D)
-    o_r = tl.arange(0, BM)
-    r_t, r_g = o_r // GP, o_r % GP
-    m_r = ((t0 + r_t) < hi) & (r_g < G)
-    row = tl.load(tok_list + t0 + r_t, mask=m_r, other=0).to(tl.int64)
-    b_q = tl.load(q + row[:, None] * stride_qt + (i_h * G + r_g)[:, None] * D + o_d[None, :],
-                  mask=m_r[:, None], other=0.)
+    row, m_r, o_qd, r_t, r_g = segment_rows(tok_list, t0, hi, i_h, stride_qt, G, GP, BT, D)
+    b_q = tl.load(q + o_qd, mask=m_r[:, None], other=0.)
     b_s = tl.dot(b_q, tl.trans(b_k))
     if MASKED:
         pos = Tk - Tq + (row - qs)
@@ -90,7 +98,8 @@ def _partial_rows(q, b_k, b_v, part_o, part_lse, tok_list, t0, hi, i_h, qs, Tq, 
     # one reciprocal per row: a division per element costs several instructions more
     b_o = tl.dot(b_p.to(b_v.dtype), b_v) * (1. / tl.where(seen, b_l, 1.))[:, None]
     p_out = (t0 + r_t).to(tl.int64) * G + r_g
-    tl.store(part_o + p_out[:, None] * D + o_d[None, :], b_o.to(part_o.dtype.element_ty), mask=m_r[:, None])
+    tl.store(part_o + p_out[:, None] * D + tl.arange(0, D)[None, :], b_o.to(part_o.dtype.element_ty),
+             mask=m_r[:, None])
     tl.store(part_lse + p_out, tl.where(seen, m_use + tl.log2(tl.where(seen, b_l, 1.)), float("-inf")), mask=m_r)
 
 

@@ -27,7 +27,7 @@ from salaconvert.kernels._interpreter import fix_interpreter_index
 from salaconvert.kernels.infllmv2._interp import rmax, rsum
 
 from salaconvert.kernels.infllmv2 import by_block, layout
-from salaconvert.kernels.infllmv2.by_block import segment
+from salaconvert.kernels.infllmv2.by_block import segment, segment_rows
 from salaconvert.kernels.infllmv2.layout import (Seqs, compress_k_flat, make_seqs, make_tiles, next_pow2, pool_shape,
                                                 with_windows)
 from salaconvert.kernels.infllmv2.naive import _cfg, coarse_pool
@@ -221,13 +221,7 @@ def _dkv_rows(q, do, lse, delta, tok_list, b_k, b_v, b_dk, b_dv, t0, hi, i_h, qs
     """dk, dv of one block plus the rows tok_list[t0 : t0 + BT] (those before hi). masked: some row
     sees only part of the block; else every key is visible, and padding rows (q, dO, lse and delta
     all 0) add nothing."""
-    BM: tl.constexpr = BT * GP
-    o_d = tl.arange(0, D)
-    o_r = tl.arange(0, BM)
-    r_t, r_g = o_r // GP, o_r % GP
-    m_r = ((t0 + r_t) < hi) & (r_g < G)
-    row = tl.load(tok_list + t0 + r_t, mask=m_r, other=0).to(tl.int64)
-    o_qd = row[:, None] * stride_qt + (i_h * G + r_g)[:, None] * D + o_d[None, :]
+    row, m_r, o_qd, _, r_g = segment_rows(tok_list, t0, hi, i_h, stride_qt, G, GP, BT, D)
     b_q = tl.load(q + o_qd, mask=m_r[:, None], other=0.)
     b_do = tl.load(do + o_qd, mask=m_r[:, None], other=0.)
     o_l = row * Hq + i_h * G + r_g
