@@ -223,8 +223,8 @@ def orderable_int32(x):
 @triton.jit
 def _radix_topk_kernel(scores, out, n_rows, NB, stride_s, stride_o, K,
                        R: tl.constexpr, BLOCK: tl.constexpr):
-    """Exact top-K of R rows of fp32 block scores, ranked (score desc, block id asc), written as
-    ascending block ids (−inf entries never written; the caller pre-fills −1).
+    """Exact top-K of R rows of fp32 block scores (never NaN), ranked (score desc, block id asc),
+    written as ascending block ids (−inf entries never written; the caller pre-fills −1).
 
     Scores map to int32 keys in the same order; a binary search over the key range finds a threshold
     thr with at least K keys at or above it and at most K above it, in counting passes over the row,
@@ -244,26 +244,45 @@ def _radix_topk_kernel(scores, out, n_rows, NB, stride_s, stride_o, K,
     # The search starts inside the scores that can decide it: above the −1s (no visible window) and
     # −infs (masked) when K scores ≥ 0 exist, below the +infs (forced) when they are at most K.
     # Their keys are ~2^31 apart while the visible scores' span ~2^24: about 7 passes fewer.
+    # Fewer than K finite scores means some are −inf, the smallest key (no NaN); more than K forced
+    # ones means the largest key is +inf's.
     big = 2147483647
     vis = s >= 0.
     fin = s > float("-inf")
-    lo = tl.where(rsum(vis.to(tl.int32), 1) >= K, rmin(tl.where(vis, key, big), 1),
-                  tl.where(rsum(fin.to(tl.int32), 1) >= K, rmin(tl.where(fin, key, big), 1), rmin(key, 1)))
     forced = s == float("inf")
-    hi = tl.where(rsum(forced.to(tl.int32), 1) <= K, rmax(tl.where(forced, -big - 1, key), 1), rmax(key, 1))
+    n_vis_forced = rsum(vis.to(tl.int32) + (forced.to(tl.int32) << 16), 1)  # BLOCK ≤ RADIX_MAX_BLOCKS
+    lo = tl.where(n_vis_forced & 0xFFFF >= K, rmin(tl.where(vis, key, big), 1),
+                  tl.where(rsum(fin.to(tl.int32), 1) >= K, rmin(tl.where(fin, key, big), 1), -2139095041))
+    hi = tl.where(n_vis_forced >> 16 <= K, rmax(tl.where(forced, -big - 1, key), 1), 2139095040)
     lo = lo.to(tl.int64)
     hi = hi.to(tl.int64)
-    while tl.max(hi - lo, 0) > 0:
+    while tl.max(hi - lo, 0) > big - 1:  # brackets spanning the −1s and the visible scores
         mid = (lo + hi + 1) >> 1
         n = rsum((key >= mid.to(tl.int32)[:, None]).to(tl.int32), 1)
         lo = tl.where(n >= K, mid, lo)
         hi = tl.where(n > K, hi, mid - 1)
-    thr = lo.to(tl.int32)[:, None]
+    # then offsets from the bracket's foot: u = clamp(key, lo, hi) − lo and m = mid − lo lie in
+    # [0, 2^31), so u − m cannot overflow and its sign bit is [key < mid]: a pass costs two
+    # instructions a key instead of ~four
+    base = lo.to(tl.int32)
+    u = tl.minimum(tl.maximum(key, base[:, None]), hi.to(tl.int32)[:, None]) - base[:, None]
+    lo_u = tl.zeros_like(base)
+    hi_u = tl.maximum(hi - lo, 0).to(tl.int32)
+    while tl.max(hi_u - lo_u, 0) > 0:
+        mid = lo_u + ((hi_u - lo_u + 1) >> 1)
+        n = BLOCK + rsum((u - mid[:, None]) >> 31, 1)
+        lo_u = tl.where(n >= K, mid, lo_u)
+        hi_u = tl.where(n > K, hi_u, mid - 1)
+    thr = (base + lo_u)[:, None]
     above = key > thr
-    tied = key == thr
-    need = K - rsum(above.to(tl.int32), 1)
-    take = (above | (tied & (rcumsum(tied.to(tl.int32), 1) <= need[:, None]))) & (s > float("-inf")) & m
-    slot = rcumsum(take.to(tl.int32), 1) - 1
+    tied = (key == thr) & fin
+    need = (K - rsum(above.to(tl.int32), 1))[:, None]
+    # one running count of both (above ≤ K in the high half, ties in the low one): the taken ones
+    # before a block are the above ones plus the first `need` ties
+    run = rcumsum(tied.to(tl.int32) + (above.to(tl.int32) << 16), 1)
+    n_tied = run & 0xFFFF
+    take = above | (tied & (n_tied <= need))
+    slot = (run >> 16) + tl.minimum(n_tied, need) - 1
     tl.store(out + rows.to(tl.int64)[:, None] * stride_o + slot, o_b[None, :], mask=take)
 
 
@@ -285,6 +304,9 @@ FP32_TOPK = "radix"
 RADIX_ELEMS = 1024
 RADIX_PER_THREAD = 8
 RADIX_WARPS_MAX = 4
+# The longest row it takes: its counts share an int32 by halves (1M tokens in 64-token blocks);
+# longer rows go to torch.topk + fix_ties.
+RADIX_MAX_BLOCKS = 1 << 14
 
 
 def row_order(GP: int, BM: int) -> int:
@@ -357,6 +379,9 @@ def radix_topk(scores: torch.Tensor, out: torch.Tensor, K: int) -> None:
     """Top-K of each row of fp32 scores [N, NB] (−inf = not causal) by (score desc, id asc), written
     into the first slots of out [N, ≥K] (int32, pre-filled with −1) as ascending block ids."""
     N, NB = scores.shape
+    if NB > RADIX_MAX_BLOCKS:
+        out[:, :K] = scores_to_blocks(scores, K)
+        return
     BLOCK = max(16, next_pow2(NB))
     R = max(1, min(16, RADIX_ELEMS // BLOCK))
     warps = max(1, min(RADIX_WARPS_MAX, R * BLOCK // (32 * RADIX_PER_THREAD)))

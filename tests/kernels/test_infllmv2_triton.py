@@ -184,7 +184,7 @@ def test_fix_ties_reranks_ambiguous_rows():
                                                                       dtype=torch.int32))
 
 
-@pytest.mark.parametrize("NB,K", [(1, 1), (7, 3), (50, 8), (300, 96), (1000, 96)])
+@pytest.mark.parametrize("NB,K", [(1, 1), (7, 3), (50, 8), (300, 96), (1000, 96), (20000, 96)])
 def test_radix_topk_equals_ranked_reference(NB, K):
     # rows full of exact ties, −inf (not causal), +inf (forced), −1 (no visible window), fewer
     # selectable blocks than K, more forced ones than K, fewer visible ones than K, scores spread
