@@ -1,14 +1,15 @@
 """Stage 2's forward without autograd: the union tiles (parallel.py) against block-major (by_block.py).
 
     python benchmarks/by_block_ab.py --out DIR [--rounds 2] [--variants union,by_block] [--lengths 65536] [--smoke]
-                                     [--old OTHER_BY_BLOCK.py ...]
+                                     [--old OTHER_BY_BLOCK.py ...] [--old-parallel OTHER_PARALLEL.py ...]
 
 On the benchmark's random inputs (benchmarks/infllmv2.py: Hq = 32, d = 128, bf16, 96 blocks) with
 the lists of one selection (parallel.attend_selected), so every variant walks the same lists, alternating round after
 round in one process: the union path alone (BY_BLOCK_MAX_GROUP = 0) and the forced/chosen split of
 parallel._inference_forward at every case (by_block.py's defaults, and other stages, rows per
-program, partial-output budgets, merge tiles, forced-block tiles, the partials' register cap; with --old,
-other by_block.py files' add_chosen). Records
+program, partial-output budgets, merge tiles, forced-block tiles and steps, the partials' register cap;
+with --old, other by_block.py files' add_chosen; with --old-parallel, other parallel.py files' forced
+walk). Records
 each output's largest difference from the union path's (relative to max |o|) and, for every
 block-major variant, the GPU time per kernel. Writes DIR/by_block_ab.json. --smoke: tiny shapes on the CPU
 under TRITON_INTERPRET=1, a check of the script (its times mean nothing).
@@ -37,8 +38,9 @@ VARIANTS = {  # name -> (parallel knobs, by_block knobs)
     "merge32_w2": (EVERYWHERE, {"MERGE_ROWS": 32, "MERGE_WARPS": 2}),
     "merge_stages1": (EVERYWHERE, {"MERGE_STAGES": 1}),
     "merge_stages4": (EVERYWHERE, {"MERGE_STAGES": 4}),
-    "forced128_w8": ({**EVERYWHERE, "FORCED_ROWS": 128, "FORCED_WARPS": 8}, {}),
-    "forced128_w4": ({**EVERYWHERE, "FORCED_ROWS": 128, "FORCED_WARPS": 4}, {}),
+    "forced64_w4": ({**EVERYWHERE, "FORCED_ROWS": 64, "FORCED_WARPS": 4}, {}),
+    "forced_step1": ({**EVERYWHERE, "FORCED_STEP": 1}, {}),
+    "forced_step4": ({**EVERYWHERE, "FORCED_STEP": 4}, {}),
     "maxnreg_free": (EVERYWHERE, {"PARTIAL_MAXNREG": None}),
 }
 
@@ -76,6 +78,8 @@ def main():
     ap.add_argument("--chunk-profile", action="store_true", help="only profile one chunked-prefill call")
     ap.add_argument("--old", type=Path, nargs="*", default=[],
                     help="other by_block.py files: adds a variant 'old:NAME' for each, block-major with its add_chosen")
+    ap.add_argument("--old-parallel", type=Path, nargs="*", default=[],
+                    help="other parallel.py files: adds a variant 'old_forced:NAME' for each, with its _forced_forward")
     args = ap.parse_args()
     if args.smoke:
         bench.smoke_mode()
@@ -88,6 +92,9 @@ def main():
     for path in args.old:
         module = bench.load_file(path, f"by_block_{path.stem}")
         variants[f"old:{path.stem}"] = (EVERYWHERE, {"add_chosen": module.add_chosen})
+    for path in args.old_parallel:
+        module = bench.load_file(path, f"parallel_{path.stem}")
+        variants[f"old_forced:{path.stem}"] = ({**EVERYWHERE, "_forced_forward": module._forced_forward}, {})
     lengths = None if args.lengths is None else {int(x) for x in args.lengths.split(",")}
     for T, hkv in CASES:
         if lengths is not None and T not in lengths:

@@ -48,9 +48,9 @@ def _kv_base(k, v, ks, i_h, stride_kt, BS: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
-def _load_kv(k_h, v_h, kv_off, blk, Tk, stride_kt, BS: tl.constexpr):
-    """Block blk's key positions and its K, V rows (rows at or past Tk, and blk = −1, load zeros)."""
-    o_k = blk * BS + tl.arange(0, BS)
+def _load_kv(k_h, v_h, kv_off, blk, Tk, stride_kt, BS: tl.constexpr, N: tl.constexpr):
+    """N keys from block blk's first on: their positions and K, V rows (rows outside [0, Tk) load zeros)."""
+    o_k = blk * BS + tl.arange(0, N)
     step = blk.to(tl.int64) * BS * stride_kt
     m_k = ((o_k >= 0) & (o_k < Tk))[:, None]
     b_k = tl.load(k_h + step + kv_off, mask=m_k, other=0.)
@@ -62,7 +62,12 @@ def _load_kv(k_h, v_h, kv_off, blk, Tk, stride_kt, BS: tl.constexpr):
 def _attend_fwd(b_q, b_m, b_l, b_acc, b_k, b_v, o_k, pos, rowsel, scale_log2):
     b_s = tl.dot(b_q, tl.trans(b_k))  # raw scores: the scale folds into the exponent's FMA below
     ok = rowsel[:, None] & (o_k[None, :] <= pos[:, None])
-    b_s = tl.where(ok, b_s, float("-inf"))
+    return _softmax_step(tl.where(ok, b_s, float("-inf")), b_m, b_l, b_acc, b_v, scale_log2)
+
+
+@triton.jit
+def _softmax_step(b_s, b_m, b_l, b_acc, b_v, scale_log2):
+    """The online softmax over one step's raw scores b_s (−inf: not attended)."""
     # a rescale at every block: deciding it lazily (only when some row's max grew past a threshold,
     # as FlashAttention-4 does per warp) needs a reduction over the whole tile here, which cost as
     # much as the [BM × D] products it saves (H100 run 27: the eager form as fast or up to 9% faster)
@@ -123,10 +128,12 @@ def _step(p_blk, p_bits, u, sparse, r_t, m_row, BT: tl.constexpr):
 def _fwd_kernel(q, k, v, o, lse, idx, tile_n, tile_i, q_start, k_start, seq_Tq, seq_Tk,
                 u_blk, u_bits, u_len, U, scale_log2, dense_len, stride_qt, stride_kt, stride_it, Hq,
                 G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                K: tl.constexpr, FORCED: tl.constexpr = False, INIT: tl.constexpr = 0, LOCAL: tl.constexpr = 0):
+                K: tl.constexpr, FORCED: tl.constexpr = False, INIT: tl.constexpr = 0, LOCAL: tl.constexpr = 0,
+                W: tl.constexpr = 0):
     """o and lse (log2 units) of a tile's rows over their walk (_walk). FORCED: the walk is each
     row's forced blocks alone, from positions (blocks 0 … INIT − 1 and the LOCAL up to the row's
-    own, as the selection forces them), without lists; a row that attends to nothing gets lse −inf."""
+    own, as the selection forces them), W keys a step, without lists; a row that attends to
+    nothing gets lse −inf."""
     i_tile, i_h = tl.program_id(0), tl.program_id(1)
     BM: tl.constexpr = BT * GP
     n = tl.load(tile_n + i_tile)
@@ -148,24 +155,39 @@ def _fwd_kernel(q, k, v, o, lse, idx, tile_n, tile_i, q_start, k_start, seq_Tq, 
     b_m = tl.full([BM], float("-inf"), tl.float32)
     b_l = tl.full([BM], 0, tl.float32)
     b_acc = tl.full([BM, D], 0, tl.float32)
-    if FORCED:  # the init blocks, then the local ones of the tile's first row to those of its last
-        qb_row = pos // BS
+    if FORCED:  # the init keys, then the local ones from the tile's first row's window to its last row
+        pos_first = Tk - Tq + i0
         qb_last = (Tk - Tq + tl.minimum(i0 + BT, Tq) - 1) // BS
-        n_init = tl.minimum(INIT, qb_last + 1)
-        lo_local = tl.maximum((Tk - Tq + i0) // BS - LOCAL + 1, INIT)
-        n_blk = n_init + tl.maximum(qb_last - lo_local + 1, 0)
+        n_init = tl.minimum(INIT, qb_last + 1) * BS
+        lo_local = tl.maximum(pos_first // BS - LOCAL + 1, INIT) * BS
+        lo_last = (qb_last - LOCAL + 1) * BS  # keys from here on lie in every row's window
+        lo_row = (pos // BS - LOCAL + 1) * BS
+        n_init_steps = tl.cdiv(n_init, W)
+        n_blk = n_init_steps + tl.cdiv(tl.maximum((qb_last + 1) * BS - lo_local, 0), W)
+        k_h, v_h, kv_off = _kv_base(k, v, ks, i_h, stride_kt, W, D)
     else:
         p_blk, p_bits, n_blk = _walk(idx, u_blk, u_bits, u_len, U, qs, i0, i_tile, i_h, Tq, Tk, dense_len, stride_it,
                                      BT, BS, K)
-    k_h, v_h, kv_off = _kv_base(k, v, ks, i_h, stride_kt, BS, D)
+        k_h, v_h, kv_off = _kv_base(k, v, ks, i_h, stride_kt, BS, D)
     for u in range(0, n_blk):
         if FORCED:
-            blk = tl.where(u < n_init, u, lo_local + u - n_init)
-            rowsel = m_row & ((blk < INIT) | (blk > qb_row - LOCAL))
+            init = u < n_init_steps
+            first = tl.where(init, u * W, lo_local + (u - n_init_steps) * W)
+            o_k, b_k, b_v = _load_kv(k_h, v_h, kv_off, first // BS, Tk, stride_kt, BS, W)
+            b_s = tl.dot(b_q, tl.trans(b_k))
+            # masks only where some row does not see every key of the step: the init keys, the
+            # diagonal, and the keys below the last row's window (a runtime flag: a second loop
+            # would serialise the wgmmas)
+            if init | (first + W - 1 > pos_first) | (first < lo_last):
+                lo_k = tl.where(init, 0, lo_row)
+                hi_k = tl.where(init, n_init, first + W)
+                ok = (o_k[None, :] >= lo_k[:, None]) & (o_k[None, :] < hi_k) & (o_k[None, :] <= pos[:, None])
+                b_s = tl.where(ok, b_s, float("-inf"))
+            b_m, b_l, b_acc = _softmax_step(b_s, b_m, b_l, b_acc, b_v, scale_log2)
         else:
             blk, rowsel = _step(p_blk, p_bits, u, Tk > dense_len, r_t, m_row, BT)
-        o_k, b_k, b_v = _load_kv(k_h, v_h, kv_off, blk, Tk, stride_kt, BS)
-        b_m, b_l, b_acc = _attend_fwd(b_q, b_m, b_l, b_acc, b_k, b_v, o_k, pos, rowsel, scale_log2)
+            o_k, b_k, b_v = _load_kv(k_h, v_h, kv_off, blk, Tk, stride_kt, BS, BS)
+            b_m, b_l, b_acc = _attend_fwd(b_q, b_m, b_l, b_acc, b_k, b_v, o_k, pos, rowsel, scale_log2)
 
     ok = b_l > 0
     b_o = b_acc / tl.where(ok, b_l, 1.)[:, None]
@@ -210,7 +232,7 @@ def _dq_kernel(q, k, v, do, dq, lse, delta, idx, tile_n, tile_i, q_start, k_star
     k_h, v_h, kv_off = _kv_base(k, v, ks, i_h, stride_kt, BS, D)
     for u in range(0, n_blk):
         blk, rowsel = _step(p_blk, p_bits, u, Tk > dense_len, r_t, m_row, BT)
-        o_k, b_k, b_v = _load_kv(k_h, v_h, kv_off, blk, Tk, stride_kt, BS)
+        o_k, b_k, b_v = _load_kv(k_h, v_h, kv_off, blk, Tk, stride_kt, BS, BS)
         b_dq = _attend_dq(b_q, b_do, b_lse, b_delta, b_dq, b_k, b_v, o_k, pos, rowsel, scale_log2)
     tl.store(dq + o_qd, (b_dq * scale).to(dq.dtype.element_ty), mask=m_row[:, None])
 
@@ -289,9 +311,11 @@ DKV_SEG = 256  # query tokens per dk/dv program at most: a block's tokens beyond
 # group 4 at 16K 8.8 -> 12.0 ms, 32K 27.0 -> 25.5, 128K 253 -> 123; group 16 at 32K 17.4 -> 25.6.
 BY_BLOCK_MAX_GROUP = 8
 BY_BLOCK_MIN_KEYS = 32768
-# The forced blocks of that forward (_forced_forward): rows per tile, and warps. Run 42, group 4:
-# 128 rows on 8 warps as fast (32K 28.3 vs 28.1 ms, 128K 123.2 vs 123.1), on 4 warps slower (33.3, 142.0)
-FORCED_ROWS, FORCED_WARPS = 64, 4
+# The forced blocks of that forward (_forced_forward): rows per tile, warps, and blocks per step (the
+# local window is contiguous). Run 42, group 4, one block a step: 128 rows on 8 warps as fast as 64
+# on 4 (32K 28.3 vs 28.1 ms, 128K 123.2 vs 123.1). Two blocks a step on 128 rows: 613 instructions a
+# thread per unmasked step of 128 keys, against 639 per 64 keys before (sass_stats.py).
+FORCED_ROWS, FORCED_WARPS, FORCED_STEP = 128, 8, 2
 
 
 def _tile_tokens(G: int, Tq_max: int, tokens: int | None) -> tuple[int, int]:
@@ -414,7 +438,7 @@ def _forced_forward(q, k, v, seqs, cfg, scale):
         q, k, v, o, lse, z, tile_n, tile_i, seqs.q_start, seqs.k_start, seqs.Tq, seqs.Tk,
         z, z, z[0], 1, scale * LOG2E, cfg["dense_len"], q.stride(0), k.stride(0), 0, Hq,
         G=G, GP=GP, BT=BT, D=D, BS=cfg["block_size"], K=1, FORCED=True, INIT=cfg["init_blocks"],
-        LOCAL=cfg["local_blocks"], num_warps=FORCED_WARPS, num_stages=ATTN_STAGES)
+        LOCAL=cfg["local_blocks"], W=FORCED_STEP * cfg["block_size"], num_warps=FORCED_WARPS, num_stages=ATTN_STAGES)
     return o, lse
 
 
