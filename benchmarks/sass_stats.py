@@ -26,6 +26,10 @@ program per SM, and issues 496 instructions per thread per merged partial, much 
 rescale: 294 instructions) measured slower on the GPU (notes-infllmv2.md, runs 46-50). The
 partials' kernel issued 1,104 instructions per 64-row step at group 4 before the thirteenth
 session dropped its masks on whole blocks and its per-element division (646, at its 168-register cap).
+The radix top-k's counting pass issued 83 instructions per thread at 2,048 scores (a compare, a select
+and bit-packing per key) before the fourteenth session's offset passes (62: a subtraction and a
+shift-add); the forced walk, 639 per 64-key step on 64 rows before its two-block steps (852 per
+128-key step on 128 rows, masks included, of which 236 only run on the steps that need masks).
 """
 import argparse
 import collections
