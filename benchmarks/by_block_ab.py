@@ -39,8 +39,8 @@ VARIANTS = {  # name -> (parallel knobs, by_block knobs)
     "merge_stages1": (EVERYWHERE, {"MERGE_STAGES": 1}),
     "merge_stages4": (EVERYWHERE, {"MERGE_STAGES": 4}),
     "forced64_w4": ({**EVERYWHERE, "FORCED_ROWS": 64, "FORCED_WARPS": 4}, {}),
-    "forced_step1": ({**EVERYWHERE, "FORCED_STEP": 1}, {}),
-    "forced_step4": ({**EVERYWHERE, "FORCED_STEP": 4}, {}),
+    "forced_keys64": ({**EVERYWHERE, "FORCED_KEYS": 64}, {}),
+    "forced_keys256": ({**EVERYWHERE, "FORCED_KEYS": 256}, {}),
     "maxnreg_free": (EVERYWHERE, {"PARTIAL_MAXNREG": None}),
 }
 

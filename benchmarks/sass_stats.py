@@ -141,7 +141,7 @@ def main():
                               parallel.ATTN_WARPS, parallel.ATTN_STAGES)
         report[f"stage2_fwd_G{G}"] = sass_report(kernel, work, f"fwd_G{G}")
         forced = dict(shape, BT=max(1, parallel.FORCED_ROWS // GP), K=1, FORCED=True, INIT=1, LOCAL=32,
-                      W=parallel.FORCED_STEP * 64)
+                      W=max(parallel.FORCED_KEYS, 64))
         kernel = compile_sm90(parallel._fwd_kernel, attn, forced, parallel.FORCED_WARPS, parallel.ATTN_STAGES)
         report[f"stage2_forced_G{G}"] = sass_report(kernel, work, f"forced_G{G}")
         kernel = compile_sm90(parallel._dq_kernel, {**attn, **grads}, shape, parallel.DQ_WARPS, parallel.DQ_STAGES)

@@ -311,11 +311,12 @@ DKV_SEG = 256  # query tokens per dk/dv program at most: a block's tokens beyond
 # group 4 at 16K 8.8 -> 12.0 ms, 32K 27.0 -> 25.5, 128K 253 -> 123; group 16 at 32K 17.4 -> 25.6.
 BY_BLOCK_MAX_GROUP = 8
 BY_BLOCK_MIN_KEYS = 32768
-# The forced blocks of that forward (_forced_forward): rows per tile, warps, and blocks per step (the
-# local window is contiguous). Run 42, group 4, one block a step: 128 rows on 8 warps as fast as 64
-# on 4 (32K 28.3 vs 28.1 ms, 128K 123.2 vs 123.1). Two blocks a step on 128 rows: 613 instructions a
-# thread per unmasked step of 128 keys, against 639 per 64 keys before (sass_stats.py).
-FORCED_ROWS, FORCED_WARPS, FORCED_STEP = 128, 8, 2
+# The forced blocks of that forward (_forced_forward): rows per tile, warps, and keys per step (the
+# local window is contiguous: whole blocks, at least one). Run 42, group 4, one 64-key block a step:
+# 128 rows on 8 warps as fast as 64 on 4 (32K 28.3 vs 28.1 ms, 128K 123.2 vs 123.1). 128 keys a step
+# on 128 rows: 613 instructions a thread per unmasked step, against 639 per 64 keys before
+# (sass_stats.py); 256 keys spill 88 bytes.
+FORCED_ROWS, FORCED_WARPS, FORCED_KEYS = 128, 8, 128
 
 
 def _tile_tokens(G: int, Tq_max: int, tokens: int | None) -> tuple[int, int]:
@@ -438,7 +439,7 @@ def _forced_forward(q, k, v, seqs, cfg, scale):
         q, k, v, o, lse, z, tile_n, tile_i, seqs.q_start, seqs.k_start, seqs.Tq, seqs.Tk,
         z, z, z[0], 1, scale * LOG2E, cfg["dense_len"], q.stride(0), k.stride(0), 0, Hq,
         G=G, GP=GP, BT=BT, D=D, BS=cfg["block_size"], K=1, FORCED=True, INIT=cfg["init_blocks"],
-        LOCAL=cfg["local_blocks"], W=FORCED_STEP * cfg["block_size"], num_warps=FORCED_WARPS, num_stages=ATTN_STAGES)
+        LOCAL=cfg["local_blocks"], W=max(FORCED_KEYS, cfg["block_size"]), num_warps=FORCED_WARPS, num_stages=ATTN_STAGES)
     return o, lse
 
 

@@ -277,21 +277,21 @@ def test_inference_forward_in_chunks_varlen_and_end_aligned(monkeypatch, by_bloc
     assert len(by_block_everywhere) == 2 and min(by_block_everywhere) > 0
 
 
-@pytest.mark.parametrize("step", [1, 2, 4])
-def test_forced_walk_steps_over_whole_blocks(monkeypatch, by_block_everywhere, step):
+@pytest.mark.parametrize("keys", [16, 32, 64])
+def test_forced_walk_steps_over_whole_blocks(monkeypatch, by_block_everywhere, keys):
     # a local window of 6 blocks walked 1, 2 or 4 blocks a step: steps inside every row's window go
     # unmasked; 8-token tiles straddle blocks once the queries start mid-block (end-aligned after
     # 163 cached keys), so the first rows see keys the last ones must not
     monkeypatch.setattr(parallel_mod, "FORCED_ROWS", 8 * 4)
-    monkeypatch.setattr(parallel_mod, "FORCED_STEP", step)
+    monkeypatch.setattr(parallel_mod, "FORCED_KEYS", keys)
     kw = dict(block_size=16, kernel_size=8, stride=4, init_blocks=1, local_blocks=6, topk=9, dense_len=0)
     q, k, v = _qkv(1, 260, 260, 6, 2, 16, seed=11)
     with torch.no_grad():
         got = parallel_infllmv2_attn(q, k, v, **kw)
         tail = parallel_infllmv2_attn(q[:, -97:], k, v, **kw)
     ref = naive_infllmv2_attn(q, k, v, **kw)
-    assert_close(got, ref, rtol=RTOL_FP32, what=f"forced step {step}")
-    assert_close(tail, ref[:, -97:], rtol=RTOL_FP32, what=f"forced step {step}, end-aligned")
+    assert_close(got, ref, rtol=RTOL_FP32, what=f"forced step of {keys} keys")
+    assert_close(tail, ref[:, -97:], rtol=RTOL_FP32, what=f"forced step of {keys} keys, end-aligned")
 
 
 def test_inference_forward_takes_any_given_lists(by_block_everywhere):
