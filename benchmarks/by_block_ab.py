@@ -1,18 +1,22 @@
 """Stage 2's forward without autograd: the union tiles (parallel.py) against block-major (by_block.py).
 
     python benchmarks/by_block_ab.py --out DIR [--rounds 2] [--variants union,by_block] [--lengths 65536] [--smoke]
-                                     [--old OTHER_BY_BLOCK.py ...] [--old-parallel OTHER_PARALLEL.py ...]
+                                     [--hkv 8] [--lists random,real] [--old OTHER_BY_BLOCK.py ...]
+                                     [--old-parallel OTHER_PARALLEL.py ...]
 
 On the benchmark's random inputs (benchmarks/infllmv2.py: Hq = 32, d = 128, bf16, 96 blocks) with
-the lists of one selection (parallel.attend_selected), so every variant walks the same lists, alternating round after
-round in one process: the union path alone (BY_BLOCK_MAX_GROUP = 0) and the forced/chosen split of
-parallel._inference_forward at every case (by_block.py's defaults, and other stages, rows per
-program, partial-output budgets, merge tiles, forced-block tiles and steps, the partials' register cap;
-with --old, other by_block.py files' add_chosen; with --old-parallel, other parallel.py files' forced
-walk). Records
-each output's largest difference from the union path's (relative to max |o|) and, for every
-block-major variant, the GPU time per kernel. Writes DIR/by_block_ab.json. --smoke: tiny shapes on the CPU
-under TRITON_INTERPRET=1, a check of the script (its times mean nothing).
+the lists of one selection (parallel.attend_selected), so every variant walks the same lists,
+alternating round after round in one process: the union path alone (BY_BLOCK_MAX_GROUP = 0), the
+committed routing (`auto`: block-major only where the lists spread, parallel.lists_spread) and the
+forced/chosen split of parallel._inference_forward at every case (by_block.py's defaults, and
+other stages, rows per program, partial-output budgets, merge tiles, forced-block tiles and steps,
+the partials' register cap; with --old, other by_block.py files' add_chosen; with --old-parallel,
+other parallel.py files' forced walk). --lists real adds, at every case, the lists SmolLM2-135M
+chooses on real text (benchmarks/infllmv2.py section `real`: its q/k, the first Hkv of 9 KV heads;
+--real-model, --real-data), whose neighbouring tokens choose alike. Records each case's list
+spread, each output's largest difference from the union path's (relative to max |o|) and, for
+every block-major variant, the GPU time per kernel. Writes DIR/by_block_ab.json. --smoke: tiny
+shapes on the CPU under TRITON_INTERPRET=1, a check of the script (its times mean nothing).
 """
 import argparse
 import json
@@ -23,12 +27,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import infllmv2 as bench  # noqa: E402
-from salaconvert.kernels.infllmv2 import by_block, parallel  # noqa: E402
+from salaconvert.kernels.infllmv2 import by_block, layout, parallel  # noqa: E402
+from salaconvert.kernels.infllmv2.route import Router  # noqa: E402
 
-CASES = [(16384, 8), (32768, 2), (32768, 8), (65536, 2), (65536, 8), (131072, 2), (131072, 8), (262144, 8)]  # (T, Hkv)
-EVERYWHERE = {"BY_BLOCK_MAX_GROUP": 64, "BY_BLOCK_MIN_KEYS": 0}  # block-major at every case
+CASES = [(16384, 8), (32768, 2), (32768, 8), (65536, 2), (65536, 4), (65536, 8), (131072, 2), (131072, 4),
+         (131072, 8), (262144, 8)]  # (T, Hkv)
+EVERYWHERE = {"BY_BLOCK_MAX_GROUP": 64, "BY_BLOCK_MIN_KEYS": 0, "BY_BLOCK_MIN_SPREAD": 0}  # block-major at every case
 VARIANTS = {  # name -> (parallel knobs, by_block knobs)
     "union": ({"BY_BLOCK_MAX_GROUP": 0}, {}),
+    "auto": ({}, {}),
     "by_block": (EVERYWHERE, {}),
     "stages3": (EVERYWHERE, {"STAGES": 3}),
     "seg64": (EVERYWHERE, {"SEG": 64}),
@@ -68,12 +75,34 @@ def chunk_profile(out: Path, Tq: int = 16384, Tk: int = 262144, hkv: int = 8) ->
     return row
 
 
+def real_lists(tokens: int, args):
+    """T -> the [1, T, 9, 96] lists SmolLM2-135M chooses over the first T tokens of --real-data
+    (layers 0, 4, 9 of the 1:3 plan, 3 KV heads each, no RoPE: benchmarks/infllmv2.py real_rows)."""
+    from selection_overlap import real_qk
+
+    qk = real_qk(tokens, args.real_data, [0, 4, 9], model=args.real_model, device=bench.DEV,
+                 dtype="float32" if args.smoke else "bfloat16")
+
+    def lists(T):
+        with torch.no_grad():
+            return torch.cat([parallel.parallel_infllmv2_select(q[:, :T].contiguous(), k[:, :T].contiguous(),
+                                                                **bench.OURS96) for q, k in qk.values()], 2)
+    return lists
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names (union first)")
     ap.add_argument("--lengths", default=None, help="comma-separated T: only those cases")
+    ap.add_argument("--hkv", default=None, help="comma-separated Hkv: only those cases")
+    ap.add_argument("--lists", default="random", help="comma-separated: random (the inputs' own), real (SmolLM2's)")
+    ap.add_argument("--real-model", default="/tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf",
+                    help="--lists real: the model whose selections stage 2 walks (name, directory or GGUF)")
+    ap.add_argument("--real-data", nargs="+",
+                    default=[f"/tmp/corpus/{n}.jsonl" for n in ("austen", "python-docs", "linux-docs")],
+                    help="--lists real: text files read in order until the longest length is reached")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1)")
     ap.add_argument("--chunk-profile", action="store_true", help="only profile one chunked-prefill call")
     ap.add_argument("--old", type=Path, nargs="*", default=[],
@@ -96,27 +125,34 @@ def main():
         module = bench.load_file(path, f"parallel_{path.stem}")
         variants[f"old_forced:{path.stem}"] = ({**EVERYWHERE, "_forced_forward": module._forced_forward}, {})
     lengths = None if args.lengths is None else {int(x) for x in args.lengths.split(",")}
-    for T, hkv in CASES:
-        if lengths is not None and T not in lengths:
-            continue
+    hkvs = None if args.hkv is None else {int(x) for x in args.hkv.split(",")}
+    cases = [(T, hkv) for T, hkv in CASES if (lengths is None or T in lengths) and (hkvs is None or hkv in hkvs)]
+    real = real_lists(max(bench.LEN(T) for T, _ in cases), args) if "real" in args.lists.split(",") else None
+    for T, hkv in cases:
         T, hkv = bench.LEN(T), min(hkv, bench.H)
         q, k, v = bench.inputs(T, hkv)
+        seqs = layout.make_seqs(1, T, T, None, 32, 16, q.device)
         with torch.no_grad():
-            idx = parallel.parallel_infllmv2_select(q, k, **bench.OURS96)
-            run = lambda: parallel.attend_selected(q, k, v, idx, **bench.OURS96)  # noqa: E731
-            with bench.knobs(parallel, **VARIANTS["union"][0]):
-                ref = run().float()
-            for rnd in range(args.rounds):
-                for name, (pk, bk) in variants.items():
-                    with bench.knobs(parallel, **pk), bench.knobs(by_block, **bk):
-                        o = run().float()
-                        row = dict(T=T, Hkv=hkv, variant=name, round=rnd,
-                                   rel_diff_vs_union=round(((o - ref).abs().max() / ref.abs().max()).item(), 5),
-                                   fwd_ms=round(bench.median_ms(run, 5 if T < 200000 else 3), 3))
-                        if rnd == 0 and name != "union" and bench.DEV == "cuda":
-                            row["kernels_us"] = bench.kernel_split(run, calls=3, top=8)
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+            lists = {"random": parallel.parallel_infllmv2_select(q, k, **bench.OURS96)}
+            if real is not None:
+                lists["real"] = real(T)[:, :, :hkv].contiguous()
+            for kind, idx in lists.items():
+                router = Router()  # as a sparse layer routes its calls (auto)
+                run = lambda: parallel.attend_selected(q, k, v, idx, router=router, **bench.OURS96)  # noqa: E731
+                spread = round(float(parallel.lists_spread(idx.view(T, hkv, -1), seqs, bench.H // hkv, 1 << 30)), 3)
+                with bench.knobs(parallel, **VARIANTS["union"][0]):
+                    ref = run().float()
+                for rnd in range(args.rounds):
+                    for name, (pk, bk) in variants.items():
+                        with bench.knobs(parallel, **pk), bench.knobs(by_block, **bk):
+                            o = run().float()
+                            row = dict(T=T, Hkv=hkv, lists=kind, spread=spread, variant=name, round=rnd,
+                                       rel_diff_vs_union=round(((o - ref).abs().max() / ref.abs().max()).item(), 5),
+                                       fwd_ms=round(bench.median_ms(run, 5 if T < 200000 else 3), 3))
+                            if rnd == 0 and name not in ("union", "auto") and bench.DEV == "cuda":
+                                row["kernels_us"] = bench.kernel_split(run, calls=3, top=8)
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
         bench.empty_cache()
     (args.out / "by_block_ab.json").write_text(json.dumps(rows, indent=1))
 

@@ -48,11 +48,13 @@ def infllmv2_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> to
 
     Keywords (SPEC §6): block_size=64, topk=96, init_blocks=1, local_blocks=32, kernel_size=32,
     stride=16, dense_len=8192, scale=None, cu_seqlens=None, coarse_norm=False (selection's softmax
-    normaliser over 4× coarser compressed keys, README). Differentiable in q, k, v.
-    See naive_infllmv2_attn for the math.
+    normaliser over 4× coarser compressed keys, README). Differentiable in q, k, v. `router`
+    (route.Router, one per layer) lets the Triton inference forward choose its path without waiting
+    for the device; the reference ignores it. See naive_infllmv2_attn for the math.
     """
+    router = kw.pop("router", None)
     if use_triton(q):
-        return _parallel().parallel_infllmv2_attn(q, k, v, **kw)
+        return _parallel().parallel_infllmv2_attn(q, k, v, router=router, **kw)
     return naive_infllmv2_attn(q, k, v, **kw)
 
 

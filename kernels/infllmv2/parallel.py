@@ -31,6 +31,7 @@ from salaconvert.kernels.infllmv2.by_block import segment, segment_rows
 from salaconvert.kernels.infllmv2.layout import (Seqs, compress_k_flat, make_seqs, make_tiles, next_pow2, pool_shape,
                                                 with_windows)
 from salaconvert.kernels.infllmv2.naive import _cfg, coarse_pool
+from salaconvert.kernels.infllmv2.route import Router
 from salaconvert.kernels.infllmv2.select import select_blocks
 
 fix_interpreter_index()
@@ -311,12 +312,42 @@ DKV_SEG = 256  # query tokens per dk/dv program at most: a block's tokens beyond
 # group 4 at 16K 8.8 -> 12.0 ms, 32K 27.0 -> 25.5, 128K 253 -> 123; group 16 at 32K 17.4 -> 25.6.
 BY_BLOCK_MAX_GROUP = 8
 BY_BLOCK_MIN_KEYS = 32768
+# ... and only when the lists spread: block-major pays one partial per (row, chosen block) whatever
+# the lists, the union tiles pay per block of their tokens' union, which stays near one list when
+# neighbouring tokens choose alike (a real model's lists, notes-infllmv2.md "On real block lists")
+# and grows towards BT lists when they do not (random inputs). The spread (lists_spread, on
+# UNION_SAMPLE_TILES tiles) reaches the decision through a route.Router, without waiting for the
+# device; above BY_BLOCK_MIN_SPREAD the call goes block-major. H100 run 55, stage 2 alone, union /
+# block-major at spread s: SmolLM2's lists (s 1.5-1.8) 69 / 96 ms at 128K and group 4, 148 / 196 at
+# 256K, 68 / 91 at 128K and group 8; random ones (s 3.4-7.8) 253 / 100, 689 / 207, 163 / 92: the
+# union costs 41 ms per unit of s at 128K and group 4, 88 at 256K, so the two cross near 2.4.
+BY_BLOCK_MIN_SPREAD = 2.5
+UNION_SAMPLE_TILES = 256
 # The forced blocks of that forward (_forced_forward): rows per tile, warps, and keys per step (the
 # local window is contiguous: whole blocks, at least one). Run 42, group 4, one 64-key block a step:
 # 128 rows on 8 warps as fast as 64 on 4 (32K 28.3 vs 28.1 ms, 128K 123.2 vs 123.1). 128 keys a step
 # on 128 rows: 613 instructions a thread per unmasked step, against 639 per 64 keys before
 # (sass_stats.py); 256 keys spill 88 bytes.
 FORCED_ROWS, FORCED_WARPS, FORCED_KEYS = 128, 8, 128
+
+
+def lists_spread(idx: torch.Tensor, seqs: Seqs, G: int, tiles: int | None = None) -> torch.Tensor:
+    """Blocks a forward tile walks (the union of its tokens' lists) over the blocks one of its tokens
+    lists, on `tiles` tiles (default UNION_SAMPLE_TILES) spread evenly over the rows: 1 when
+    neighbouring tokens choose alike, up to BT when no two choose the same block. A 0-d float32
+    tensor on idx's device (queued, not waited for)."""
+    _, BT = _tile_tokens(G, max(seqs.Tq_list), ATTN_TOKENS)
+    tile_n, tile_i = make_tiles(seqs, BT, idx.device)  # queued copies: a .to(device) here would wait
+    pick = torch.linspace(0, tile_n.numel() - 1, min(tiles or UNION_SAMPLE_TILES, tile_n.numel()),
+                          device=idx.device).long()
+    tile_n, tile_i = tile_n[pick], tile_i[pick]
+    _, _, u_len = _merge_lists(idx, seqs, tile_n, tile_i, BT)
+    tok = tile_i[:, None] + torch.arange(BT, device=idx.device, dtype=torch.int32)
+    valid = tok < seqs.Tq.to(idx.device)[tile_n.long()][:, None]
+    rows = seqs.q_start.to(idx.device)[tile_n.long()][:, None] + tok.long()
+    listed = ((idx[torch.where(valid, rows, 0)] >= 0) & valid[:, :, None, None]).sum()  # entries, all heads
+    # (blocks walked per tile) / (blocks listed per token), both summed over the KV heads
+    return (u_len.sum() * valid.sum() / (listed.clamp(min=1) * pick.numel())).float()
 
 
 def _tile_tokens(G: int, Tq_max: int, tokens: int | None) -> tuple[int, int]:
@@ -519,29 +550,33 @@ def parallel_infllmv2_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                            topk: int = 96, init_blocks: int = 1, local_blocks: int = 32, kernel_size: int = 32,
                            stride: int = 16, dense_len: int = 8192, scale: float | None = None,
                            cu_seqlens: torch.Tensor | None = None,
-                           block_indices: torch.Tensor | None = None, coarse_norm: bool = False) -> torch.Tensor:
+                           block_indices: torch.Tensor | None = None, coarse_norm: bool = False,
+                           router: Router | None = None) -> torch.Tensor:
     """Triton InfLLM-V2 attention. q [B, Tq, Hq, d], k/v [B, Tk, Hkv, d] -> o [B, Tq, Hq, d].
 
     Same math and keywords as naive_infllmv2_attn; differentiable in q, k, v. `block_indices`
-    ([B, Tq, Hkv, K] from infllmv2_select) skips stage 1 when given.
+    ([B, Tq, Hkv, K] from infllmv2_select) skips stage 1 when given. `router`: the caller's
+    route.Router (one per layer), which routes an inference forward without waiting for the
+    device; without one, such a call waits once.
     """
     cfg = _cfg(block_size, topk, init_blocks, local_blocks, kernel_size, stride, dense_len, coarse_norm)
-    return _attn(q, k, v, cfg, scale, cu_seqlens, block_indices)
+    return _attn(q, k, v, cfg, scale, cu_seqlens, block_indices, router=router)
 
 
 def attend_selected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor, *,
                     block_size: int = 64, topk: int = 96, init_blocks: int = 1, local_blocks: int = 32,
                     kernel_size: int = 32, stride: int = 16, dense_len: int = 8192, scale: float | None = None,
-                    cu_seqlens: torch.Tensor | None = None, coarse_norm: bool = False) -> torch.Tensor:
+                    cu_seqlens: torch.Tensor | None = None, coarse_norm: bool = False,
+                    router: Router | None = None) -> torch.Tensor:
     """Stage 2 alone over lists that parallel_infllmv2_select made with the same keywords: exactly
     what parallel_infllmv2_attn does after its own selection. Lists from elsewhere (its
     block_indices=) may leave a row's forced blocks out, so that call cannot walk them from
     positions; the benchmarks time stage 2 with this one."""
     cfg = _cfg(block_size, topk, init_blocks, local_blocks, kernel_size, stride, dense_len, coarse_norm)
-    return _attn(q, k, v, cfg, scale, cu_seqlens, block_indices, selected=True)
+    return _attn(q, k, v, cfg, scale, cu_seqlens, block_indices, selected=True, router=router)
 
 
-def _attn(q, k, v, cfg, scale, cu_seqlens, block_indices, selected=False):
+def _attn(q, k, v, cfg, scale, cu_seqlens, block_indices, selected=False, router=None):
     seqs = _prepare(q, k, cu_seqlens, cfg)
     B, Tq, Hq, D = q.shape
     Hkv = k.shape[2]
@@ -558,8 +593,9 @@ def _attn(q, k, v, cfg, scale, cu_seqlens, block_indices, selected=False):
     else:
         idx = torch.full((B * Tq, Hkv, 1), -1, dtype=torch.int32, device=q.device)
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    if not grad and Hq // Hkv <= BY_BLOCK_MAX_GROUP and all(t > cfg["dense_len"] and t >= BY_BLOCK_MIN_KEYS
-                                                            for t in seqs.Tk_list):
+    if (not grad and Hq // Hkv <= BY_BLOCK_MAX_GROUP
+            and all(t > cfg["dense_len"] and t >= BY_BLOCK_MIN_KEYS for t in seqs.Tk_list)
+            and (router or Router()).spread_now(lambda: lists_spread(idx, seqs, Hq // Hkv)) > BY_BLOCK_MIN_SPREAD):
         o = _inference_forward(qf, kf, vf, idx, seqs, cfg, scale, selected)
     else:
         o = InfLLMv2Function.apply(qf, kf, vf, cfg, seqs, scale, idx)

@@ -10,6 +10,7 @@ Tolerances: fp32 on CPU, the kernels sum in another order than the reference: 1e
 bf16 on the GPU: q, k, v, p and dS enter the dots rounded to bf16 (~4e-3 each): 2e-2 relative.
 Selection is compared exactly on CPU (fp32 scores, ties broken by block id on both sides).
 """
+import copy
 import os
 
 import pytest
@@ -24,6 +25,7 @@ from salaconvert.kernels.infllmv2.decode import triton_infllmv2_decode, update_c
 from salaconvert.kernels.infllmv2.naive import (compress_k, dense_causal_attn, naive_infllmv2_attn, naive_infllmv2_decode,
                                                 naive_infllmv2_select)
 from salaconvert.kernels.infllmv2.parallel import parallel_infllmv2_attn, parallel_infllmv2_select
+from salaconvert.kernels.infllmv2.route import Router
 from helpers import assert_close
 
 SMALL = dict(block_size=16, kernel_size=8, stride=4, init_blocks=1, local_blocks=2)
@@ -239,6 +241,7 @@ def by_block_everywhere(monkeypatch):
     group, with a spy on the block-major part: the list of chosen entries it was given."""
     monkeypatch.setattr(parallel_mod, "BY_BLOCK_MAX_GROUP", 64)
     monkeypatch.setattr(parallel_mod, "BY_BLOCK_MIN_KEYS", 0)
+    monkeypatch.setattr(parallel_mod, "BY_BLOCK_MIN_SPREAD", 0)
     seen = []
     real = by_block_mod.add_chosen
     monkeypatch.setattr(by_block_mod, "add_chosen", lambda q, k, v, idx, *a: seen.append(int((idx >= 0).sum()))
@@ -309,6 +312,39 @@ def test_inference_forward_takes_any_given_lists(by_block_everywhere):
         got = parallel_infllmv2_attn(q, k, v, block_indices=idx, **kw)
     assert by_block_everywhere and by_block_everywhere[0] > 0
     assert_close(got, naive_infllmv2_attn(q, k, v, block_indices=idx, **kw), rtol=RTOL_FP32, what="given lists")
+
+
+def test_inference_forward_goes_block_major_only_where_lists_spread(monkeypatch, by_block_everywhere):
+    # the same 4 blocks for every token (a tile walks one list) stay on the union tiles; random
+    # causal blocks (16-token tiles walk many lists' worth) go block-major; both equal the reference
+    monkeypatch.setattr(parallel_mod, "BY_BLOCK_MIN_SPREAD", 3.0)
+    T, Hkv, K = 1024, 2, 4
+    q, k, v = _qkv(1, T, T, 8, Hkv, 16, seed=4)
+    kw = dict(topk=K, dense_len=0, **SMALL)
+    g = torch.Generator().manual_seed(2)
+    own = (torch.arange(T) // 16).view(1, T, 1, 1)  # each token's own block
+    alike = torch.arange(K, dtype=torch.int32).expand(1, T, Hkv, K)
+    alike = torch.where(alike <= own, alike, -1).int()
+    spread = torch.sort((torch.rand(1, T, Hkv, K, generator=g) * (own + 1)).int(), -1).values  # causal
+    spread[..., 1:][spread[..., 1:] == spread[..., :-1]] = -1  # each block once
+    seqs = layout.make_seqs(1, T, T, None, SMALL["kernel_size"], SMALL["stride"], "cpu")
+    assert float(parallel_mod.lists_spread(alike[0], seqs, 4)) == 1.0
+    assert float(parallel_mod.lists_spread(spread[0], seqs, 4)) > 3.0
+    router = Router()  # one layer's: on the CPU each call reads its own spread at once
+    for idx, block_major in ((alike, False), (spread, True)):
+        by_block_everywhere.clear()
+        with torch.no_grad():
+            got = parallel_infllmv2_attn(q, k, v, block_indices=idx, router=router, **kw)
+        assert bool(by_block_everywhere) == block_major
+        assert_close(got, naive_infllmv2_attn(q, k, v, block_indices=idx, **kw), rtol=RTOL_FP32,
+                     what=f"block-major {block_major}")
+
+
+def test_router_reads_cpu_measurements_at_once_and_copies_start_afresh():
+    router = Router()
+    assert router.spread_now(lambda: torch.tensor(2.0)) == 2.0
+    assert router.spread_now(lambda: torch.tensor(5.0)) == 5.0
+    assert copy.deepcopy(router).spread is None  # a model's deepcopy: no CUDA event to copy
 
 
 def test_inference_forward_only_without_autograd(by_block_everywhere):
@@ -628,11 +664,16 @@ def test_gpu_inference_forward(Hq, Hkv, by_block_everywhere):
 
 
 @gpu
-def test_gpu_inference_forward_never_waits(monkeypatch):
-    # a chunked prefill queues the whole sparse call (selection, forced blocks, the block-major CSR,
-    # partials, merge) without waiting for the GPU: every size comes from the shapes
+@pytest.mark.parametrize("min_spread", [0, float("inf")], ids=["block-major", "union"])
+def test_gpu_inference_forward_never_waits(monkeypatch, min_spread):
+    # a chunked prefill queues the whole sparse call (selection, the lists' spread, forced blocks,
+    # the block-major CSR, partials, merge; or the union lists and walk) without waiting for the
+    # GPU: every size comes from the shapes, and the layer's router reads the spread once it has
+    # arrived (its first call waits)
     monkeypatch.setattr(parallel_mod, "BY_BLOCK_MIN_KEYS", 0)
-    kw = dict(topk=16, local_blocks=4, dense_len=1024)
+    monkeypatch.setattr(parallel_mod, "BY_BLOCK_MIN_SPREAD", min_spread)
+    router = Router()
+    kw = dict(topk=16, local_blocks=4, dense_len=1024, router=router)
     q, k, v = _qkv(1, 6000, 6000, 32, 8, 128, dtype=torch.bfloat16, device="cuda")
     q = q[:, -2000:].contiguous()
     with torch.no_grad():
@@ -643,7 +684,19 @@ def test_gpu_inference_forward_never_waits(monkeypatch):
             got = parallel_infllmv2_attn(q, k, v, **kw)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    assert torch.equal(got, want)
+    assert router.spread is not None and torch.equal(got, want)
+
+
+@gpu
+def test_gpu_router_routes_by_the_newest_measurement_arrived():
+    router = Router()
+    on_gpu = lambda x: lambda: torch.tensor(x, device="cuda")  # noqa: E731
+    assert router.spread_now(on_gpu(3.0)) == 3.0  # the first call waits for its own
+    assert router.spread_now(on_gpu(7.0)) == 3.0  # sent, not waited for
+    torch.cuda.synchronize()
+    assert router.spread_now(on_gpu(1.0)) == 7.0  # arrived: 1.0 is on its way
+    torch.cuda.synchronize()
+    assert router.spread_now(on_gpu(5.0)) == 1.0
 
 
 @gpu

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from salaconvert.kernels.infllmv2 import infllmv2_attn, infllmv2_decode
+from salaconvert.kernels.infllmv2.route import Router
 from salaconvert.layers.common import RMSNorm, causal_attention, norm_rope
 
 KERNEL_KEYS = (  # the sparse config entries the InfLLM-V2 ops take
@@ -34,6 +35,7 @@ class SparseAttention(nn.Module):
         self.og_proj = nn.Linear(D, Hq * d, bias=False) if config.sparse["output_gate"] else None
         self.rope = config.sparse["rope"]
         self.kernel_kwargs = {key: config.sparse[key] for key in KERNEL_KEYS}
+        self.router = Router()  # where long prefill calls send their chosen blocks (kernels/infllmv2/route.py)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, cache=None,
                 **kwargs):
@@ -66,7 +68,7 @@ class SparseAttention(nn.Module):
             # One token against the cache: reads only the selected blocks and the cached compressed keys.
             o = infllmv2_decode(q, layer.keys, layer.values, layer.seqlens, layer.compressed_keys(), **kw)
         else:
-            o = infllmv2_attn(q, k, v, **kw)
+            o = infllmv2_attn(q, k, v, router=self.router, **kw)
         return self._output(o, x_BTD), None
 
     def _output(self, o_BTHD, x_BTD):
