@@ -4,10 +4,10 @@ A long forward without autograd at a small group takes the chosen blocks block-m
 or over union tiles, by how much neighbouring tokens' lists differ (parallel.lists_spread). The
 spread is measured on the device; reading it back at once would make the host wait in the middle
 of a chunked prefill, and every such wait leaves the GPU idle until the host has queued work again
-(H100 run 56: 0.37 s of a 256K prefill of the 8B hybrid, one wait per sparse layer and chunk). A
-Router, one per sparse layer, sends each measurement to the host without waiting and routes by
-the newest one that has arrived: in a chunked prefill, the previous chunk's. Its first call has
-none yet and waits for its own.
+(H100, benchmarks/notes-long-context.md run 41: 0.37 s of a 256K prefill of the 8B hybrid, one
+wait per sparse layer and chunk). A Router, one per sparse layer, sends each measurement to the
+host without waiting and routes by the newest one that has arrived: in a chunked prefill, the
+previous chunk's. Its first call has none yet and waits for its own.
 """
 from __future__ import annotations
 
