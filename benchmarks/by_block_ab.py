@@ -75,21 +75,6 @@ def chunk_profile(out: Path, Tq: int = 16384, Tk: int = 262144, hkv: int = 8) ->
     return row
 
 
-def real_lists(tokens: int, args):
-    """T -> the [1, T, 9, 96] lists SmolLM2-135M chooses over the first T tokens of --real-data
-    (layers 0, 4, 9 of the 1:3 plan, 3 KV heads each, no RoPE: benchmarks/infllmv2.py real_rows)."""
-    from selection_overlap import real_qk
-
-    qk = real_qk(tokens, args.real_data, [0, 4, 9], model=args.real_model, device=bench.DEV,
-                 dtype="float32" if args.smoke else "bfloat16")
-
-    def lists(T):
-        with torch.no_grad():
-            return torch.cat([parallel.parallel_infllmv2_select(q[:, :T].contiguous(), k[:, :T].contiguous(),
-                                                                **bench.OURS96) for q, k in qk.values()], 2)
-    return lists
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -98,11 +83,7 @@ def main():
     ap.add_argument("--lengths", default=None, help="comma-separated T: only those cases")
     ap.add_argument("--hkv", default=None, help="comma-separated Hkv: only those cases")
     ap.add_argument("--lists", default="random", help="comma-separated: random (the inputs' own), real (SmolLM2's)")
-    ap.add_argument("--real-model", default="/tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf",
-                    help="--lists real: the model whose selections stage 2 walks (name, directory or GGUF)")
-    ap.add_argument("--real-data", nargs="+",
-                    default=[f"/tmp/corpus/{n}.jsonl" for n in ("austen", "python-docs", "linux-docs")],
-                    help="--lists real: text files read in order until the longest length is reached")
+    bench.add_real_args(ap, "--lists real")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1)")
     ap.add_argument("--chunk-profile", action="store_true", help="only profile one chunked-prefill call")
     ap.add_argument("--old", type=Path, nargs="*", default=[],
@@ -127,7 +108,9 @@ def main():
     lengths = None if args.lengths is None else {int(x) for x in args.lengths.split(",")}
     hkvs = None if args.hkv is None else {int(x) for x in args.hkv.split(",")}
     cases = [(T, hkv) for T, hkv in CASES if (lengths is None or T in lengths) and (hkvs is None or hkv in hkvs)]
-    real = real_lists(max(bench.LEN(T) for T, _ in cases), args) if "real" in args.lists.split(",") else None
+    real = None
+    if "real" in args.lists.split(","):
+        real = bench.real_lists(max(bench.LEN(T) for T, _ in cases), args.real_model, args.real_data)
     for T, hkv in cases:
         T, hkv = bench.LEN(T), min(hkv, bench.H)
         q, k, v = bench.inputs(T, hkv)

@@ -478,6 +478,32 @@ def tile_union(idx, n: int) -> float:
     return round(distinct.float().mean().item() / K, 3)
 
 
+def add_real_args(ap: argparse.ArgumentParser, what: str) -> None:
+    """--real-model, --real-data: the model and the text whose block lists stand for a real model's."""
+    ap.add_argument("--real-model", default="/tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf",
+                    help=f"{what}: the model whose selections stage 2 walks (name, directory or GGUF)")
+    ap.add_argument("--real-data", nargs="+",
+                    default=[f"/tmp/corpus/{n}.jsonl" for n in ("austen", "python-docs", "linux-docs")],
+                    help=f"{what}: text files read in order until the longest length is reached")
+
+
+def real_lists(tokens: int, model: str, data: list[str]):
+    """T -> the [1, T, 9, 96] lists (OURS96) that `model` (SmolLM2-135M) chooses over the first T
+    tokens of `data`, T ≤ tokens: its q/k projections at layers 0, 4, 9 of the 1:3 plan, 3 KV heads
+    each, without RoPE as a converted sparse layer runs them."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from selection_overlap import real_qk
+
+    from salaconvert.kernels.infllmv2.parallel import parallel_infllmv2_select
+    qk = real_qk(tokens, data, [0, 4, 9], model=model, device=DEV, dtype="float32" if DEV == "cpu" else "bfloat16")
+
+    def lists(T):
+        with torch.no_grad():
+            return torch.cat([parallel_infllmv2_select(q[:, :T].contiguous(), k[:, :T].contiguous(), **OURS96)
+                              for q, k in qk.values()], 2)
+    return lists
+
+
 def real_rows(lengths, model: str, data: list[str]):
     """Stage 2 on block lists that a real model chose on real text, next to random inputs' lists.
 
@@ -489,18 +515,13 @@ def real_rows(lengths, model: str, data: list[str]):
     each, the first Hkv of the 9 taken) over the first T tokens of `data`. The forward "on real
     lists" is the selection at the bench shape plus the attention on the real lists.
     """
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from selection_overlap import real_qk
-
     from salaconvert.kernels.infllmv2 import parallel as par
     from salaconvert.kernels.infllmv2.parallel import parallel_infllmv2_select
     t0 = time.time()
-    qk = real_qk(max(lengths), data, [0, 4, 9], model=model, device=DEV, dtype="bfloat16")
+    lists_of = real_lists(max(lengths), model, data)
     rec(what="real_qk_seconds", seconds=round(time.time() - t0, 1), model=os.path.basename(model))
     for T in lengths:
-        with torch.no_grad():
-            real = torch.cat([parallel_infllmv2_select(q[:, :T].contiguous(), k[:, :T].contiguous(), **OURS96)
-                              for q, k in qk.values()], 2)  # [1, T, 9, 96]
+        real = lists_of(T)
         for hkv in (HKV, H // 4):
             meta = dict(T=T, Hkv=hkv, mode="fwd")
             q, k, v = inputs(T, hkv)
@@ -538,7 +559,7 @@ def real_rows(lengths, model: str, data: list[str]):
             del q, k, v, lists
             empty_cache()
         del real
-    del qk
+    del lists_of
     empty_cache()
 
 
@@ -743,11 +764,7 @@ def main():
     ap.add_argument("--budget", type=float, default=1.5, help="seconds of timed calls per row (at least 3 calls)")
     ap.add_argument("--deadline", type=float, default=450, help="seconds after which further rows are skipped")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1): a script check")
-    ap.add_argument("--real-model", default="/tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf",
-                    help="section 'real': the model whose selections stage 2 is timed on (name, directory or GGUF)")
-    ap.add_argument("--real-data", nargs="+",
-                    default=[f"/tmp/corpus/{n}.jsonl" for n in ("austen", "python-docs", "linux-docs")],
-                    help="section 'real': text files read in order until the longest length is reached")
+    add_real_args(ap, "section 'real'")
     args = ap.parse_args()
     global BUDGET_S, DEADLINE
     BUDGET_S, DEADLINE = args.budget, time.time() + args.deadline
