@@ -17,6 +17,8 @@ import torch
 
 
 class Router:
+    """One sparse layer's spread measurements on their way to the host (module docstring)."""
+
     def __init__(self):
         self.spread: float | None = None  # the newest measurement on the host
         self._pending: torch.cuda.Event | None = None  # marks the copy of a measurement on its way
