@@ -341,13 +341,9 @@ def lists_spread(idx: torch.Tensor, seqs: Seqs, G: int, tiles: int | None = None
     pick = torch.linspace(0, tile_n.numel() - 1, min(tiles or UNION_SAMPLE_TILES, tile_n.numel()),
                           device=idx.device).long()
     tile_n, tile_i = tile_n[pick], tile_i[pick]
-    _, _, u_len = _merge_lists(idx, seqs, tile_n, tile_i, BT)
-    tok = tile_i[:, None] + torch.arange(BT, device=idx.device, dtype=torch.int32)
-    valid = tok < seqs.Tq.to(idx.device)[tile_n.long()][:, None]
-    rows = seqs.q_start.to(idx.device)[tile_n.long()][:, None] + tok.long()
-    listed = ((idx[torch.where(valid, rows, 0)] >= 0) & valid[:, :, None, None]).sum()  # entries, all heads
+    _, real, _, first, valid = _tile_runs(idx, seqs, tile_n, tile_i, BT)
     # (blocks walked per tile) / (blocks listed per token), both summed over the KV heads
-    return (u_len.sum() * valid.sum() / (listed.clamp(min=1) * pick.numel())).float()
+    return (first.sum() * valid.sum() / (real.sum().clamp(min=1) * pick.numel())).float()
 
 
 def _tile_tokens(G: int, Tq_max: int, tokens: int | None) -> tuple[int, int]:
@@ -376,7 +372,10 @@ def tile_unions(idx: torch.Tensor, seqs: Seqs, tile_n: torch.Tensor, tile_i: tor
     return u_blk, u_bits, u_len
 
 
-def _merge_lists(idx, seqs, tile_n, tile_i, BT):
+def _tile_runs(idx, seqs, tile_n, tile_i, BT):
+    """The entries of each (tile, KV head) sorted by block, then token: keys block·BT + token
+    [M·Hkv, BT·K] (int32 max: none), which are real, their blocks, which start a block's run; and
+    each tile's real tokens [M, BT]."""
     _, Hkv, K = idx.shape
     t = torch.arange(BT, device=idx.device, dtype=torch.int32)
     tok = tile_i[:, None] + t[None, :]  # [M, BT] local query index
@@ -390,6 +389,11 @@ def _merge_lists(idx, seqs, tile_n, tile_i, BT):
     blk = torch.div(key, BT, rounding_mode="floor")
     first = real.clone()
     first[:, 1:] &= blk[:, 1:] != blk[:, :-1]
+    return key, real, blk, first, valid
+
+
+def _merge_lists(idx, seqs, tile_n, tile_i, BT):
+    key, real, blk, first, _ = _tile_runs(idx, seqs, tile_n, tile_i, BT)
     slot = (torch.cumsum(first, -1, dtype=torch.int32) - 1).clamp(min=0).long()
     # every entry of a run writes the run's block to its slot; the padding (only present when the
     # union is shorter than U) writes −1 to the last slot, which then holds no run
