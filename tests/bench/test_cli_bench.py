@@ -99,7 +99,8 @@ def test_warm_sparse_path_compiles_the_sparse_path_at_every_selection_width(monk
 
     widths, prefills = [], []
     real_select, real_measure = infllmv2.infllmv2_select, bench_run.measure
-    monkeypatch.setattr(infllmv2, "infllmv2_select", lambda q, k, **kw: widths.append(k.shape[1]) or real_select(q, k, **kw))
+    monkeypatch.setattr(infllmv2, "infllmv2_select",
+                        lambda q, k, **kw: widths.append((q.shape[1], k.shape[1])) or real_select(q, k, **kw))
     monkeypatch.setattr(bench_run, "measure", lambda m, n, s: prefills.append((n, s.chunk)) or real_measure(m, n, s))
     hybrid = tiny_hybrid(["sparse_attention"] + ["linear_attention"] * 3, sparse=GPU_SPARSE)  # dense_len 48
     monkeypatch.setenv("SALACONVERT_KERNELS", "torch")
@@ -110,12 +111,28 @@ def test_warm_sparse_path_compiles_the_sparse_path_at_every_selection_width(monk
     assert widths == [] and prefills == []
     attns = []
     real_attn = infllmv2.infllmv2_attn
-    monkeypatch.setattr(infllmv2, "infllmv2_attn", lambda q, k, v, **kw: attns.append(k.shape[1]) or real_attn(q, k, v, **kw))
+    monkeypatch.setattr(infllmv2, "infllmv2_attn",
+                        lambda q, k, v, **kw: attns.append((q.shape[1], k.shape[1])) or real_attn(q, k, v, **kw))
     monkeypatch.setattr(parallel, "BY_BLOCK_MIN_KEYS", 100)
+    monkeypatch.setattr(bench_run, "WARM_QUERIES", 128)
     bench_run.warm_sparse_path(hybrid, 200, 64)
     assert prefills == [(200, 64)]
-    assert widths == [96, 192, 200]
-    assert attns == [100]  # stage 2's block-major part (by_block.py) at the length where it starts
+    assert widths == [(96, 96), (128, 192), (128, 200)]  # (queries, keys): at most WARM_QUERIES
+    assert attns == [(100, 100)]  # stage 2's block-major part (by_block.py) at the length where it starts
+
+
+def test_warm_queries_fill_the_tallest_tile_of_every_stage():
+    # each tile height is a kernel of its own, and a tile holds at most the call's queries: the
+    # warm-up's calls must reach the heights a long chunk's tiles have, at every group size
+    from salaconvert.bench.run import WARM_QUERIES
+    from salaconvert.kernels.infllmv2 import parallel, select
+    from salaconvert.kernels.infllmv2.layout import next_pow2
+
+    for G in (1, 2, 3, 4, 8, 16):
+        GP = next_pow2(G)
+        for tokens in (parallel.ATTN_TOKENS, max(1, parallel.FORCED_ROWS // GP)):
+            assert parallel._tile_tokens(G, WARM_QUERIES, tokens) == parallel._tile_tokens(G, 1 << 20, tokens)
+        assert next_pow2(WARM_QUERIES) >= select.SELECT_ROWS // GP
 
 
 def test_triton_compiles_lists_what_triton_compiles_inside_and_puts_the_hooks_back():

@@ -175,6 +175,11 @@ def _reserved_cache(model, tokens: int, graph: bool = False, kv_dtype=None):
     return reserved_cache(model, tokens, kv_dtype if hybrid else None)
 
 
+# Queries of warm_sparse_path's kernel calls: at least the tallest tile of any stage at any group
+# (select.SELECT_ROWS, parallel.FORCED_ROWS: 128 tokens at group 1).
+WARM_QUERIES = 256
+
+
 def warm_sparse_path(model, max_len: int, chunk: int, kv_cache: str = "auto") -> None:
     """Compile a hybrid's sparse-attention kernels before anything is timed.
 
@@ -182,8 +187,11 @@ def warm_sparse_path(model, max_len: int, chunk: int, kv_cache: str = "auto") ->
     stage 1's top-k holds a whole row of block scores in registers, so each power-of-two row width
     is a kernel of its own that a chunked prefill meets at every doubling of its prefix. Left cold,
     those compiles land inside timed prefills (about 4 s of a 256K one on an H100). So: one short
-    prefill across `dense_len`, then a 16-query selection at every width up to `max_len`, and one
-    16-query attention at the length where stage 2 turns block-major (parallel.BY_BLOCK_MIN_KEYS).
+    prefill across `dense_len`, then a selection at every width up to `max_len`, and one attention
+    at the length where stage 2 turns block-major (parallel.BY_BLOCK_MIN_KEYS), both with
+    WARM_QUERIES queries: a tile never holds more tokens than the call has queries, and each tile
+    height is a kernel of its own (16 queries left the 8B hybrid's forced walk, 32 tokens a tile,
+    to compile inside its timed 32K prefill: 1.3 s on an H100, long_context run 58).
     Nothing for a teacher, off the Triton path, or when no length passes `dense_len`.
     """
     from salaconvert.kernels.dispatch import use_triton
@@ -199,17 +207,21 @@ def warm_sparse_path(model, max_len: int, chunk: int, kv_cache: str = "auto") ->
         return
     n = min(2 * dense_len + 1024, max_len)
     measure(model, n, BenchSettings([n], 2, min(chunk, n // 2), kv_cache=kv_cache))
-    q = torch.randn(1, 16, cfg.num_attention_heads, cfg.head_dim, device=p.device, dtype=p.dtype)
+    kw = {name: cfg.sparse[name] for name in KERNEL_KEYS}
+
+    def rand(n, heads):
+        return torch.randn(1, n, heads, cfg.head_dim, device=p.device, dtype=p.dtype)
+
     width = 2 * dense_len
     while width < 2 * max_len:
-        k = torch.randn(1, min(width, max_len), cfg.num_key_value_heads, cfg.head_dim, device=p.device, dtype=p.dtype)
-        infllmv2_select(q, k, **{name: cfg.sparse[name] for name in KERNEL_KEYS})
+        n = min(width, max_len)
+        infllmv2_select(rand(min(WARM_QUERIES, n), cfg.num_attention_heads), rand(n, cfg.num_key_value_heads), **kw)
         width *= 2
     if max_len >= max(parallel.BY_BLOCK_MIN_KEYS, dense_len + 1):
-        k = torch.randn(1, max(parallel.BY_BLOCK_MIN_KEYS, dense_len + 1), cfg.num_key_value_heads, cfg.head_dim,
-                        device=p.device, dtype=p.dtype)
+        n = max(parallel.BY_BLOCK_MIN_KEYS, dense_len + 1)
+        k = rand(n, cfg.num_key_value_heads)
         with torch.no_grad():
-            infllmv2_attn(q, k, k, **{name: cfg.sparse[name] for name in KERNEL_KEYS})
+            infllmv2_attn(rand(min(WARM_QUERIES, n), cfg.num_attention_heads), k, k, **kw)
 
 
 def bench_model(model, settings: BenchSettings, step=lambda what: None) -> dict:
