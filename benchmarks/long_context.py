@@ -14,6 +14,7 @@ ms/token is GPU time, not Python and launch overhead.
 
     python benchmarks/long_context.py --out $OUT [--lengths 32768,131072,262144,524288,1048576]
         [--profile N] [--kernel-profile N]   # where one prefill's time goes: by module kind / by GPU kernel
+    python benchmarks/long_context.py --replot results/long_context-h100-run61.json   # its PNG and table again
 Writes long_context-<card>.json and long_context-<card>.png under --out; prints a table last.
 
 Both models run under PyTorch's expandable-segments allocator unless PYTORCH_CUDA_ALLOC_CONF says
@@ -182,7 +183,8 @@ def run_teacher(teacher, length: int, chunk: int, decode: int) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--replot", type=Path, help="redraw a report's PNG beside it and print its table; nothing runs")
     ap.add_argument("--lengths", default="32768,131072,262144,524288,1048576")
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--chunk", type=int, default=16384, help="hybrid prefill chunk")
@@ -204,6 +206,13 @@ def main():
                     help="the sparse selection's normaliser from the coarse pool (sparse.coarse_norm; a -coarse suffix)")
     ap.add_argument("--smoke", action="store_true", help="a small model on the CPU at the given (short) lengths")
     args = ap.parse_args()
+    if args.replot:
+        report = json.loads(args.replot.read_text())
+        plot(report, args.replot.with_suffix(".png"))
+        print_table(report)
+        return
+    if args.out is None:
+        ap.error("--out is required (or --replot)")
     lengths = [int(x) for x in args.lengths.split(",") if x]
     if args.unfused_glue:
         import salaconvert.layers.common as common
@@ -277,6 +286,8 @@ def print_table(report):
 
 
 def plot(report, path):
+    """Time to first token, the teacher / hybrid ratio against issue 7's 5× target, decode ms/token and
+    peak memory against context length; lengths the teacher could not run are marked in each panel."""
     try:
         import matplotlib
 
@@ -285,17 +296,39 @@ def plot(report, path):
     except ImportError:
         print("matplotlib not installed: no plot")
         return
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for label in ("teacher", "hybrid"):
-        for ax, key, scale, title in zip(axes, ("prefill_s", "decode_ms_per_token", "peak_memory_bytes"),
-                                         (1, 1, 1e-9), ("time to first token (s)", "decode ms/token", "peak GPU memory (GB)")):
-            pts = [(r["length"], r[label][key] * scale) for r in report["rows"] if key in r[label]]
+    rows = report["rows"]
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4))
+    panels = (("prefill_s", 1, "time to first token (s)"), None, ("decode_ms_per_token", 1, "decode ms/token"),
+              ("peak_memory_bytes", 1e-9, "peak GPU memory (GB)"))
+    for ax, panel in zip(axes, panels):
+        if panel is None:
+            pts = [(r["length"], r["teacher"]["prefill_s"] / r["hybrid"]["prefill_s"]) for r in rows
+                   if "prefill_s" in r["teacher"] and "prefill_s" in r["hybrid"]]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=label)
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("context tokens")
+                ax.plot(*zip(*pts), marker="o", color="C2", label="teacher / hybrid")
+                for n, ratio in pts:
+                    ax.annotate(f"{ratio:.2f}×", (n, ratio), textcoords="offset points", xytext=(0, 6), ha="center")
+            ax.axhline(5, color="C3", ls="--", label="target at 256K (5×)")
+            ax.set_ylim(0, max([5.5] + [1.15 * ratio for _, ratio in pts]))
+            ax.set_title("time to first token: speedup")
+            ax.legend(loc="lower right")
+        else:
+            key, scale, title = panel
+            for label in ("teacher", "hybrid"):
+                pts = [(r["length"], r[label][key] * scale) for r in rows if key in r[label]]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=label)
             ax.set_title(title)
-    axes[0].legend()
+        for r in rows:
+            if "prefill_s" not in r["teacher"]:
+                ax.axvline(r["length"], color="0.8", ls=":")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context tokens")
+    missing = [r["length"] for r in rows if "prefill_s" not in r["teacher"]]
+    if missing:
+        axes[0].text(missing[0], axes[0].get_ylim()[1] * 0.95, "teacher: out of memory ", color="0.4", ha="right",
+                     va="top")
+    axes[0].legend(loc="center left")
     fig.suptitle(report["what"] + f" — {report['card']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
