@@ -14,7 +14,7 @@ ms/token is GPU time, not Python and launch overhead.
 
     python benchmarks/long_context.py --out $OUT [--lengths 32768,131072,262144,524288,1048576]
         [--profile N] [--kernel-profile N]   # where one prefill's time goes: by module kind / by GPU kernel
-    python benchmarks/long_context.py --replot results/long_context-h100-run61.json   # its PNG and table again
+    python benchmarks/long_context.py --replot results/long_context-h100-run62.json   # its PNG and table again
 Writes long_context-<card>.json and long_context-<card>.png under --out; prints a table last.
 
 Both models run under PyTorch's expandable-segments allocator unless PYTORCH_CUDA_ALLOC_CONF says

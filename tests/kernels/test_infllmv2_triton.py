@@ -52,7 +52,8 @@ def _qkv(B, Tq, Tk, Hq, Hkv, d, dtype=torch.float32, device="cpu", seed=0):
 def _tied_qk(T, Hq, Hkv, d, seed, copies):
     """q and k of small integers, the key block [16, 32) repeated `copies` times after itself: every
     dot product and window mean is then exact in fp32 whatever order a kernel sums in, so the copies'
-    block scores tie bitwise (random normal inputs differ by an ulp where BLAS orders sums by column)."""
+    block scores tie bitwise (on random normal inputs, triton 3.9's interpreter scored two identical
+    windows an ulp apart)."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(-2, 3, (1, T, Hq, d), generator=g).float()
     k = torch.randint(-2, 3, (1, T, Hkv, d), generator=g).float()

@@ -209,19 +209,20 @@ def warm_sparse_path(model, max_len: int, chunk: int, kv_cache: str = "auto") ->
     measure(model, n, BenchSettings([n], 2, min(chunk, n // 2), kv_cache=kv_cache))
     kw = {name: cfg.sparse[name] for name in KERNEL_KEYS}
 
-    def rand(n, heads):
-        return torch.randn(1, n, heads, cfg.head_dim, device=p.device, dtype=p.dtype)
+    def rand(tokens, heads):
+        return torch.randn(1, tokens, heads, cfg.head_dim, device=p.device, dtype=p.dtype)
 
     width = 2 * dense_len
     while width < 2 * max_len:
-        n = min(width, max_len)
-        infllmv2_select(rand(min(WARM_QUERIES, n), cfg.num_attention_heads), rand(n, cfg.num_key_value_heads), **kw)
+        keys = min(width, max_len)
+        infllmv2_select(rand(min(WARM_QUERIES, keys), cfg.num_attention_heads), rand(keys, cfg.num_key_value_heads),
+                        **kw)
         width *= 2
     if max_len >= max(parallel.BY_BLOCK_MIN_KEYS, dense_len + 1):
-        n = max(parallel.BY_BLOCK_MIN_KEYS, dense_len + 1)
-        k = rand(n, cfg.num_key_value_heads)
+        keys = max(parallel.BY_BLOCK_MIN_KEYS, dense_len + 1)
+        k = rand(keys, cfg.num_key_value_heads)
         with torch.no_grad():
-            infllmv2_attn(rand(min(WARM_QUERIES, n), cfg.num_attention_heads), k, k, **kw)
+            infllmv2_attn(rand(min(WARM_QUERIES, keys), cfg.num_attention_heads), k, k, **kw)
 
 
 def bench_model(model, settings: BenchSettings, step=lambda what: None) -> dict:
